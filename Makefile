@@ -1,0 +1,37 @@
+# Two entry points for a fresh machine (README): `make serve` and `make test`.
+# torch is installed first from the pinned CPU wheel so pip never pulls the CUDA build;
+# on a GPU host set TORCH="torch --index-url <your CUDA wheel index>" or use Dockerfile.cuda.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+ARGS ?=
+
+.PHONY: install serve demo test lint clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+tests/js/node_modules/.installed: tests/js/package.json
+	cd tests/js && npm install --no-audit --no-fund --loglevel=error
+	touch $@
+
+serve: $(BIN)/.installed
+	$(BIN)/k5serve serve $(ARGS)
+
+demo: $(BIN)/.installed
+	$(BIN)/k5serve generate "a red fox running through snow" -o demo.mp4 $(ARGS)
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest $(ARGS)
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) tests/js/node_modules

@@ -1,0 +1,230 @@
+"""GenerationRequest: what every contract translates into, and its validation.
+
+Torch-free: the server validates at submit time with `resolve()` before anything is queued.
+Validation names the bad value and never rounds silently.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from .errors import Cancelled, InvalidRequest
+from .variants import (
+    TINY_I2V,
+    TINY_T2V,
+    VARIANTS,
+    Variant,
+    demo_frames,
+    demo_size,
+    frames_for_seconds,
+    nearest_size,
+)
+
+MAX_STEPS = 100
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One video to make. `None` fields take the variant's defaults in `resolve()`."""
+
+    variant: str
+    prompt: str
+    negative_prompt: str | None = None
+    image: str | None = None  # path of a local image file (I2V); contracts fetch URLs first
+    width: int | None = None
+    height: int | None = None
+    num_frames: int | None = None
+    seconds: int | None = None  # alternative to num_frames: 5 -> 121 frames
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GenerationRequest:
+        return cls(**{k: data.get(k) for k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class ResolvedRequest:
+    """A validated request with every value concrete. `demo` marks a tiny-model stand-in."""
+
+    variant: Variant
+    prompt: str
+    negative_prompt: str | None
+    image: str | None
+    width: int
+    height: int
+    num_frames: int
+    steps: int
+    guidance: float
+    seed: int
+    requested: GenerationRequest = field(compare=False)
+    demo: bool = False
+
+    def as_demo(self) -> ResolvedRequest:
+        """The same request on the tiny model at demo size (design.md: demo mode)."""
+        if self.variant.demo:
+            return self
+        width, height = demo_size(self.width, self.height)
+        tiny = VARIANTS[TINY_I2V if self.variant.task == "i2v" else TINY_T2V]
+        frames = demo_frames(self.num_frames, tiny.task)
+        return replace(self, variant=tiny, width=width, height=height, num_frames=frames, demo=True)
+
+
+def _bad(field_name: str, value: object, message: str) -> InvalidRequest:
+    return InvalidRequest(field_name, value, message)
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except FileNotFoundError as exc:
+        raise _bad("image", path, f"image file {path!r} does not exist") from exc
+    except (UnidentifiedImageError, OSError) as exc:
+        raise _bad("image", path, f"image {path!r} is not a readable image ({exc})") from exc
+
+
+def resolve(req: GenerationRequest, default_seed: int | None = None) -> ResolvedRequest:
+    """Validate `req` against its variant and fill in defaults. Raises InvalidRequest."""
+    variant = VARIANTS.get(req.variant)
+    if variant is None:
+        raise _bad("model", req.variant, f"unknown model {req.variant!r}; known: {', '.join(sorted(VARIANTS))}")
+
+    if not isinstance(req.prompt, str) or not req.prompt.strip():
+        raise _bad("prompt", req.prompt, "prompt must be a non-empty string")
+
+    steps = variant.steps if req.steps is None else req.steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise _bad("steps", steps, f"steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
+
+    guidance = variant.guidance if req.guidance is None else req.guidance
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 1.0 <= guidance <= 20.0:
+        raise _bad("guidance", guidance, f"guidance must be a number from 1 to 20, got {guidance!r}")
+
+    # Frames: explicit count, or from the clip length, or the variant's full clip.
+    if req.num_frames is not None and req.seconds is not None:
+        raise _bad("num_frames", req.num_frames, "give num_frames or seconds, not both")
+    if req.seconds is not None:
+        if variant.demo:
+            frames = variant.max_frames
+        elif req.seconds != variant.seconds:
+            raise _bad(
+                "duration", req.seconds, f"duration {req.seconds}s is not available for {variant.name} "
+                f"(it makes {variant.seconds}s clips)"
+            )
+        else:
+            frames = frames_for_seconds(req.seconds)
+    else:
+        frames = variant.max_frames if req.num_frames is None else req.num_frames
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise _bad("num_frames", frames, f"num_frames must be a positive integer, got {frames!r}")
+    if (frames - 1) % 4 != 0:
+        raise _bad("num_frames", frames, f"num_frames must be 4k+1 (e.g. 17, 121, 241), got {frames}")
+    if frames > variant.max_frames:
+        raise _bad("num_frames", frames, f"num_frames {frames} exceeds {variant.max_frames} for {variant.name}")
+
+    if variant.task == "i2v":
+        if not req.image:
+            raise _bad("image", req.image, f"{variant.name} is image-to-video and needs an image")
+        # normalize_first_frame uses latent frames >= 4 as reference: fewer than 17 frames gives NaN video.
+        if frames < 17:
+            raise _bad("num_frames", frames, f"image-to-video needs at least 17 frames, got {frames}")
+    elif req.image:
+        raise _bad("image", req.image, f"{variant.name} is text-to-video and takes no image")
+
+    width, height = _resolve_size(req, variant)
+
+    seed = req.seed if req.seed is not None else default_seed
+    if seed is None:
+        import secrets
+
+        seed = secrets.randbelow(2**31)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise _bad("seed", seed, f"seed must be an integer from 0 to 2**63-1, got {seed!r}")
+
+    negative = req.negative_prompt
+    if negative is not None and not isinstance(negative, str):
+        raise _bad("negative_prompt", negative, "negative_prompt must be a string")
+
+    return ResolvedRequest(
+        variant=variant,
+        prompt=req.prompt,
+        negative_prompt=negative,
+        image=req.image,
+        width=width,
+        height=height,
+        num_frames=frames,
+        steps=steps,
+        guidance=float(guidance),
+        seed=seed,
+        requested=req,
+    )
+
+
+def _resolve_size(req: GenerationRequest, variant: Variant) -> tuple[int, int]:
+    if (req.width is None) != (req.height is None):
+        name = "height" if req.height is None else "width"
+        raise _bad(name, None, "give both width and height, or neither")
+    if req.width is None:
+        if variant.task == "i2v" and variant.sizes and req.image:
+            return nearest_size(variant.sizes, *_image_size(req.image))
+        if variant.task == "i2v" and req.image and variant.demo:
+            iw, ih = _image_size(req.image)
+            return demo_size(iw, ih)
+        return variant.default_size
+    width, height = req.width, req.height
+    for name, value in (("width", width), ("height", height)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise _bad(name, value, f"{name} must be a positive integer, got {value!r}")
+        if value % 16:
+            raise _bad(name, value, f"{name} must be divisible by 16, got {value}")
+    if variant.sizes is None:
+        if max(width, height) > 256:
+            raise _bad("width", f"{width}x{height}", f"{variant.name} makes at most 256 px per side, got {width}x{height}")
+    elif (width, height) not in variant.sizes:
+        allowed = ", ".join(f"{w}x{h}" for w, h in variant.sizes)
+        raise _bad("resolution", f"{width}x{height}", f"{width}x{height} is not available for {variant.name}; allowed: {allowed}")
+    if variant.attention == "nabla" and (width % 128 or height % 128):
+        raise _bad("resolution", f"{width}x{height}", f"{variant.name} uses sparse (nabla) attention, which needs sides divisible by 128")
+    return width, height
+
+
+class CancelToken:
+    """Set from any thread; the engine checks it at every denoising step boundary."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        if self._event.is_set():
+            raise Cancelled("cancelled")
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    path: Path
+    variant: str  # the variant that actually ran (tiny in demo mode)
+    width: int
+    height: int
+    num_frames: int
+    fps: int
+    steps: int
+    seed: int
+    file_size: int
+    demo: bool
+    timings: dict[str, float]  # seconds per stage: load, encode_prompt, denoise, decode, write

@@ -1,0 +1,261 @@
+"""The Kandinsky 5 variant catalogue and the public model ids that route to it.
+
+Data only, no torch: the server imports this to validate requests at the edge.
+Facts come from the official configs and the diffusers model cards
+(see ../shared/reference/kandinsky_model.md §1.2-1.3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FPS = 24
+
+# Official default negative prompt (kandinsky-5 configs, diffusers pipeline default).
+DEFAULT_NEGATIVE_PROMPT = (
+    "Static, 2D cartoon, cartoon, 2d animation, paintings, images, worst quality, low quality, "
+    "ugly, deformed, walking backwards"
+)
+
+Size = tuple[int, int]  # (width, height)
+
+SD_SIZES: tuple[Size, ...] = ((768, 512), (512, 512), (512, 768))
+HD_SIZES: tuple[Size, ...] = ((1280, 768), (1024, 1024), (768, 1280))
+ASPECT_RATIOS: dict[str, int] = {"3:2": 0, "1:1": 1, "2:3": 2}  # index into SD_SIZES / HD_SIZES
+
+# Demo (tiny) variants: anything divisible by 16 up to this, see design.md "Demo mode".
+DEMO_MAX_SIDE = 256
+DEMO_MAX_FRAMES = 25
+
+
+def frames_for_seconds(seconds: int) -> int:
+    """5 s -> 121 frames, 10 s -> 241 frames (seconds*24//4 latent frames + 1, x4 - 3)."""
+    return seconds * FPS + 1
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    task: Literal["t2v", "i2v"]
+    family: Literal["lite", "pro", "tiny"]
+    repo_id: str | None  # Hugging Face repo in diffusers format; None for the demo variants
+    steps: int
+    guidance: float
+    seconds: int  # the clip length the checkpoint was trained for
+    sizes: tuple[Size, ...] | None  # allowed (width, height); None = any multiple of 16 up to DEMO_MAX_SIDE
+    attention: Literal["regular", "nabla"] = "regular"  # nabla needs the flex backend, sizes % 128
+    fps: int = FPS
+    notes: str = ""
+    aliases: tuple[str, ...] = field(default=())
+
+    @property
+    def demo(self) -> bool:
+        return self.family == "tiny"
+
+    @property
+    def pipeline_class(self) -> str:
+        return "Kandinsky5I2VPipeline" if self.task == "i2v" else "Kandinsky5T2VPipeline"
+
+    @property
+    def max_frames(self) -> int:
+        return DEMO_MAX_FRAMES if self.demo else frames_for_seconds(self.seconds)
+
+    @property
+    def default_size(self) -> Size:
+        return self.sizes[0] if self.sizes else (DEMO_MAX_SIDE, DEMO_MAX_SIDE * 2 // 3 // 16 * 16)
+
+    @property
+    def download_command(self) -> str:
+        return f"k5serve weights download {self.name}"
+
+
+def _lite_t2v(kind: str, seconds: int, steps: int, guidance: float, repo_kind: str) -> Variant:
+    return Variant(
+        name=f"kandinsky5-lite-t2v-{kind}-{seconds}s",
+        task="t2v",
+        family="lite",
+        repo_id=f"kandinskylab/Kandinsky-5.0-T2V-Lite-{repo_kind}-{seconds}s-Diffusers",
+        steps=steps,
+        guidance=guidance,
+        seconds=seconds,
+        sizes=SD_SIZES,
+        # 10 s Lite configs use NABLA P=0.9 (official yaml); 5 s use full attention.
+        attention="nabla" if seconds == 10 else "regular",
+    )
+
+
+_CATALOGUE: list[Variant] = [
+    _lite_t2v("sft", 5, 50, 5.0, "sft"),
+    _lite_t2v("sft", 10, 50, 5.0, "sft"),
+    _lite_t2v("nocfg", 5, 50, 1.0, "nocfg"),
+    _lite_t2v("nocfg", 10, 50, 1.0, "nocfg"),
+    _lite_t2v("distilled", 5, 16, 1.0, "distilled16steps"),
+    _lite_t2v("distilled", 10, 16, 1.0, "distilled16steps"),
+    _lite_t2v("pretrain", 5, 50, 5.0, "pretrain"),
+    _lite_t2v("pretrain", 10, 50, 5.0, "pretrain"),
+    Variant(
+        name="kandinsky5-lite-i2v-5s",
+        task="i2v",
+        family="lite",
+        repo_id="kandinskylab/Kandinsky-5.0-I2V-Lite-5s-Diffusers",
+        steps=50,
+        guidance=5.0,
+        seconds=5,
+        sizes=SD_SIZES,
+    ),
+    # Pro: the diffusers transformer config says attention_type "nabla" (P=0.8) even at 5 s SD.
+    Variant(
+        name="kandinsky5-pro-t2v-sft-5s",
+        task="t2v",
+        family="pro",
+        repo_id="kandinskylab/Kandinsky-5.0-T2V-Pro-sft-5s-Diffusers",
+        steps=50,
+        guidance=5.0,
+        seconds=5,
+        sizes=SD_SIZES + HD_SIZES,
+        attention="nabla",
+    ),
+    Variant(
+        name="kandinsky5-pro-t2v-distilled-5s",
+        task="t2v",
+        family="pro",
+        repo_id="kandinskylab/Kandinsky-5.0-T2V-Pro-distilled-5s-Diffusers",
+        steps=16,
+        guidance=1.0,
+        seconds=5,
+        sizes=SD_SIZES + HD_SIZES,
+        attention="nabla",
+        notes="16 steps / guidance 1.0 are the third-party defaults (no model card found)",
+    ),
+    Variant(
+        name="kandinsky5-pro-i2v-sft-5s",
+        task="i2v",
+        family="pro",
+        repo_id="kandinskylab/Kandinsky-5.0-I2V-Pro-sft-5s-Diffusers",
+        steps=50,
+        guidance=5.0,
+        seconds=5,
+        sizes=SD_SIZES + HD_SIZES,
+        attention="nabla",
+    ),
+    Variant(
+        name="kandinsky5-pro-i2v-distilled-5s",
+        task="i2v",
+        family="pro",
+        repo_id="kandinskylab/Kandinsky-5.0-I2V-Pro-distilled-5s-Diffusers",
+        steps=16,
+        guidance=1.0,
+        seconds=5,
+        sizes=SD_SIZES + HD_SIZES,
+        attention="nabla",
+        notes="16 steps / guidance 1.0 are the third-party defaults (no model card found)",
+    ),
+    Variant(
+        name="kandinsky5-tiny-t2v",
+        task="t2v",
+        family="tiny",
+        repo_id=None,
+        steps=30,
+        guidance=5.0,
+        seconds=1,
+        sizes=None,
+        notes="random weights, built by k5serve for demo mode and tests",
+    ),
+    Variant(
+        name="kandinsky5-tiny-i2v",
+        task="i2v",
+        family="tiny",
+        repo_id=None,
+        steps=30,
+        guidance=5.0,
+        seconds=1,
+        sizes=None,
+        notes="random weights, built by k5serve for demo mode and tests",
+    ),
+]
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in _CATALOGUE}
+TINY_T2V = "kandinsky5-tiny-t2v"
+TINY_I2V = "kandinsky5-tiny-i2v"
+
+
+@dataclass(frozen=True)
+class PublicModel:
+    """A model id some cloud contract uses, and how it picks a variant."""
+
+    id: str
+    by_seconds: dict[int, str]  # clip length in seconds -> variant name
+    steps: int | None = None  # contract default steps (None: the variant's own)
+    guidance: float | None = None  # contract default guidance (None: the variant's own)
+
+
+_LITE_SFT = {5: "kandinsky5-lite-t2v-sft-5s", 10: "kandinsky5-lite-t2v-sft-10s"}
+_LITE_DISTILLED = {5: "kandinsky5-lite-t2v-distilled-5s", 10: "kandinsky5-lite-t2v-distilled-10s"}
+
+_PUBLIC: list[PublicModel] = [
+    PublicModel("fal-ai/kandinsky5-pro/text-to-video", {5: "kandinsky5-pro-t2v-sft-5s"}, steps=28),
+    PublicModel("fal-ai/kandinsky5-pro/image-to-video", {5: "kandinsky5-pro-i2v-sft-5s"}, steps=28),
+    PublicModel("fal-ai/kandinsky5/text-to-video", _LITE_SFT, steps=30),
+    PublicModel("fal-ai/kandinsky5/text-to-video/distill", _LITE_DISTILLED, steps=16, guidance=1.0),
+    PublicModel("sber-ai/kandinsky5-t2v", _LITE_SFT, steps=30),
+    # AI/ML API documents 30 steps for the distilled model too; requested steps are honoured.
+    PublicModel("sber-ai/kandinsky5-distill-t2v", _LITE_DISTILLED, steps=30, guidance=1.0),
+    PublicModel("kandinsky5-text-to-video", _LITE_SFT, steps=30),
+    PublicModel("kandinsky5", _LITE_SFT, steps=30),
+    PublicModel("kandinsky-5-text-to-video", _LITE_SFT, steps=30),
+    PublicModel("kandinsky5-t2v", _LITE_SFT, steps=30),
+]
+PUBLIC_MODELS: dict[str, PublicModel] = {m.id: m for m in _PUBLIC}
+
+
+def known_model_ids() -> list[str]:
+    return sorted(PUBLIC_MODELS) + sorted(VARIANTS)
+
+
+def resolve_model(model_id: str, seconds: int | None = None) -> tuple[Variant, PublicModel | None]:
+    """Map a public id or a local variant name (+ clip length) to a variant.
+
+    Raises KeyError for an unknown id and ValueError for a clip length the model cannot do.
+    """
+    if model_id in VARIANTS:
+        v = VARIANTS[model_id]
+        if seconds is not None and not v.demo and seconds != v.seconds:
+            raise ValueError(f"duration {seconds}s is not available for {model_id} (it makes {v.seconds}s clips)")
+        return v, None
+    public = PUBLIC_MODELS.get(model_id)
+    if public is None:
+        raise KeyError(model_id)
+    secs = seconds if seconds is not None else min(public.by_seconds)
+    if secs not in public.by_seconds:
+        allowed = ", ".join(f"{s}s" for s in sorted(public.by_seconds))
+        raise ValueError(f"duration {secs}s is not available for {model_id}; allowed: {allowed}")
+    return VARIANTS[public.by_seconds[secs]], public
+
+
+def size_for_aspect(aspect_ratio: str, hd: bool = False) -> Size:
+    """'3:2' -> (768, 512); with hd=True the official HD bucket (1280, 768)."""
+    if aspect_ratio not in ASPECT_RATIOS:
+        raise ValueError(f"aspect_ratio {aspect_ratio!r} is not one of {', '.join(ASPECT_RATIOS)}")
+    return (HD_SIZES if hd else SD_SIZES)[ASPECT_RATIOS[aspect_ratio]]
+
+
+def nearest_size(sizes: tuple[Size, ...], width: int, height: int) -> Size:
+    """The allowed size whose aspect ratio is closest to width/height (I2V sizes follow the image)."""
+    import math
+
+    target = math.log(width / height)
+    return min(sizes, key=lambda s: (abs(math.log(s[0] / s[1]) - target), -s[0] * s[1]))
+
+
+def demo_size(width: int, height: int) -> Size:
+    """Scale a requested size down to the demo cap, keeping the aspect, multiples of 16."""
+    scale = min(1.0, DEMO_MAX_SIDE / max(width, height))
+    return max(16, int(width * scale) // 16 * 16), max(16, int(height * scale) // 16 * 16)
+
+
+def demo_frames(num_frames: int, task: str) -> int:
+    frames = min(num_frames, DEMO_MAX_FRAMES)
+    if task == "i2v":
+        frames = max(frames, 17)  # the I2V pipeline needs >= 17 frames (see request.py)
+    return frames

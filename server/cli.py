@@ -1,0 +1,103 @@
+"""`k5serve` command line: serve, generate, weights (flags fixed by design.md).
+
+Every flag also reads K5SERVE_<FLAG> from the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _env(flag: str, default=None):
+    return os.environ.get("K5SERVE_" + flag.upper().replace("-", "_"), default)
+
+
+def _env_list(flag: str) -> list[str]:
+    raw = _env(flag)
+    return [item.strip() for item in raw.split(",") if item.strip()] if raw else []
+
+
+def _add_weights_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights-dir", default=_env("weights-dir", "weights"), type=Path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="k5serve", description="Kandinsky 5 video generation server")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP server")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    _add_weights_dir(serve)
+    serve.add_argument("--data-dir", default=None, type=Path)
+    serve.add_argument("--device", default=None, help="auto|cpu|cuda|cuda:N")
+    serve.add_argument("--models", default=None, help="comma-separated variant names to load")
+    serve.add_argument("--api-key", action="append", default=None, help="repeat for several keys")
+    serve.add_argument("--public-url", default=None)
+    serve.add_argument("--ssl-certfile", default=None)
+    serve.add_argument("--ssl-keyfile", default=None)
+    serve.add_argument("--max-queue", type=int, default=None)
+    serve.add_argument("--fal-run-port", type=int, default=None)
+    serve.add_argument("--require-weights", action="store_true", default=None)
+
+    gen = sub.add_parser("generate", help="make one video and exit")
+    gen.add_argument("prompt")
+    gen.add_argument("-o", "--output", required=True, type=Path)
+    gen.add_argument("--model", default=_env("model", "kandinsky5-lite-t2v-distilled-5s"))
+    gen.add_argument("--image", default=_env("image"), help="image file or http(s) URL (image-to-video)")
+    gen.add_argument("--negative-prompt", default=_env("negative-prompt"))
+    gen.add_argument("--seed", type=int, default=_env("seed"))
+    gen.add_argument("--steps", type=int, default=_env("steps"))
+    gen.add_argument("--guidance", type=float, default=_env("guidance"))
+    size = gen.add_mutually_exclusive_group()
+    size.add_argument("--resolution", default=_env("resolution"), help="WxH, e.g. 768x512")
+    size.add_argument("--aspect-ratio", default=_env("aspect-ratio"), choices=["3:2", "1:1", "2:3"])
+    gen.add_argument("--duration", type=int, default=_env("duration"), choices=[5, 10])
+    gen.add_argument("--frames", type=int, default=_env("frames"), help="frame count (4k+1); overrides --duration")
+    _add_weights_dir(gen)
+    gen.add_argument("--device", default=_env("device", "auto"))
+
+    weights = sub.add_parser("weights", help="list, download or verify checkpoints")
+    wsub = weights.add_subparsers(dest="weights_command", required=True)
+    wl = wsub.add_parser("list")
+    _add_weights_dir(wl)
+    wd = wsub.add_parser("download")
+    wd.add_argument("name")
+    _add_weights_dir(wd)
+    wd.add_argument("--from", dest="source", type=Path, default=None, help="import a folder copied by hand")
+    wv = wsub.add_parser("verify")
+    wv.add_argument("name")
+    _add_weights_dir(wv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "generate":
+        from .generate_cmd import run_generate
+
+        return run_generate(args)
+    from pipelines import weights
+
+    return weights.main(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .app import run
+    from .settings import Settings
+
+    overrides = {k: v for k, v in vars(args).items() if v is not None and k != "command"}
+    if "models" in overrides:
+        overrides["models"] = [m.strip() for m in overrides["models"].split(",") if m.strip()]
+    if "api_key" in overrides:
+        overrides["api_keys"] = overrides.pop("api_key")
+    return run(Settings(**overrides))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

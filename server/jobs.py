@@ -1,0 +1,256 @@
+"""The one internal Job model every contract translates onto.
+
+    QUEUED ──start──▶ RUNNING ──succeed──▶ SUCCEEDED
+      │   ◀──requeue──   │ ──fail────────▶ FAILED
+      │                  └──cancel───────▶ CANCELED
+      └──fail / cancel──▶ FAILED / CANCELED
+
+Status only changes through the methods below; an illegal transition raises InvalidTransition.
+`requeue` exists for crash recovery and graceful shutdown: an interrupted job runs again.
+Nothing here knows any contract: a job records its contract name and public model id, and
+contracts keep their own extras in the opaque `meta` dict.
+
+    >>> job = Job.new(contract="fal", model="fal-ai/kandinsky5/text-to-video", request=req)
+    >>> job.start(); job.record_progress(1, 30); job.succeed(output)
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from pipelines.request import GenerationRequest
+
+
+class JobStatus(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+
+
+_ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.FAILED, JobStatus.CANCELED}),
+    JobStatus.RUNNING: frozenset(
+        {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.QUEUED}
+    ),
+    JobStatus.SUCCEEDED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+    JobStatus.CANCELED: frozenset(),
+}
+
+
+class InvalidTransition(Exception):
+    def __init__(self, job_id: str, current: JobStatus, wanted: JobStatus | str):
+        wanted_name = wanted.value if isinstance(wanted, JobStatus) else wanted
+        super().__init__(f"job {job_id}: cannot go from {current.value} to {wanted_name}")
+        self.current = current
+        self.wanted = wanted
+
+
+class ErrorKind(str, enum.Enum):
+    """Why a job failed, independent of any contract (each contract maps these to its wire codes)."""
+
+    INVALID_INPUT = "invalid_input"  # the request cannot be done: 4xx in every contract
+    UNAVAILABLE = "unavailable"  # weights for the variant are missing
+    OUT_OF_MEMORY = "out_of_memory"
+    DEVICE_FAILURE = "device_failure"
+    CANCELED = "canceled"
+    INTERNAL = "internal"
+
+
+@dataclass(frozen=True)
+class JobError:
+    kind: ErrorKind
+    message: str
+    field: str | None = None  # the request field at fault (INVALID_INPUT)
+    value: Any = None  # what was sent for it, JSON-safe and short
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind.value, "message": self.message, "field": self.field, "value": self.value}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> JobError:
+        return cls(ErrorKind(data["kind"]), data["message"], data.get("field"), data.get("value"))
+
+
+@dataclass(frozen=True)
+class JobOutput:
+    """The finished video, as stored under the data dir (see storage.py)."""
+
+    file_name: str
+    content_type: str
+    file_size: int
+    width: int
+    height: int
+    num_frames: int
+    fps: int
+    steps: int
+    seed: int
+    variant: str
+    demo: bool
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return self.num_frames / self.fps if self.fps else 0.0
+
+
+@dataclass(frozen=True)
+class LogLine:
+    message: str
+    level: str = "INFO"
+    timestamp: float = 0.0
+
+
+def new_job_id() -> str:
+    return str(uuid.uuid4())
+
+
+def new_file_id() -> str:
+    """Unguessable capability token naming the job's output folder (see storage.py)."""
+    return secrets.token_urlsafe(24)
+
+
+@dataclass
+class Job:
+    id: str
+    contract: str  # "fal", "aimlapi", ... : who submitted it (for its webhook/result format)
+    model: str  # the public model id as the client sent it
+    request: GenerationRequest
+    file_id: str
+    status: JobStatus = JobStatus.QUEUED
+    created_at: float = 0.0
+    started_at: float | None = None
+    completed_at: float | None = None
+    base_url: str | None = None  # scheme://host[:port] the client used, for absolute URLs later
+    webhook_url: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # contract extras; the queue never reads it
+    attempts: int = 0
+    progress: tuple[int, int] | None = None  # (step, total) while running
+    logs: list[LogLine] = field(default_factory=list)
+    error: JobError | None = None
+    output: JobOutput | None = None
+    version: int = 0  # bumped on every change; waiters compare it (not persisted meaningfully)
+
+    @classmethod
+    def new(
+        cls, *, contract: str, model: str, request: GenerationRequest, now: float | None = None, **extra: Any
+    ) -> Job:
+        return cls(
+            id=new_job_id(),
+            contract=contract,
+            model=model,
+            request=request,
+            file_id=new_file_id(),
+            created_at=time.time() if now is None else now,
+            **extra,
+        )
+
+    # -- transitions ---------------------------------------------------------------------------
+
+    def _move(self, wanted: JobStatus) -> None:
+        if wanted not in _ALLOWED[self.status]:
+            raise InvalidTransition(self.id, self.status, wanted)
+        self.status = wanted
+        self.version += 1
+
+    def start(self, now: float | None = None) -> None:
+        self._move(JobStatus.RUNNING)
+        self.started_at = time.time() if now is None else now
+        self.attempts += 1
+        self.progress = None
+
+    def succeed(self, output: JobOutput, now: float | None = None) -> None:
+        self._move(JobStatus.SUCCEEDED)
+        self.output = output
+        self.completed_at = time.time() if now is None else now
+
+    def fail(self, error: JobError, now: float | None = None) -> None:
+        self._move(JobStatus.FAILED)
+        self.error = error
+        self.completed_at = time.time() if now is None else now
+
+    def cancel(self, now: float | None = None) -> None:
+        self._move(JobStatus.CANCELED)
+        self.error = JobError(ErrorKind.CANCELED, "cancelled by the client")
+        self.completed_at = time.time() if now is None else now
+
+    def requeue(self) -> None:
+        """RUNNING -> QUEUED: the run was interrupted (crash, shutdown) and will start again."""
+        self._move(JobStatus.QUEUED)
+        self.started_at = None
+        self.progress = None
+
+    def record_progress(self, step: int, total: int, now: float | None = None) -> None:
+        if self.status is not JobStatus.RUNNING:
+            raise InvalidTransition(self.id, self.status, "progress")
+        self.progress = (step, total)
+        self.log(f"step {step}/{total}", now=now)
+
+    def log(self, message: str, level: str = "INFO", now: float | None = None) -> None:
+        self.logs.append(LogLine(message, level, time.time() if now is None else now))
+        self.version += 1
+
+    # -- views ---------------------------------------------------------------------------------
+
+    @property
+    def inference_time(self) -> float | None:
+        if self.started_at is None or self.completed_at is None or self.status is not JobStatus.SUCCEEDED:
+            return None
+        return max(0.0, self.completed_at - self.started_at)
+
+    def snapshot(self) -> Job:
+        """A copy safe to read on another thread while the worker keeps updating the original."""
+        return replace(self, logs=list(self.logs), meta=dict(self.meta))
+
+    def to_dict(self) -> dict:
+        data = {
+            "id": self.id,
+            "contract": self.contract,
+            "model": self.model,
+            "request": self.request.to_dict(),
+            "file_id": self.file_id,
+            "status": self.status.value,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "completed_at": self.completed_at,
+            "base_url": self.base_url,
+            "webhook_url": self.webhook_url,
+            "meta": self.meta,
+            "attempts": self.attempts,
+            "logs": [asdict(line) for line in self.logs],
+            "error": self.error.to_dict() if self.error else None,
+            "output": asdict(self.output) if self.output else None,
+        }
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Job:
+        return cls(
+            id=data["id"],
+            contract=data["contract"],
+            model=data["model"],
+            request=GenerationRequest.from_dict(data["request"]),
+            file_id=data["file_id"],
+            status=JobStatus(data["status"]),
+            created_at=data["created_at"],
+            started_at=data.get("started_at"),
+            completed_at=data.get("completed_at"),
+            base_url=data.get("base_url"),
+            webhook_url=data.get("webhook_url"),
+            meta=data.get("meta") or {},
+            attempts=data.get("attempts", 0),
+            logs=[LogLine(**line) for line in data.get("logs") or []],
+            error=JobError.from_dict(data["error"]) if data.get("error") else None,
+            output=JobOutput(**data["output"]) if data.get("output") else None,
+        )

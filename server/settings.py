@@ -1,0 +1,93 @@
+"""Server settings: one object, read once in the entry point and injected everywhere.
+
+Every field reads K5SERVE_<FIELD> from the environment; CLI flags (server/cli.py) override it.
+List fields take comma-separated values (K5SERVE_API_KEY=a,b  K5SERVE_MODELS=x,y).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split_commas(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="K5SERVE_", populate_by_name=True, extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    weights_dir: Path = Path("weights")
+    data_dir: Path = Path("data")
+    device: str = "auto"
+    models: Annotated[list[str] | None, NoDecode] = None
+    # K5SERVE_API_KEY (the flag is --api-key, repeatable); K5SERVE_API_KEYS also works.
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias=AliasChoices("api_keys", "K5SERVE_API_KEY", "K5SERVE_API_KEYS")
+    )
+    public_url: str | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    max_queue: int = Field(100, ge=1)
+    fal_run_port: int | None = Field(None, ge=0, le=65535)
+    require_weights: bool = False
+
+    # Not CLI flags: tuning knobs with safe defaults (still settable through K5SERVE_*).
+    webhook_timeout: float = Field(15.0, gt=0)  # fal delivery policy: 15 s per attempt
+    webhook_max_attempts: int = Field(10, ge=1)
+    webhook_backoff: float = Field(2.0, gt=0)  # first retry delay, doubled each time
+    webhook_max_backoff: float = Field(900.0, gt=0)
+    image_fetch_timeout: float = Field(15.0, gt=0)
+    image_max_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    sse_keepalive: float = Field(15.0, gt=0)  # fal: "a comment line every 15 seconds"
+
+    @field_validator("models", "api_keys", mode="before")
+    @classmethod
+    def _comma_lists(cls, value: object) -> object:
+        return _split_commas(value)
+
+    @field_validator("models")
+    @classmethod
+    def _empty_models_means_all(cls, value: list[str] | None) -> list[str] | None:
+        return value or None
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"public_url must be an absolute http(s) URL, got {value!r}")
+        return value.rstrip("/")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, value: list[str]) -> list[str]:
+        for key in value:
+            if any(ch.isspace() for ch in key):
+                raise ValueError("an API key must not contain whitespace")
+        return value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Settings:
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("give both ssl_certfile and ssl_keyfile, or neither")
+        for path in (self.ssl_certfile, self.ssl_keyfile):
+            if path is not None and not path.is_file():
+                raise ValueError(f"TLS file {str(path)!r} does not exist")
+        if self.fal_run_port is not None and self.fal_run_port == self.port and self.port != 0:
+            raise ValueError(f"fal_run_port must differ from port (both are {self.port})")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.ssl_certfile is not None

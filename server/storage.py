@@ -1,0 +1,94 @@
+"""Where outputs and fetched inputs live under --data-dir, and the /files route that serves them.
+
+    data/jobs.sqlite3               job + webhook records (store.py)
+    data/files/<file_id>/output.mp4 one folder per job, named by an unguessable token
+    data/inputs/<job_id>.<ext>      images fetched for image-to-video, removed when the job ends
+
+Output URLs are capability URLs (like the clouds' CDN links): anyone holding one can download it,
+nobody can guess one, and the route accepts nothing but a well-formed token and file name, so
+no path can leave data/files.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from fastapi import APIRouter, HTTPException
+from fastapi.responses import FileResponse
+
+OUTPUT_NAME = "output.mp4"
+VIDEO_CONTENT_TYPE = "video/mp4"
+_FILE_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class Storage:
+    def __init__(self, data_dir: Path):
+        self.root = data_dir
+        self.files = data_dir / "files"
+        self.inputs = data_dir / "inputs"
+        self.files.mkdir(parents=True, exist_ok=True)
+        self.inputs.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def database(self) -> Path:
+        return self.root / "jobs.sqlite3"
+
+    def output_path(self, file_id: str, name: str = OUTPUT_NAME) -> Path:
+        if not _FILE_ID.match(file_id) or not _FILE_NAME.match(name):
+            raise ValueError(f"bad file id/name {file_id!r}/{name!r}")
+        folder = self.files / file_id
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / name
+
+    def find(self, file_id: str, name: str) -> Path | None:
+        """The stored file, or None; anything that is not a plain token/name is simply not found."""
+        if not _FILE_ID.match(file_id) or not _FILE_NAME.match(name) or ".." in name:
+            return None
+        path = self.files / file_id / name
+        try:
+            if path.resolve().parent.parent != self.files.resolve() or not path.is_file():
+                return None
+        except OSError:
+            return None
+        return path
+
+    def has_output(self, file_id: str, name: str = OUTPUT_NAME) -> bool:
+        return self.find(file_id, name) is not None
+
+    def input_path(self, job_id: str, suffix: str) -> Path:
+        return self.inputs / f"{job_id}{suffix}"
+
+    def remove_inputs(self, job_id: str) -> None:
+        for path in self.inputs.glob(f"{job_id}.*"):
+            path.unlink(missing_ok=True)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a finished output (and its folder entry) to disk before the job is marked done."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def files_router(storage: Storage) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/files/{file_id}/{name}", include_in_schema=False)
+    async def get_file(file_id: str, name: str) -> FileResponse:
+        path = storage.find(file_id, name)
+        if path is None:
+            raise HTTPException(status_code=404, detail="File not found")
+        media_type = VIDEO_CONTENT_TYPE if name.endswith(".mp4") else None
+        return FileResponse(path, media_type=media_type, filename=name, content_disposition_type="inline")
+
+    return router

@@ -1,0 +1,269 @@
+"""Unit tests: the Job state machine, its persistence and the JobManager queue rules."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import ClassVar
+
+import pytest
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from pipelines.request import GenerationRequest
+from server.events import Canceled, Failed, Interrupted, Progress, Succeeded
+from server.jobs import ErrorKind, InvalidTransition, Job, JobError, JobOutput, JobStatus
+from server.manager import CancelOutcome, JobManager, QueueFull
+from server.storage import Storage
+from server.store import JobStore, WebhookBody
+
+REQ = GenerationRequest(variant="kandinsky5-tiny-t2v", prompt="a fox", steps=2)
+OUT = JobOutput(
+    "output.mp4", "video/mp4", 123, 64, 64, 5, 24, 2, 7, "kandinsky5-tiny-t2v", True, {"denoise": 0.1}
+)
+OOM = JobError(ErrorKind.OUT_OF_MEMORY, "out of memory")
+
+
+def new_job() -> Job:
+    return Job.new(contract="fal", model="fal-ai/kandinsky5/text-to-video", request=REQ, now=100.0)
+
+
+# -- state machine ------------------------------------------------------------------------------
+
+
+def test_happy_path_stamps_times_and_counts_attempts():
+    job = new_job()
+    job.start(now=101.0)
+    job.record_progress(1, 2, now=102.0)
+    job.succeed(OUT, now=103.0)
+    assert job.status is JobStatus.SUCCEEDED and job.status.terminal
+    assert (job.created_at, job.started_at, job.completed_at) == (100.0, 101.0, 103.0)
+    assert job.attempts == 1 and job.inference_time == 2.0
+    assert [line.message for line in job.logs] == ["step 1/2"]
+
+
+@pytest.mark.parametrize(
+    ("setup", "action"),
+    [
+        ([], lambda j: j.succeed(OUT)),  # cannot succeed without running
+        ([], lambda j: j.requeue()),
+        ([], lambda j: j.record_progress(1, 2)),
+        (["start"], lambda j: j.start()),
+        (["start", "succeed"], lambda j: j.fail(OOM)),
+        (["start", "succeed"], lambda j: j.cancel()),
+        (["cancel"], lambda j: j.start()),
+        (["fail"], lambda j: j.requeue()),
+    ],
+)
+def test_illegal_transitions_raise(setup, action):
+    job = new_job()
+    for step in setup:
+        {
+            "start": job.start,
+            "succeed": lambda: job.succeed(OUT),
+            "cancel": job.cancel,
+            "fail": lambda: job.fail(OOM),
+        }[step]()
+    before = job.status
+    with pytest.raises(InvalidTransition):
+        action(job)
+    assert job.status is before
+
+
+def test_queued_job_can_fail_or_cancel_without_running():
+    a, b = new_job(), new_job()
+    a.fail(JobError(ErrorKind.INVALID_INPUT, "bad", "prompt", ""))
+    b.cancel()
+    assert a.status is JobStatus.FAILED and a.started_at is None
+    assert b.status is JobStatus.CANCELED and b.error.kind is ErrorKind.CANCELED
+
+
+def test_requeue_returns_a_running_job_to_the_queue():
+    job = new_job()
+    job.start()
+    job.record_progress(1, 3)
+    job.requeue()
+    assert job.status is JobStatus.QUEUED and job.progress is None and job.started_at is None
+    job.start()
+    assert job.attempts == 2
+
+
+def test_round_trip_through_dict():
+    job = new_job()
+    job.start(now=101.0)
+    job.record_progress(1, 2, now=101.5)
+    job.succeed(OUT, now=102.0)
+    job.meta["size"] = "64x64"
+    again = Job.from_dict(job.to_dict())
+    assert again.to_dict() == job.to_dict()
+    assert again.request == REQ and again.output == OUT
+
+
+class JobLifecycle(RuleBasedStateMachine):
+    """Any sequence of method calls either follows the documented table or raises and changes nothing."""
+
+    LEGAL: ClassVar[dict[str, set[JobStatus]]] = {
+        "start": {JobStatus.QUEUED},
+        "succeed": {JobStatus.RUNNING},
+        "fail": {JobStatus.QUEUED, JobStatus.RUNNING},
+        "cancel": {JobStatus.QUEUED, JobStatus.RUNNING},
+        "requeue": {JobStatus.RUNNING},
+        "progress": {JobStatus.RUNNING},
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.job = new_job()
+
+    @rule(action=st.sampled_from(sorted(LEGAL)))
+    def act(self, action):
+        before = self.job.status
+        call = {
+            "start": self.job.start,
+            "succeed": lambda: self.job.succeed(OUT),
+            "fail": lambda: self.job.fail(OOM),
+            "cancel": self.job.cancel,
+            "requeue": self.job.requeue,
+            "progress": lambda: self.job.record_progress(1, 2),
+        }[action]
+        if before in self.LEGAL[action]:
+            call()
+        else:
+            with pytest.raises(InvalidTransition):
+                call()
+            assert self.job.status is before
+
+    @invariant()
+    def terminal_jobs_have_an_end(self):
+        if self.job.status.terminal:
+            assert self.job.completed_at is not None
+        if self.job.status is JobStatus.SUCCEEDED:
+            assert self.job.output is not None and self.job.error is None
+        if self.job.status in (JobStatus.FAILED, JobStatus.CANCELED):
+            assert self.job.error is not None
+
+
+TestJobLifecycle = JobLifecycle.TestCase
+TestJobLifecycle.settings = hsettings(max_examples=60, stateful_step_count=12, deadline=None)
+
+
+# -- store --------------------------------------------------------------------------------------
+
+
+def test_store_persists_state_and_webhook_atomically(tmp_path):
+    store = JobStore(tmp_path / "db.sqlite3")
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    job = new_job()
+    store.save(job)
+    job.start()
+    job.succeed(OUT)
+    store.save(
+        job,
+        webhook=WebhookBody("http://127.0.0.1:9/hook", b"{}", {"content-type": "application/json"}),
+        now=5.0,
+    )
+    store.close()
+
+    store = JobStore(tmp_path / "db.sqlite3")
+    [loaded] = store.load_all()
+    assert loaded.status is JobStatus.SUCCEEDED and loaded.output == OUT
+    [delivery] = store.due_webhooks(now=10.0)
+    assert delivery.job_id == job.id and delivery.body == b"{}" and delivery.attempts == 0
+    store.webhook_attempted(delivery.id, state="delivered", next_at=10.0, error=None)
+    assert store.due_webhooks(now=100.0) == []
+    # a second terminal save never queues a second delivery
+    store.save(job, webhook=WebhookBody("http://127.0.0.1:9/hook", b"{}", {}))
+    assert store.webhook(job.id).state == "delivered"
+
+
+# -- manager ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def manager(tmp_path):
+    storage = Storage(tmp_path)
+    return JobManager(JobStore(storage.database), storage, max_queue=3)
+
+
+def test_fifo_queue_positions_and_cancel_by_state(manager):
+    a, b, c = (manager.submit(contract="fal", model="m", request=REQ) for _ in range(3))
+    assert [manager.queue_position(j.id) for j in (a, b, c)] == [0, 1, 2]
+    with pytest.raises(QueueFull):
+        manager.submit(contract="fal", model="m", request=REQ)
+
+    run = manager.next_job(threading.Event())
+    assert run.job.id == a.id and manager.get(a.id).status is JobStatus.RUNNING
+    assert manager.queue_position(a.id) is None and manager.queue_position(c.id) == 1
+
+    assert manager.cancel(b.id) is CancelOutcome.CANCELED
+    assert manager.get(b.id).status is JobStatus.CANCELED and manager.queue_position(c.id) == 0
+    assert manager.cancel(a.id) is CancelOutcome.REQUESTED and run.cancel.cancelled
+    manager.handle(Canceled(a.id))
+    assert manager.cancel(a.id) is CancelOutcome.ALREADY_DONE
+    assert manager.cancel("nope") is CancelOutcome.NOT_FOUND
+
+
+def test_worker_events_drive_the_job(manager):
+    job = manager.submit(contract="fal", model="m", request=REQ)
+    manager.next_job(threading.Event())
+    manager.handle(Progress(job.id, 1, 2))
+    assert manager.get(job.id).progress == (1, 2)
+    manager.handle(Succeeded(job.id, OUT))
+    assert manager.get(job.id).status is JobStatus.SUCCEEDED
+
+    other = manager.submit(contract="fal", model="m", request=REQ)
+    manager.next_job(threading.Event())
+    manager.handle(Failed(other.id, OOM))
+    assert manager.get(other.id).error == OOM
+
+
+def test_interrupted_job_goes_back_to_the_head_of_the_queue(manager):
+    a = manager.submit(contract="fal", model="m", request=REQ)
+    b = manager.submit(contract="fal", model="m", request=REQ)
+    manager.next_job(threading.Event())
+    manager.handle(Interrupted(a.id))
+    assert manager.queue_position(a.id) == 0 and manager.queue_position(b.id) == 1
+
+
+def test_pre_failed_submission_is_terminal_and_not_queued(manager):
+    err = JobError(ErrorKind.INVALID_INPUT, "prompt must be a non-empty string", "prompt", "")
+    job = manager.submit(contract="fal", model="m", request=REQ, error=err)
+    assert job.status is JobStatus.FAILED and manager.queued_count() == 0
+
+
+def test_recover_requeues_running_jobs_in_order(tmp_path):
+    storage = Storage(tmp_path)
+    first = JobManager(JobStore(storage.database), storage)
+    a = first.submit(contract="fal", model="m", request=REQ)
+    b = first.submit(contract="fal", model="m", request=REQ)
+    done = first.submit(contract="fal", model="m", request=REQ)
+    first.next_job(threading.Event())  # a is running when the "crash" happens
+    first.store.close()
+
+    second = JobManager(JobStore(storage.database), storage)
+    counts = second.recover()
+    assert counts["requeued"] == 1 and counts["queued"] == 3
+    assert [second.queue_position(j.id) for j in (a, b, done)] == [0, 1, 2]
+    assert second.get(a.id).attempts == 1 and "restarted" in second.get(a.id).logs[-1].message
+
+
+def test_wait_for_change_wakes_on_worker_events(manager):
+    async def scenario():
+        manager.attach_loop(asyncio.get_running_loop())
+        job = manager.submit(contract="fal", model="m", request=REQ)
+        waiter = asyncio.create_task(manager.wait_until_done(job.id, timeout=5))
+
+        def work():
+            manager.next_job(threading.Event())
+            manager.handle(Progress(job.id, 1, 1))
+            manager.handle(Succeeded(job.id, OUT))
+
+        await asyncio.to_thread(work)
+        done = await waiter
+        assert done.status is JobStatus.SUCCEEDED
+        # a timeout returns the unchanged job instead of hanging
+        same = await manager.wait_for_change(job.id, done.version, timeout=0.05)
+        assert same.version == done.version
+
+    asyncio.run(scenario())

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .errors import Cancelled, InvalidRequest
 from .variants import (
+    SD_SIZES,
     TINY_I2V,
     TINY_T2V,
     VARIANTS,
@@ -117,8 +118,9 @@ def resolve(req: GenerationRequest, default_seed: int | None = None) -> Resolved
             frames = variant.max_frames
         elif req.seconds != variant.seconds:
             raise _bad(
-                "duration", req.seconds, f"duration {req.seconds}s is not available for {variant.name} "
-                f"(it makes {variant.seconds}s clips)"
+                "duration",
+                req.seconds,
+                f"duration {req.seconds}s is not available for {variant.name} (it makes {variant.seconds}s clips)",
             )
         else:
             frames = frames_for_seconds(req.seconds)
@@ -175,7 +177,9 @@ def _resolve_size(req: GenerationRequest, variant: Variant) -> tuple[int, int]:
         raise _bad(name, None, "give both width and height, or neither")
     if req.width is None:
         if variant.task == "i2v" and variant.sizes and req.image:
-            return nearest_size(variant.sizes, *_image_size(req.image))
+            # The image's aspect picks the bucket; SD unless a size is asked for (HD is explicit).
+            sd = tuple(s for s in variant.sizes if s in SD_SIZES) or variant.sizes
+            return nearest_size(sd, *_image_size(req.image))
         if variant.task == "i2v" and req.image and variant.demo:
             iw, ih = _image_size(req.image)
             return demo_size(iw, ih)
@@ -188,12 +192,22 @@ def _resolve_size(req: GenerationRequest, variant: Variant) -> tuple[int, int]:
             raise _bad(name, value, f"{name} must be divisible by 16, got {value}")
     if variant.sizes is None:
         if max(width, height) > 256:
-            raise _bad("width", f"{width}x{height}", f"{variant.name} makes at most 256 px per side, got {width}x{height}")
+            raise _bad(
+                "width", f"{width}x{height}", f"{variant.name} makes at most 256 px per side, got {width}x{height}"
+            )
     elif (width, height) not in variant.sizes:
         allowed = ", ".join(f"{w}x{h}" for w, h in variant.sizes)
-        raise _bad("resolution", f"{width}x{height}", f"{width}x{height} is not available for {variant.name}; allowed: {allowed}")
+        raise _bad(
+            "resolution",
+            f"{width}x{height}",
+            f"{width}x{height} is not available for {variant.name}; allowed: {allowed}",
+        )
     if variant.attention == "nabla" and (width % 128 or height % 128):
-        raise _bad("resolution", f"{width}x{height}", f"{variant.name} uses sparse (nabla) attention, which needs sides divisible by 128")
+        raise _bad(
+            "resolution",
+            f"{width}x{height}",
+            f"{variant.name} uses sparse (nabla) attention, which needs sides divisible by 128",
+        )
     return width, height
 
 

@@ -1,0 +1,291 @@
+"""The generation engine: validated request -> frames -> mp4, with progress and cancellation.
+
+One Engine per device. It owns the loaded pipelines (one per variant, loaded on first use or at
+warm-up) and decides demo mode: with no real checkpoint under the weights folder, every variant
+is served by the tiny random-weight model at demo size (design.md "Demo mode").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from .errors import Cancelled, DeviceFailure, OutOfMemory, WeightsMissing
+from .layout import is_complete, variant_dir
+from .request import CancelToken, GenerationRequest, GenerationResult, ResolvedRequest, resolve
+from .variants import VARIANTS
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, int], None]
+MAX_SEQUENCE_LENGTH = 256  # Qwen tokens per prompt, as the official pipelines (diffusers defaults to 512)
+
+
+class Engine:
+    """Runs Kandinsky 5 generations on one device. Not re-entrant: one worker thread calls it."""
+
+    def __init__(
+        self,
+        weights_dir: Path,
+        device: str = "auto",
+        models: list[str] | None = None,
+        require_weights: bool = False,
+        offload: bool = False,
+        vae_tiling: bool = False,
+    ):
+        from .loader import LoadOptions, pick_device
+
+        self.weights_dir = Path(weights_dir)
+        self.device = pick_device(device)
+        self.options = LoadOptions(device=self.device, offload=offload, vae_tiling=vae_tiling)
+        unknown = [m for m in models or [] if m not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(sorted(VARIANTS))}")
+        self.models = list(models or [])
+        present = [n for n, v in VARIANTS.items() if not v.demo and is_complete(variant_dir(self.weights_dir, n))]
+        self.present = [n for n in present if not self.models or n in self.models]
+        self.demo = not self.present
+        if self.demo and require_weights:
+            wanted = self.models or ["kandinsky5-lite-t2v-distilled-5s"]
+            raise WeightsMissing(wanted[0], str(self.weights_dir / wanted[0]), ["a complete checkpoint"])
+        for name in self.models:
+            if not VARIANTS[name].demo and name not in self.present and not self.demo:
+                self._raise_missing(name)
+        self._pipes: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    # ---- what can run --------------------------------------------------------------------
+
+    def available(self) -> list[str]:
+        """Variant names this engine serves (all of them in demo mode, via the tiny model)."""
+        if self.demo:
+            return sorted(VARIANTS)
+        return sorted(self.present + [n for n, v in VARIANTS.items() if v.demo])
+
+    def _raise_missing(self, name: str) -> None:
+        from .layout import missing_parts
+
+        folder = variant_dir(self.weights_dir, name)
+        if self.models and name not in self.models and is_complete(folder):
+            missing = [f"--models entry (serving only {', '.join(self.models)})"]
+        else:
+            missing = missing_parts(folder)
+        raise WeightsMissing(name, str(folder), missing)
+
+    def prepare(self, req: GenerationRequest) -> ResolvedRequest:
+        """Validate and resolve `req` for this engine. Raises InvalidRequest or WeightsMissing."""
+        resolved = resolve(req)
+        if resolved.variant.demo:
+            return resolved
+        if self.demo:
+            return resolved.as_demo()
+        if resolved.variant.name not in self.present:
+            self._raise_missing(resolved.variant.name)
+        return resolved
+
+    # ---- loading ---------------------------------------------------------------------------
+
+    def pipeline(self, name: str):
+        """The loaded pipeline for variant `name` (loads it on first use)."""
+        pipe = self._pipes.get(name)
+        if pipe is None:
+            from .loader import load_pipeline
+
+            folder = variant_dir(self.weights_dir, name)
+            if VARIANTS[name].demo:
+                from .tiny import ensure_tiny
+
+                ensure_tiny(self.weights_dir, name)
+            pipe = load_pipeline(VARIANTS[name], folder, self.options)
+            self._pipes[name] = pipe
+        return pipe
+
+    def warmup(self) -> None:
+        """Load what will be served: the tiny models in demo mode, else --models (or nothing)."""
+        names = ["kandinsky5-tiny-t2v", "kandinsky5-tiny-i2v"] if self.demo else self.models
+        for name in names:
+            self.pipeline(name)
+
+    # ---- generation ------------------------------------------------------------------------
+
+    def generate_frames(
+        self,
+        req: GenerationRequest | ResolvedRequest,
+        *,
+        on_step: StepCallback | None = None,
+        cancel: CancelToken | None = None,
+        timings: dict[str, float] | None = None,
+    ):
+        """Run the diffusion pipeline; returns float frames (F, H, W, 3) in [0, 1]."""
+        import torch
+
+        r = req if isinstance(req, ResolvedRequest) else self.prepare(req)
+        timings = {} if timings is None else timings
+        cancel = cancel or CancelToken()
+        cancel.raise_if_cancelled()
+
+        with self._lock, self._device_errors(r):
+            t0 = time.perf_counter()
+            pipe = self.pipeline(r.variant.name)
+            timings["load"] = time.perf_counter() - t0
+            cancel.raise_if_cancelled()
+
+            def step_end(_pipe, i: int, _t, _kwargs: dict) -> dict:
+                # Raising (rather than diffusers' `_interrupt`) skips the VAE decode entirely.
+                cancel.raise_if_cancelled()
+                if on_step is not None:
+                    on_step(i + 1, r.steps)
+                return {}
+
+            kwargs = dict(
+                prompt=r.prompt,
+                negative_prompt=r.negative_prompt,
+                height=r.height,
+                width=r.width,
+                num_frames=r.num_frames,
+                num_inference_steps=r.steps,
+                guidance_scale=r.guidance,
+                generator=torch.Generator(device="cpu").manual_seed(r.seed),
+                output_type="np",
+                callback_on_step_end=step_end,
+                max_sequence_length=MAX_SEQUENCE_LENGTH,
+            )
+            if r.variant.task == "i2v":
+                kwargs["image"] = load_image(r.image, r.width, r.height)
+            t1 = time.perf_counter()
+            with _stage_timer(pipe, timings, self.device):
+                try:
+                    frames = pipe(**kwargs).frames[0]
+                finally:
+                    pipe.maybe_free_model_hooks()  # only the normal return path does this itself
+            timings["pipeline"] = time.perf_counter() - t1
+            timings["denoise"] = timings["pipeline"] - timings.get("encode_prompt", 0.0) - timings.get("decode", 0.0)
+        return frames
+
+    def generate(
+        self,
+        req: GenerationRequest | ResolvedRequest,
+        output: Path,
+        *,
+        on_step: StepCallback | None = None,
+        cancel: CancelToken | None = None,
+    ) -> GenerationResult:
+        """Generate and write the mp4 at `output` (atomically). Nothing is written on failure."""
+        from .video import write_mp4
+
+        r = req if isinstance(req, ResolvedRequest) else self.prepare(req)
+        if r.demo or r.variant.demo:
+            log.warning(
+                "DEMO MODE: %s served by %s at %dx%d, %d frames (random weights, output is noise)",
+                r.requested.variant,
+                r.variant.name,
+                r.width,
+                r.height,
+                r.num_frames,
+            )
+        timings: dict[str, float] = {}
+        frames = self.generate_frames(r, on_step=on_step, cancel=cancel, timings=timings)
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        t0 = time.perf_counter()
+        size = write_mp4(frames, Path(output), fps=r.variant.fps)
+        timings["write"] = time.perf_counter() - t0
+        return GenerationResult(
+            path=Path(output),
+            variant=r.variant.name,
+            width=r.width,
+            height=r.height,
+            num_frames=r.num_frames,
+            fps=r.variant.fps,
+            steps=r.steps,
+            seed=r.seed,
+            file_size=size,
+            demo=r.demo or r.variant.demo,
+            timings=timings,
+        )
+
+    @contextlib.contextmanager
+    def _device_errors(self, r: ResolvedRequest) -> Iterator[None]:
+        """Turn torch's device errors into the engine's typed ones, freeing memory on OOM."""
+        import torch
+
+        try:
+            yield
+        except Cancelled:
+            raise
+        except torch.OutOfMemoryError as exc:
+            _free_memory()
+            raise OutOfMemory(
+                f"out of GPU memory at {r.width}x{r.height}, {r.num_frames} frames on {self.device}; "
+                "try a smaller size or fewer frames, or start the server with offload enabled"
+            ) from exc
+        except RuntimeError as exc:
+            if "CUDA error" in str(exc) or "CUBLAS_STATUS" in str(exc):
+                raise DeviceFailure(f"unrecoverable device error on {self.device}: {exc}") from exc
+            raise
+
+
+def _free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def load_image(path: str | None, width: int, height: int):
+    """Open an RGB image and centre-crop it to the target aspect (the pipeline then resizes)."""
+    from PIL import Image
+
+    if path is None:
+        raise ValueError("image-to-video needs an image")
+    with Image.open(path) as src:
+        img = src.convert("RGB")
+    w, h = img.size
+    target = width / height
+    if abs(w / h - target) > 1e-3:
+        if w / h > target:  # too wide: crop the sides
+            new_w = round(h * target)
+            left = (w - new_w) // 2
+            img = img.crop((left, 0, left + new_w, h))
+        else:
+            new_h = round(w / target)
+            top = (h - new_h) // 2
+            img = img.crop((0, top, w, top + new_h))
+    return img
+
+
+@contextlib.contextmanager
+def _stage_timer(pipe, timings: dict[str, float], device: str) -> Iterator[None]:
+    """Time the pipeline's prompt encoding and VAE decode by wrapping them for one call."""
+    import torch
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+
+    def timed(key: str, fn):
+        def wrapper(*args, **kwargs):
+            sync()
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync()
+                timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
+
+        return wrapper
+
+    encode, decode = pipe.encode_prompt, pipe.vae.decode
+    pipe.encode_prompt = timed("encode_prompt", encode)
+    pipe.vae.decode = timed("decode", decode)
+    try:
+        yield
+    finally:
+        del pipe.encode_prompt  # drop the instance attributes: the class methods show again
+        del pipe.vae.decode

@@ -1,0 +1,108 @@
+"""Load a Kandinsky 5 pipeline from a local folder: never the network.
+
+Components are loaded one by one so that the Qwen tokenizer comes in as a plain
+`Qwen2Tokenizer`: the hub repos declare `Qwen2VLProcessor`, which cannot be built without
+torchvision (tiny_pipeline.md pitfall 1), and the pipelines only ever call the tokenizer part.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: every call below is local_files_only
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+from .errors import WeightsMissing
+from .layout import missing_parts
+from .variants import Variant
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    device: str = "cpu"  # a concrete torch device string: cpu, cuda, cuda:N
+    offload: bool = False  # model CPU offload (accelerate): one component on the GPU at a time
+    vae_tiling: bool = False
+
+
+def pick_device(requested: str = "auto") -> str:
+    """auto -> cuda if available else cpu; validates cuda / cuda:N."""
+    import torch
+
+    requested = (requested or "auto").strip().lower()
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cpu":
+        return "cpu"
+    if requested == "cuda" or requested.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {requested!r} requested but CUDA is not available")
+        if ":" in requested:
+            index = requested.split(":", 1)[1]
+            if not index.isdigit() or int(index) >= torch.cuda.device_count():
+                raise ValueError(f"device {requested!r}: there are {torch.cuda.device_count()} CUDA devices")
+        return requested
+    raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {requested!r}")
+
+
+def dtype_for(device: str):
+    import torch
+
+    # bf16 on CUDA (the checkpoints' training precision), fp32 on CPU (bf16 matmuls are slow there).
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def load_pipeline(variant: Variant, folder: Path, options: LoadOptions):
+    """Build the variant's diffusers pipeline from `folder`, placed per `options`."""
+    folder = Path(folder)
+    missing = missing_parts(folder)
+    if missing:
+        raise WeightsMissing(variant.name, str(folder), missing)
+
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+
+    dtype = dtype_for(options.device)
+    local = {"local_files_only": True}
+    transformer = diffusers.Kandinsky5Transformer3DModel.from_pretrained(
+        folder, subfolder="transformer", dtype=dtype, **local
+    )
+    vae = diffusers.AutoencoderKLHunyuanVideo.from_pretrained(folder, subfolder="vae", dtype=dtype, **local)
+    text_encoder = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        folder / "text_encoder", dtype=dtype, **local
+    )
+    text_encoder_2 = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder_2", dtype=dtype, **local)
+    tokenizer = transformers.Qwen2Tokenizer.from_pretrained(folder / "tokenizer", **local)
+    tokenizer_2 = transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer_2", **local)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler", **local)
+
+    cls = getattr(diffusers, variant.pipeline_class)
+    pipe = cls(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        scheduler=scheduler,
+    )
+    pipe.set_progress_bar_config(disable=True)
+
+    # nabla sparse attention builds a FlexAttention BlockMask: only the flex backend takes it.
+    if transformer.config.get("attention_type") == "nabla":
+        transformer.set_attention_backend("flex")
+    if options.vae_tiling:
+        vae.enable_tiling()
+    if options.offload and options.device.startswith("cuda"):
+        pipe.enable_model_cpu_offload(device=options.device)
+    else:
+        pipe.to(options.device)
+    log.info("loaded %s from %s on %s (%s)", variant.name, folder, options.device, str(dtype).replace("torch.", ""))
+    return pipe

@@ -140,6 +140,7 @@ class Engine:
                 cancel.raise_if_cancelled()
                 if on_step is not None:
                     on_step(i + 1, r.steps)
+                    cancel.raise_if_cancelled()  # a cancel from the progress listener stops here
                 return {}
 
             kwargs = dict(
@@ -179,7 +180,7 @@ class Engine:
         from .video import write_mp4
 
         r = req if isinstance(req, ResolvedRequest) else self.prepare(req)
-        if r.demo or r.variant.demo:
+        if r.demo:
             log.warning(
                 "DEMO MODE: %s served by %s at %dx%d, %d frames (random weights, output is noise)",
                 r.requested.variant,
@@ -188,6 +189,8 @@ class Engine:
                 r.height,
                 r.num_frames,
             )
+        elif r.variant.demo:
+            log.info("%s is a tiny random-weight model: output is noise", r.variant.name)
         timings: dict[str, float] = {}
         frames = self.generate_frames(r, on_step=on_step, cancel=cancel, timings=timings)
         if cancel is not None:
@@ -281,11 +284,15 @@ def _stage_timer(pipe, timings: dict[str, float], device: str) -> Iterator[None]
 
         return wrapper
 
-    encode, decode = pipe.encode_prompt, pipe.vae.decode
-    pipe.encode_prompt = timed("encode_prompt", encode)
-    pipe.vae.decode = timed("decode", decode)
+    patched = [(pipe, "encode_prompt"), (pipe.vae, "decode")]
+    saved = [(obj, name, vars(obj).get(name)) for obj, name in patched]
+    for obj, name in patched:
+        setattr(obj, name, timed("encode_prompt" if name == "encode_prompt" else "decode", getattr(obj, name)))
     try:
         yield
     finally:
-        del pipe.encode_prompt  # drop the instance attributes: the class methods show again
-        del pipe.vae.decode
+        for obj, name, previous in saved:  # restore exactly what was there (usually: the class method)
+            if previous is None:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, previous)

@@ -193,7 +193,7 @@ def _resolve_size(req: GenerationRequest, variant: Variant) -> tuple[int, int]:
     if variant.sizes is None:
         if max(width, height) > 256:
             raise _bad(
-                "width", f"{width}x{height}", f"{variant.name} makes at most 256 px per side, got {width}x{height}"
+                "resolution", f"{width}x{height}", f"{variant.name} makes at most 256 px per side, got {width}x{height}"
             )
     elif (width, height) not in variant.sizes:
         allowed = ", ".join(f"{w}x{h}" for w, h in variant.sizes)

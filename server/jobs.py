@@ -40,9 +40,7 @@ class JobStatus(str, enum.Enum):
 
 _ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.FAILED, JobStatus.CANCELED}),
-    JobStatus.RUNNING: frozenset(
-        {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.QUEUED}
-    ),
+    JobStatus.RUNNING: frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.QUEUED}),
     JobStatus.SUCCEEDED: frozenset(),
     JobStatus.FAILED: frozenset(),
     JobStatus.CANCELED: frozenset(),
@@ -254,3 +252,11 @@ class Job:
             error=JobError.from_dict(data["error"]) if data.get("error") else None,
             output=JobOutput(**data["output"]) if data.get("output") else None,
         )
+
+
+def short_value(value: object, limit: int = 200) -> object:
+    """A JSON-safe, short echo of a bad input value (data: URIs can be megabytes)."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"

@@ -93,8 +93,7 @@ class JobStore:
                 )
                 if webhook is not None:
                     self._db.execute(
-                        "INSERT OR IGNORE INTO webhooks (job_id, url, body, headers, next_at) "
-                        "VALUES (?, ?, ?, ?, ?)",
+                        "INSERT OR IGNORE INTO webhooks (job_id, url, body, headers, next_at) VALUES (?, ?, ?, ?, ?)",
                         (
                             job.id,
                             webhook.url,
@@ -147,8 +146,7 @@ class JobStore:
     def webhook_attempted(self, delivery_id: int, *, state: str, next_at: float, error: str | None) -> None:
         with self._lock:
             self._db.execute(
-                "UPDATE webhooks SET attempts = attempts + 1, state = ?, next_at = ?, last_error = ? "
-                "WHERE id = ?",
+                "UPDATE webhooks SET attempts = attempts + 1, state = ?, next_at = ?, last_error = ? WHERE id = ?",
                 (state, next_at, error, delivery_id),
             )
 

@@ -41,3 +41,7 @@ def test_image(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("images") / "noise.png"
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
     return path
+
+
+# ---- server fixtures (server engineer): live servers, TLS, in-process apps; see server_fixtures.py ----
+from server_fixtures import live_server, tls_files  # noqa: E402,F401

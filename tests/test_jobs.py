@@ -19,9 +19,7 @@ from server.storage import Storage
 from server.store import JobStore, WebhookBody
 
 REQ = GenerationRequest(variant="kandinsky5-tiny-t2v", prompt="a fox", steps=2)
-OUT = JobOutput(
-    "output.mp4", "video/mp4", 123, 64, 64, 5, 24, 2, 7, "kandinsky5-tiny-t2v", True, {"denoise": 0.1}
-)
+OUT = JobOutput("output.mp4", "video/mp4", 123, 64, 64, 5, 24, 2, 7, "kandinsky5-tiny-t2v", True, {"denoise": 0.1})
 OOM = JobError(ErrorKind.OUT_OF_MEMORY, "out of memory")
 
 

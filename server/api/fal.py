@@ -1,0 +1,356 @@
+"""The fal.ai queue contract (reference/api_contracts.md §1), translated onto the Job model.
+
+Routes: submit `POST /{owner}/{alias}[/{path}]`, `GET …/requests/{id}/status` (+ `/status/stream`),
+`GET …/requests/{id}` (result), `PUT …/requests/{id}/cancel`; and, on the run host
+(--fal-run-port), the synchronous `POST /{owner}/{alias}[/{path}]`. Status, result and cancel URLs
+use only `{owner}/{alias}`: two endpoints share the `fal-ai/kandinsky5` namespace, so request ids
+are global and each job records its own model id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from pipelines.errors import InvalidRequest, WeightsMissing
+from pipelines.request import GenerationRequest
+from pipelines.variants import resolve_model
+
+from ..intake import ImageInputError, fetch_image
+from ..jobs import ErrorKind, Job, JobError, JobStatus, LogLine, new_job_id, short_value
+from ..manager import CancelOutcome, QueueFull
+from ..services import Services
+from ..store import WebhookBody
+from ..web import json_error, require_key, truthy
+from .fal_inputs import ENGINE_FIELDS, INPUT_SCHEMAS, InputInvalid, invalid, parse, to_generation_request
+
+CONTRACT = "fal"
+
+# fal: never report FAILED or CANCELLED — fal_client raises ValueError("Unknown status") on them.
+# A failure is COMPLETED + error/error_type, with the real error on the result route.
+FAL_STATUS: dict[JobStatus, str] = {
+    JobStatus.QUEUED: "IN_QUEUE",
+    JobStatus.RUNNING: "IN_PROGRESS",
+    JobStatus.SUCCEEDED: "COMPLETED",
+    JobStatus.FAILED: "COMPLETED",
+    JobStatus.CANCELED: "COMPLETED",
+}
+
+# ErrorKind -> (result HTTP status, fal error_type). fal: JS retries 502/503/504 on the result
+# route, so deterministic failures stay off those codes.
+FAL_ERRORS: dict[ErrorKind, tuple[int, str]] = {
+    ErrorKind.INVALID_INPUT: (422, "bad_request"),
+    ErrorKind.CANCELED: (499, "client_cancelled"),
+    ErrorKind.OUT_OF_MEMORY: (500, "runner_server_error"),
+    ErrorKind.DEVICE_FAILURE: (500, "runner_server_error"),
+    ErrorKind.UNAVAILABLE: (500, "runner_scheduling_failure"),
+    ErrorKind.INTERNAL: (500, "internal_error"),
+}
+
+REQUEST_ID_HEADER = "x-fal-request-id"
+
+
+def app_path(model_id: str) -> str:
+    """'fal-ai/kandinsky5/text-to-video/distill' -> 'fal-ai/kandinsky5' (what status URLs use)."""
+    return "/".join(model_id.split("/")[:2])
+
+
+def request_urls(base: str, job: Job) -> dict[str, str]:
+    root = f"{base}/{app_path(job.model)}/requests/{job.id}"
+    return {"response_url": root, "status_url": f"{root}/status", "cancel_url": f"{root}/cancel"}
+
+
+def log_entries(lines: list[LogLine]) -> list[dict]:
+    return [
+        {
+            "message": line.message,
+            "level": line.level,
+            "source": "USER",
+            "timestamp": datetime.fromtimestamp(line.timestamp, tz=timezone.utc).replace(tzinfo=None).isoformat(),
+        }
+        for line in lines
+    ]
+
+
+def status_body(job: Job, base: str, position: int | None, logs: list[dict] | None) -> dict:
+    """The status object shared by polling and the SSE stream (§1.3)."""
+    body: dict = {"status": FAL_STATUS[job.status], "request_id": job.id, **request_urls(base, job)}
+    if job.status is JobStatus.QUEUED:
+        body["queue_position"] = position or 0
+    body["logs"] = logs  # fal: null unless logs were asked for
+    body["metrics"] = {}
+    if job.status.terminal:
+        body["metrics"] = {"inference_time": job.inference_time}
+        if job.error is not None:
+            body["error"] = job.error.message
+            body["error_type"] = FAL_ERRORS[job.error.kind][1]
+    return body
+
+
+def file_object(job: Job, base: str) -> dict:
+    out = job.output
+    assert out is not None
+    return {
+        "url": f"{base}/files/{job.file_id}/{out.file_name}",
+        "content_type": out.content_type,
+        "file_name": out.file_name,
+        "file_size": out.file_size,
+    }
+
+
+def result_payload(job: Job, base: str) -> tuple[int, dict, dict[str, str]]:
+    """(HTTP status, body, headers) of the result route for a finished job (§1.5)."""
+    headers = {REQUEST_ID_HEADER: job.id}
+    if job.status is JobStatus.SUCCEEDED:
+        return 200, {"video": file_object(job, base), "seed": job.output.seed}, headers
+    error = job.error or JobError(ErrorKind.INTERNAL, "the request failed")
+    status, error_type = FAL_ERRORS[error.kind]
+    if error.kind is ErrorKind.INVALID_INPUT:
+        detail = job.meta.get("fal_detail") or [
+            {"loc": ["body", error.field or "body"], "msg": error.message, "type": "value_error", "input": error.value}
+        ]
+        return 422, {"detail": detail}, {**headers, "X-Fal-Retryable": "false"}
+    message = "Request cancelled" if error.kind is ErrorKind.CANCELED else error.message
+    return status, {"detail": message, "error_type": error_type}, {**headers, "X-Fal-Error-Type": error_type}
+
+
+def webhook_body(job: Job) -> WebhookBody | None:
+    """§1.8: json.dumps(sort_keys=True) of {error, gateway_request_id, payload, request_id, status}."""
+    if not job.webhook_url:
+        return None
+    status, payload, _ = result_payload(job, job.base_url or "")
+    ok = status == 200
+    body = {
+        "error": None if ok else f"Invalid status code: {status}",
+        "gateway_request_id": job.id,
+        "payload": payload,
+        "request_id": job.id,
+        "status": "OK" if ok else "ERROR",
+    }
+    headers = {
+        "content-type": "application/json",
+        "x-fal-webhook-request-id": job.id,
+        "x-fal-webhook-user-id": "k5serve",
+    }
+    return WebhookBody(job.webhook_url, json.dumps(body, sort_keys=True).encode(), headers)
+
+
+def _unauthorized(_request: Request) -> JSONResponse:
+    return JSONResponse({"detail": "Invalid or missing API key: send 'Authorization: Key <key>'"}, status_code=401)
+
+
+def _model_id(owner: str, alias: str, path: str) -> str:
+    model_id = "/".join(part for part in (owner, alias, path.strip("/")) if part)
+    if model_id not in INPUT_SCHEMAS:
+        known = ", ".join(sorted(INPUT_SCHEMAS))
+        raise json_error(404, {"detail": f'Application "{model_id}" not found; this server runs: {known}'})
+    return model_id
+
+
+def _check_webhook(url: str | None) -> str | None:
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise json_error(400, {"detail": f"fal_webhook must be an absolute http(s) URL, got {short_value(url)!r}"})
+    return url
+
+
+class FalIntake:
+    """Submit path shared by the queue, the run host and the proxy: body -> job (maybe pre-failed)."""
+
+    def __init__(self, services: Services):
+        self.s = services
+
+    async def accept(self, request: Request, model_id: str, webhook_url: str | None = None) -> Job:
+        job_id = new_job_id()
+        base = self.s.base_url(request)
+        body = await _json_body(request)
+        try:
+            greq = await self._translate(job_id, model_id, body)
+        except InputInvalid as exc:
+            # fal: invalid input is accepted at submit and reported as a 422 on the result route.
+            first = exc.detail[0]
+            error = JobError(ErrorKind.INVALID_INPUT, first["msg"], exc.field, first.get("input"))
+            placeholder = GenerationRequest(variant=resolve_model(model_id)[0].name, prompt=_prompt_of(body))
+            return self._submit(job_id, model_id, placeholder, base, webhook_url, error, {"fal_detail": exc.detail})
+        return self._submit(job_id, model_id, greq, base, webhook_url)
+
+    async def _translate(self, job_id: str, model_id: str, body: object) -> GenerationRequest:
+        if isinstance(body, InputInvalid):
+            raise body
+        parsed = parse(model_id, body)
+        image_path, image_size = None, None
+        if parsed.image_url is not None:
+            try:
+                path, image_size = await fetch_image(
+                    parsed.image_url, self.s.storage.input_path(job_id, ""), self.s.intake
+                )
+            except ImageInputError as exc:
+                raise invalid("image_url", parsed.image_url, exc.message) from exc
+            image_path = str(path)
+        greq = to_generation_request(parsed, image_path, image_size)
+        try:
+            self.s.engine.prepare(greq)
+        except InvalidRequest as exc:
+            raise invalid(ENGINE_FIELDS.get(exc.field, exc.field), exc.value, exc.message) from exc
+        except WeightsMissing as exc:
+            self.s.storage.remove_inputs(job_id)
+            raise json_error(404, {"detail": str(exc)}) from exc
+        return greq
+
+    def _submit(self, job_id, model_id, greq, base, webhook_url, error=None, meta=None) -> Job:
+        try:
+            return self.s.manager.submit(
+                contract=CONTRACT,
+                model=model_id,
+                request=greq,
+                base_url=base,
+                webhook_url=webhook_url,
+                error=error,
+                meta=meta,
+                job_id=job_id,
+            )
+        except QueueFull as exc:
+            self.s.storage.remove_inputs(job_id)
+            raise json_error(429, {"detail": str(exc)}) from exc
+
+
+async def _json_body(request: Request) -> object:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return invalid(
+            "body", raw[:200].decode("utf-8", "replace"), "the request body is not valid JSON", "json_invalid"
+        )
+
+
+def _prompt_of(body: object) -> str:
+    prompt = body.get("prompt") if isinstance(body, dict) else None
+    return prompt if isinstance(prompt, str) else ""
+
+
+def queue_router(services: Services) -> APIRouter:
+    """The queue host. Include it after every other contract: its POST routes are catch-alls."""
+    router = APIRouter(dependencies=[Depends(require_key(services.keys, _unauthorized))])
+    manager, intake = services.manager, FalIntake(services)
+    manager.set_webhook_format(CONTRACT, webhook_body)
+
+    def find(owner: str, alias: str, request_id: str) -> Job:
+        job = manager.get(request_id)
+        if job is None or job.contract != CONTRACT or app_path(job.model) != f"{owner}/{alias}":
+            raise json_error(404, {"detail": "Request not found"})
+        return job
+
+    @router.get("/{owner}/{alias}/requests/{request_id}/status")
+    async def status(request: Request, owner: str, alias: str, request_id: str, logs: str | None = None):
+        job = find(owner, alias, request_id)
+        entries = log_entries(job.logs) if truthy(logs) else None
+        body = status_body(job, services.base_url(request), manager.queue_position(job.id), entries)
+        code = 200 if job.status.terminal else 202  # fal: 202 while queued/running, 200 when done
+        return JSONResponse(body, status_code=code, headers={REQUEST_ID_HEADER: job.id})
+
+    @router.get("/{owner}/{alias}/requests/{request_id}/status/stream")
+    async def status_stream(request: Request, owner: str, alias: str, request_id: str, logs: str | None = None):
+        job = find(owner, alias, request_id)
+        events = _sse(services, job.id, services.base_url(request), truthy(logs))
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", REQUEST_ID_HEADER: job.id}
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+    @router.get("/{owner}/{alias}/requests/{request_id}")
+    async def result(request: Request, owner: str, alias: str, request_id: str):
+        job = find(owner, alias, request_id)
+        if not job.status.terminal:
+            return JSONResponse(
+                {"detail": "Request is still in progress", "status": FAL_STATUS[job.status]},
+                status_code=400,
+                headers={REQUEST_ID_HEADER: job.id},
+            )
+        code, body, headers = result_payload(job, services.base_url(request))
+        return JSONResponse(body, status_code=code, headers=headers)
+
+    @router.put("/{owner}/{alias}/requests/{request_id}/cancel")
+    async def cancel(owner: str, alias: str, request_id: str):
+        job = manager.get(request_id)
+        if job is None or job.contract != CONTRACT or app_path(job.model) != f"{owner}/{alias}":
+            return JSONResponse({"status": "NOT_FOUND"}, status_code=404)
+        outcome = manager.cancel(request_id)
+        if outcome in (CancelOutcome.CANCELED, CancelOutcome.REQUESTED):
+            return JSONResponse({"status": "CANCELLATION_REQUESTED"}, status_code=202)
+        if outcome is CancelOutcome.ALREADY_DONE:
+            return JSONResponse({"status": "ALREADY_COMPLETED"}, status_code=400)
+        return JSONResponse({"status": "NOT_FOUND"}, status_code=404)
+
+    async def submit(request: Request, owner: str, alias: str, path: str = "", fal_webhook: str | None = None):
+        model_id = _model_id(owner, alias, path)
+        job = await intake.accept(request, model_id, _check_webhook(fal_webhook))
+        base = services.base_url(request)
+        body = {
+            "status": FAL_STATUS[job.status],
+            "request_id": job.id,
+            "gateway_request_id": job.id,
+            **request_urls(base, job),
+            "queue_position": manager.queue_position(job.id) or 0,
+        }
+        return JSONResponse(body, headers={REQUEST_ID_HEADER: job.id})
+
+    router.add_api_route("/{owner}/{alias}", submit, methods=["POST"])
+    router.add_api_route("/{owner}/{alias}/{path:path}", submit, methods=["POST"])
+    return router
+
+
+def run_router(services: Services) -> APIRouter:
+    """The run host (fal.run, served on --fal-run-port): submit, wait, answer with the result."""
+    router = APIRouter(dependencies=[Depends(require_key(services.keys, _unauthorized))])
+    manager, intake = services.manager, FalIntake(services)
+
+    async def run(request: Request, owner: str, alias: str, path: str = ""):
+        job = await intake.accept(request, _model_id(owner, alias, path))
+        while not job.status.terminal:
+            job = await manager.wait_for_change(job.id, job.version, timeout=1.0)
+            if not job.status.terminal and await request.is_disconnected():
+                manager.cancel(job.id)  # the caller gave up: free the GPU for others
+        code, body, headers = result_payload(job, services.base_url(request))
+        return JSONResponse(body, status_code=code, headers=headers)
+
+    router.add_api_route("/{owner}/{alias}", run, methods=["POST"])
+    router.add_api_route("/{owner}/{alias}/{path:path}", run, methods=["POST"])
+    return router
+
+
+async def _sse(services: Services, job_id: str, base: str, with_logs: bool) -> AsyncIterator[str]:
+    """fal status stream (§1.4): a `data:` status object on every change, `: keep-alive` comments
+    while nothing happens, and the stream closes right after COMPLETED. Logs are incremental:
+    the JS client accumulates them itself."""
+    manager = services.manager
+    keepalive = services.settings.sse_keepalive
+    yield ": keep-alive\n\n"
+    sent_logs, last_key, quiet_since = 0, None, time.monotonic()
+    while True:
+        job = manager.get(job_id)
+        if job is None:
+            return
+        position = manager.queue_position(job_id)
+        key = (job.status, position, len(job.logs))
+        if key != last_key:
+            logs = log_entries(job.logs[sent_logs:]) if with_logs else None
+            sent_logs, last_key, quiet_since = len(job.logs), key, time.monotonic()
+            yield f"data: {json.dumps(status_body(job, base, position, logs))}\n\n"
+            if job.status.terminal:
+                return
+        elif time.monotonic() - quiet_since >= keepalive:
+            quiet_since = time.monotonic()
+            yield ": keep-alive\n\n"
+        # wake on any change of this job; re-check each second for queue-position moves
+        await manager.wait_for_change(job_id, job.version, timeout=min(1.0, keepalive))
+        await asyncio.sleep(0)

@@ -1,0 +1,177 @@
+"""fal input schemas for the four Kandinsky 5 endpoints, and their translation to GenerationRequest.
+
+Schemas follow @fal-ai/client 1.10.1 typings (reference/api_contracts.md §1.1). Unknown fields are
+ignored, as fal does; `seed` and `negative_prompt` are accepted as extensions.
+Errors come out as fal's 422 `detail` list: [{loc: ["body", field], msg, type, input}].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipelines.request import GenerationRequest
+from pipelines.variants import HD_SIZES, SD_SIZES, nearest_size, resolve_model, size_for_aspect
+
+from ..jobs import short_value
+
+AspectRatio = Literal["3:2", "1:1", "2:3"]
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(min_length=1)
+    seed: int | None = Field(None, ge=0)
+    negative_prompt: str | None = None
+
+
+class ProT2VInput(_Input):
+    resolution: Literal["512P", "1024P"] = "512P"
+    aspect_ratio: AspectRatio = "3:2"
+    duration: str | int = "5s"
+    num_inference_steps: int = 28
+    acceleration: Literal["none", "regular"] = "regular"  # accepted; k5serve has no accelerated path
+
+
+class ProI2VInput(_Input):
+    image_url: str = Field(min_length=1)
+    resolution: Literal["512P", "1024P"] = "512P"
+    duration: str | int = "5s"
+    num_inference_steps: int = 28
+    acceleration: Literal["none", "regular"] = "regular"
+
+
+class LiteT2VInput(_Input):
+    resolution: Literal["768x512", "512x512", "512x768"] | None = None  # fal: derived from aspect_ratio
+    aspect_ratio: AspectRatio = "3:2"
+    duration: Literal["5s", "10s"] = "5s"
+    num_inference_steps: int = 30
+
+
+class DistillT2VInput(_Input):
+    # fal: no num_inference_steps on the distilled endpoint (it is ignored if sent)
+    resolution: Literal["768x512", "512x512", "512x768"] | None = None
+    aspect_ratio: AspectRatio = "3:2"
+    duration: Literal["5s", "10s"] = "5s"
+
+
+INPUT_SCHEMAS: dict[str, type[_Input]] = {
+    "fal-ai/kandinsky5-pro/text-to-video": ProT2VInput,
+    "fal-ai/kandinsky5-pro/image-to-video": ProI2VInput,
+    "fal-ai/kandinsky5/text-to-video": LiteT2VInput,
+    "fal-ai/kandinsky5/text-to-video/distill": DistillT2VInput,
+}
+
+# engine field (InvalidRequest.field) -> fal input field, so a 422 points at what the client sent
+ENGINE_FIELDS = {
+    "steps": "num_inference_steps",
+    "image": "image_url",
+    "width": "resolution",
+    "height": "resolution",
+    "num_frames": "duration",
+    "model": "model",
+}
+
+
+class InputInvalid(Exception):
+    """A fal 422: `detail` is the list the result endpoint returns."""
+
+    def __init__(self, detail: list[dict]):
+        super().__init__(detail[0]["msg"] if detail else "invalid input")
+        self.detail = detail
+
+    @property
+    def field(self) -> str | None:
+        loc = self.detail[0].get("loc", []) if self.detail else []
+        return str(loc[-1]) if loc else None
+
+
+def invalid(field: str, value: Any, message: str, kind: str = "value_error") -> InputInvalid:
+    return InputInvalid([{"loc": ["body", field], "msg": message, "type": kind, "input": short_value(value)}])
+
+
+@dataclass(frozen=True)
+class ParsedInput:
+    model_id: str
+    wire: _Input
+
+    @property
+    def image_url(self) -> str | None:
+        return getattr(self.wire, "image_url", None)
+
+
+def parse(model_id: str, body: Any) -> ParsedInput:
+    """Validate the JSON body against the endpoint's schema. Raises InputInvalid."""
+    schema = INPUT_SCHEMAS[model_id]
+    if not isinstance(body, dict):
+        raise invalid("body", body, "the request body must be a JSON object", "model_attributes_type")
+    try:
+        return ParsedInput(model_id, schema.model_validate(body))
+    except ValidationError as exc:
+        raise InputInvalid(_pydantic_detail(exc)) from exc
+
+
+def _pydantic_detail(exc: ValidationError) -> list[dict]:
+    detail = []
+    for err in exc.errors(include_url=True):
+        item = {
+            "loc": ["body", *err["loc"]],
+            "msg": err["msg"],
+            "type": err["type"],
+            "input": short_value(err.get("input")),
+        }
+        if err.get("url"):
+            item["url"] = err["url"]
+        if err.get("ctx"):
+            item["ctx"] = {k: short_value(v) for k, v in err["ctx"].items()}
+        detail.append(item)
+    return detail
+
+
+def _seconds(duration: str | int) -> int:
+    text = str(duration).strip().lower().removesuffix("s")
+    if not text.isdigit():
+        raise invalid("duration", duration, f"duration must be like '5s', got {duration!r}")
+    return int(text)
+
+
+def to_generation_request(
+    parsed: ParsedInput, image_path: str | None = None, image_size: tuple[int, int] | None = None
+) -> GenerationRequest:
+    """fal input -> GenerationRequest (variant picked by model id + duration). Raises InputInvalid."""
+    wire = parsed.wire
+    seconds = _seconds(wire.duration)
+    try:
+        variant, public = resolve_model(parsed.model_id, seconds)
+    except ValueError as exc:
+        raise invalid("duration", wire.duration, str(exc)) from exc
+    steps = getattr(wire, "num_inference_steps", None)
+    width, height = _size(wire, image_size)
+    return GenerationRequest(
+        variant=variant.name,
+        prompt=wire.prompt,
+        negative_prompt=wire.negative_prompt,
+        image=image_path,
+        width=width,
+        height=height,
+        seconds=seconds,
+        steps=steps if steps is not None else (public.steps if public else None),
+        guidance=public.guidance if public else None,
+        seed=wire.seed,
+    )
+
+
+def _size(wire: _Input, image_size: tuple[int, int] | None) -> tuple[int | None, int | None]:
+    resolution = getattr(wire, "resolution", None)
+    if resolution in ("512P", "1024P"):
+        hd = resolution == "1024P"
+        if image_size is not None:  # pro i2v: the size follows the image's aspect
+            return nearest_size(HD_SIZES if hd else SD_SIZES, *image_size)
+        return size_for_aspect(wire.aspect_ratio, hd=hd)
+    if resolution:  # lite: an explicit "768x512" wins over aspect_ratio
+        w, h = resolution.split("x")
+        return int(w), int(h)
+    return size_for_aspect(wire.aspect_ratio)

@@ -1,0 +1,32 @@
+"""`k5serve serve` with a fake engine, as a real process (restart and webhook tests kill it).
+
+Same flags as `k5serve serve`; the fake's speed comes from K5SERVE_FAKE_STEP_TIME (seconds/step).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fakes import FakeEngine
+
+from server.app import run
+from server.cli import build_parser
+from server.settings import Settings
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None and k != "command"}
+    if "api_key" in overrides:
+        overrides["api_keys"] = overrides.pop("api_key")
+    engine = FakeEngine(step_time=float(os.environ.get("K5SERVE_FAKE_STEP_TIME", "0.05")))
+    return run(Settings(**overrides), engine=engine)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,87 @@
+"""The real PyPI `fal-client` (unmodified, in a subprocess) against a live k5serve over TLS.
+
+One server process (tests/server_fixtures.py::live_server: real engine in demo mode, tiny
+weights, a trustme certificate, the fal run host on a second port) serves every test here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+SCENARIOS = Path(__file__).with_name("fal_py_scenarios.py")
+
+pytestmark = pytest.mark.slow
+
+
+def run_client(server, scenario: str, *args: str, timeout: float = 180) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FAL_", "K5SERVE_"))}
+    env.update(
+        {
+            "FAL_KEY": "local-key",
+            "FAL_QUEUE_RUN_HOST": server.host,
+            "FAL_RUN_HOST": server.run_host,
+            "SSL_CERT_FILE": str(server.ca),
+        }
+    )
+    proc = subprocess.run(
+        [sys.executable, str(SCENARIOS), scenario, *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, f"{proc.stderr}\n--- server log ---\n{server.log_tail()}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def assert_video(server, video: dict) -> bytes:
+    assert video["content_type"] == "video/mp4" and video["file_name"] == "output.mp4"
+    assert video["url"].startswith(f"https://{server.host}/files/")
+    data = httpx.get(video["url"], verify=str(server.ca), timeout=30).content
+    assert len(data) == video["file_size"] and data[4:8] == b"ftyp"
+    return data
+
+
+def test_subscribe_with_queue_updates_and_logs(live_server):
+    out = run_client(live_server, "subscribe")
+    assert_video(live_server, out["result"]["video"])
+    kinds = [u["type"] for u in out["updates"]]
+    assert kinds[-1] == "Completed" and "InProgress" in kinds
+    messages = [m for u in out["updates"] for m in u["logs"]]
+    assert "step 3/3" in messages, messages
+
+
+def test_submit_status_result(live_server):
+    out = run_client(live_server, "submit_status_result")
+    assert out["statuses"][-1]["type"] == "Completed" and out["handle_status"] == "Completed"
+    assert out["metrics"]["inference_time"] > 0
+    assert_video(live_server, out["result"]["video"])
+
+
+def test_cancel_a_running_job(live_server):
+    out = run_client(live_server, "cancel")
+    assert out["status_error_type"] == "client_cancelled"
+    assert out["error"]["status_code"] == 499 and out["error"]["error_type"] == "client_cancelled"
+
+
+def test_run_on_the_run_port(live_server):
+    out = run_client(live_server, "run")
+    video = out["result"]["video"]
+    # the run host answered, so the URL points at the run port; it serves /files too
+    assert video["url"].startswith(f"https://{live_server.run_host}/files/")
+    data = httpx.get(video["url"], verify=str(live_server.ca), timeout=30).content
+    assert len(data) == video["file_size"] and data[4:8] == b"ftyp"
+
+
+def test_image_to_video_with_a_data_uri(live_server, test_image):
+    out = run_client(live_server, "image_to_video", str(test_image))
+    assert_video(live_server, out["result"]["video"])
+
+
+def test_invalid_input_raises_422_with_the_detail_list(live_server):
+    out = run_client(live_server, "invalid")
+    assert out["status_code"] == 422
+    assert out["message"][0]["loc"] == ["body", "aspect_ratio"]

@@ -18,12 +18,13 @@ from pathlib import Path
 from .errors import Cancelled, DeviceFailure, OutOfMemory, WeightsMissing
 from .layout import is_complete, variant_dir
 from .request import CancelToken, GenerationRequest, GenerationResult, ResolvedRequest, resolve
-from .variants import VARIANTS
+from .variants import DEFAULT_NEGATIVE_PROMPT, VARIANTS
 
 log = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, int], None]
 MAX_SEQUENCE_LENGTH = 256  # Qwen tokens per prompt, as the official pipelines (diffusers defaults to 512)
+NEGATIVE_CACHE_SIZE = 8  # encoded negative prompts kept per engine (the default one always)
 
 
 class Engine:
@@ -37,12 +38,13 @@ class Engine:
         require_weights: bool = False,
         offload: bool = False,
         vae_tiling: bool = False,
+        compile: bool = False,
     ):
         from .loader import LoadOptions, pick_device
 
         self.weights_dir = Path(weights_dir)
         self.device = pick_device(device)
-        self.options = LoadOptions(device=self.device, offload=offload, vae_tiling=vae_tiling)
+        self.options = LoadOptions(device=self.device, offload=offload, vae_tiling=vae_tiling, compile=compile)
         unknown = [m for m in models or [] if m not in VARIANTS]
         if unknown:
             raise ValueError(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(sorted(VARIANTS))}")
@@ -57,6 +59,7 @@ class Engine:
             if not VARIANTS[name].demo and name not in self.present and not self.demo:
                 self._raise_missing(name)
         self._pipes: dict[str, object] = {}
+        self._negative_cache: dict[tuple[str, str], dict] = {}
         self._lock = threading.Lock()
 
     # ---- what can run --------------------------------------------------------------------
@@ -161,6 +164,8 @@ class Engine:
             t1 = time.perf_counter()
             with _stage_timer(pipe, timings, self.device):
                 try:
+                    if r.guidance > 1.0:
+                        kwargs.update(self._negative_embeds(r.variant.name, pipe, r.negative_prompt))
                     frames = pipe(**kwargs).frames[0]
                 finally:
                     pipe.maybe_free_model_hooks()  # only the normal return path does this itself
@@ -211,6 +216,33 @@ class Engine:
             demo=r.demo or r.variant.demo,
             timings=timings,
         )
+
+    def _negative_embeds(self, name: str, pipe, negative: str | None) -> dict:
+        """Encoded negative prompt, cached per variant: the default one is the same for every job.
+
+        Exact: the pipeline would run the same deterministic encode_prompt on every call.
+        """
+        text = DEFAULT_NEGATIVE_PROMPT if negative is None else negative
+        key = (name, text)
+        cached = self._negative_cache.get(key)
+        if cached is None:
+            import torch
+
+            with torch.no_grad():
+                qwen, clip, cu_seqlens = pipe.encode_prompt(
+                    prompt=[text],
+                    max_sequence_length=MAX_SEQUENCE_LENGTH,
+                    device=pipe._execution_device,
+                    dtype=pipe.transformer.dtype,
+                )
+            cached = {
+                "negative_prompt_embeds_qwen": qwen,
+                "negative_prompt_embeds_clip": clip,
+                "negative_prompt_cu_seqlens": cu_seqlens,
+            }
+            if text == DEFAULT_NEGATIVE_PROMPT or len(self._negative_cache) < NEGATIVE_CACHE_SIZE:
+                self._negative_cache[key] = cached
+        return cached
 
     @contextlib.contextmanager
     def _device_errors(self, r: ResolvedRequest) -> Iterator[None]:

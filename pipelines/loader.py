@@ -27,6 +27,28 @@ class LoadOptions:
     device: str = "cpu"  # a concrete torch device string: cpu, cuda, cuda:N
     offload: bool = False  # model CPU offload (accelerate): one component on the GPU at a time
     vae_tiling: bool = False
+    compile: bool = False  # torch.compile the repeated transformer blocks (CUDA only)
+
+
+def attention_backend(device: str, nabla: bool) -> str:
+    """The fastest exact attention backend importable here, as a diffusers backend name.
+
+    nabla sparse attention builds a FlexAttention BlockMask, which only the flex backend takes.
+    On CUDA: FlashAttention 3 (Hopper), then FlashAttention 2, then torch SDPA ("native"), which
+    itself dispatches to its flash / cuDNN kernels. Sage is not picked automatically: its SM90
+    kernels have produced noisy video (kandinsky_model.md, issue table row 6).
+    """
+    import importlib.util
+
+    if nabla:
+        return "flex"
+    if not device.startswith("cuda"):
+        return "native"
+    if importlib.util.find_spec("flash_attn_interface") is not None:
+        return "_flash_3"
+    if importlib.util.find_spec("flash_attn") is not None:
+        return "flash"
+    return "native"
 
 
 def pick_device(requested: str = "auto") -> str:
@@ -95,9 +117,12 @@ def load_pipeline(variant: Variant, folder: Path, options: LoadOptions):
     )
     pipe.set_progress_bar_config(disable=True)
 
-    # nabla sparse attention builds a FlexAttention BlockMask: only the flex backend takes it.
-    if transformer.config.get("attention_type") == "nabla":
-        transformer.set_attention_backend("flex")
+    backend = attention_backend(options.device, nabla=transformer.config.get("attention_type") == "nabla")
+    if backend != "native":
+        transformer.set_attention_backend(backend)
+    if options.compile and options.device.startswith("cuda"):
+        # Compile the 32/60 identical CrossDiT blocks once (regional compile: seconds, not minutes).
+        transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
     if options.vae_tiling:
         vae.enable_tiling()
     if options.offload and options.device.startswith("cuda"):

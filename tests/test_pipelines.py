@@ -298,3 +298,65 @@ def test_require_weights_refuses_demo_mode(tiny_weights_dir):
 
     with pytest.raises(WeightsMissing, match="k5serve weights download"):
         Engine(tiny_weights_dir, device="cpu", require_weights=True)
+
+
+# ---- exact speed-ups and attention ----------------------------------------------------------
+
+
+def test_default_negative_prompt_is_encoded_once_per_variant(tiny_weights_dir):
+    fresh = Engine(tiny_weights_dir, device="cpu")
+    pipe = fresh.pipeline(T2V)
+    calls = []
+    encode = pipe.encode_prompt
+    pipe.encode_prompt = lambda *a, **kw: calls.append(kw.get("prompt")) or encode(*a, **kw)
+    try:
+        first = fresh.generate_frames(t2v(negative_prompt=None))
+        second = fresh.generate_frames(t2v(negative_prompt=None))
+    finally:
+        del pipe.encode_prompt
+    # 1st job: the negative prompt (cached) and the prompt; 2nd job: only the prompt.
+    assert len(calls) == 3
+    assert np.array_equal(first, second)
+
+
+def test_attention_backend_choice():
+    from pipelines.loader import attention_backend
+
+    assert attention_backend("cpu", nabla=False) == "native"
+    assert attention_backend("cpu", nabla=True) == "flex"
+    assert attention_backend("cuda", nabla=True) == "flex"
+
+
+def test_nabla_variant_loads_on_flex_and_matches_full_attention(tiny_weights_dir, tmp_path):
+    """A nabla config goes through the flex backend (SDPA cannot take its BlockMask). At tiny sizes
+    the nabla/STA mask is dense and eager flex ignores block sparsity, so it equals full attention."""
+    import json
+    import shutil
+
+    from pipelines.loader import LoadOptions, load_pipeline
+    from pipelines.variants import VARIANTS
+
+    nabla_dir = tmp_path / "nabla"
+    shutil.copytree(tiny_weights_dir / T2V, nabla_dir)
+    config_path = nabla_dir / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config.update(
+        attention_type="nabla",
+        attention_causal=False,
+        attention_local=False,
+        attention_glob=False,
+        attention_window=3,
+        attention_P=0.9,
+        attention_wT=11,
+        attention_wW=3,
+        attention_wH=3,
+        attention_add_sta=True,
+        attention_method="topcdf",
+    )
+    config_path.write_text(json.dumps(config))
+    args = dict(prompt="a fox", height=128, width=128, num_frames=9, num_inference_steps=2, output_type="np")
+    nabla = load_pipeline(VARIANTS[T2V], nabla_dir, LoadOptions())
+    regular = load_pipeline(VARIANTS[T2V], tiny_weights_dir / T2V, LoadOptions())
+    out_nabla = nabla(**args, generator=torch.Generator().manual_seed(0)).frames[0]
+    out_regular = regular(**args, generator=torch.Generator().manual_seed(0)).frames[0]
+    assert np.abs(out_nabla - out_regular).max() < 1e-3

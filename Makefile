@@ -27,7 +27,7 @@ serve: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/k5serve generate "a red fox running through snow" -o demo.mp4 $(ARGS)
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed tests/js/node_modules/.installed
 	$(BIN)/python -m pytest $(ARGS)
 
 lint: $(BIN)/.installed

@@ -1,0 +1,48 @@
+// The real @fal-ai/client (npm, pinned in package.json) against a live k5serve.
+// Usage: node scenarios.js <polling|streaming> <proxy|middleware>
+// Env: K5SERVE_URL (e.g. https://localhost:8443), FAL_KEY, NODE_EXTRA_CA_CERTS (the test CA).
+// Prints one JSON line: {result, updates}. Driven by tests/test_fal_js_client.py.
+"use strict";
+
+const { fal } = require("@fal-ai/client");
+
+const [mode, hook] = process.argv.slice(2);
+const LOCAL = process.env.K5SERVE_URL.replace(/\/$/, "");
+
+if (hook === "proxy") {
+  // The fal proxy protocol: every call goes to one URL, the real target in x-fal-target-url.
+  // `when: "always"` because the default ("browser") does nothing under node.
+  fal.config({ credentials: process.env.FAL_KEY, proxyUrl: { url: `${LOCAL}/api/fal/proxy`, when: "always" } });
+} else if (hook === "middleware") {
+  // Rewrite fal's hard-coded hosts to this server; it serves the same paths.
+  fal.config({
+    credentials: process.env.FAL_KEY,
+    requestMiddleware: async (req) => ({
+      ...req,
+      url: req.url.replace(/^https:\/\/(queue\.)?fal\.run/, LOCAL).replace("https://rest.fal.ai", LOCAL),
+    }),
+  });
+} else {
+  throw new Error(`unknown hook ${hook}`);
+}
+
+async function main() {
+  const updates = [];
+  const options = {
+    input: { prompt: `a ${mode} ${hook} test`, num_inference_steps: 2 },
+    logs: true,
+    onQueueUpdate: (update) => updates.push({ status: update.status, logs: (update.logs || []).map((l) => l.message) }),
+  };
+  if (mode === "streaming") {
+    options.mode = "streaming";
+  } else {
+    options.pollInterval = 200;
+  }
+  const result = await fal.subscribe("fal-ai/kandinsky5/text-to-video", options);
+  console.log(JSON.stringify({ result, updates }));
+}
+
+main().catch((err) => {
+  console.error(err && err.stack ? err.stack : err, err && err.body ? JSON.stringify(err.body) : "");
+  process.exit(1);
+});

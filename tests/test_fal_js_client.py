@@ -1,0 +1,54 @@
+"""The real JS `@fal-ai/client` 1.10.1 under node against the live k5serve (TLS, test CA).
+
+`fal.subscribe` in polling and in streaming (SSE) mode, each through `proxyUrl` and through
+`requestMiddleware`. `make test` installs tests/js/node_modules; without node or the package
+these tests are skipped with the command that fixes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+JS = Path(__file__).with_name("js")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed"),
+    pytest.mark.skipif(
+        not (JS / "node_modules" / "@fal-ai" / "client").is_dir(),
+        reason="run `make tests/js/node_modules/.installed` (npm install in tests/js)",
+    ),
+]
+
+
+@pytest.mark.parametrize("hook", ["proxy", "middleware"])
+@pytest.mark.parametrize("mode", ["polling", "streaming"])
+def test_js_subscribe(live_server, mode, hook):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAL_")}
+    env.update({"K5SERVE_URL": live_server.url, "FAL_KEY": "local-key", "NODE_EXTRA_CA_CERTS": str(live_server.ca)})
+    proc = subprocess.run(
+        ["node", "scenarios.js", mode, hook], cwd=JS, env=env, capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 0, f"{proc.stderr}\n--- server log ---\n{live_server.log_tail()}"
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    result = out["result"]
+    assert result["requestId"], "x-fal-request-id must reach the JS client"
+    video = result["data"]["video"]
+    assert video["content_type"] == "video/mp4" and video["url"].startswith(f"{live_server.url}/files/")
+    data = httpx.get(video["url"], verify=str(live_server.ca), timeout=30).content
+    assert len(data) == video["file_size"] and data[4:8] == b"ftyp"
+
+    statuses = [u["status"] for u in out["updates"]]
+    assert statuses[-1] == "COMPLETED" and set(statuses) <= {"IN_QUEUE", "IN_PROGRESS", "COMPLETED"}
+    logs = out["updates"][-1]["logs"] if mode == "streaming" else [m for u in out["updates"] for m in u["logs"]]
+    assert "step 2/2" in logs
+    if mode == "streaming":  # the client accumulates incremental logs: no step may appear twice
+        assert logs.count("step 2/2") == 1

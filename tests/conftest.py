@@ -44,4 +44,4 @@ def test_image(tmp_path_factory) -> Path:
 
 
 # ---- server fixtures (server engineer): live servers, TLS, in-process apps; see server_fixtures.py ----
-from server_fixtures import live_server, tls_files  # noqa: E402,F401
+from server_fixtures import live_server, loopback, tls_files  # noqa: E402,F401

@@ -180,3 +180,73 @@ def live_server(tmp_path_factory, tls_files, tiny_weights_dir) -> Iterator[Serve
     server.start()
     yield server
     server.stop()
+
+
+class Loopback:
+    """A tiny HTTP server on 127.0.0.1 in a thread: records POSTs (webhook receiver), serves GETs
+    from `files` (image URLs), and answers `fail_with` to the next `failures` POSTs."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        self.deliveries: list[dict] = []
+        self.files: dict[str, tuple[str, bytes]] = {}
+        self.failures = 0
+        self.fail_with = 500
+        self.delay = 0.0  # seconds to sit on each POST before answering
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+            def do_POST(self):
+                import time
+
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                time.sleep(outer.delay)
+                with outer.lock:
+                    failing = outer.failures > 0
+                    outer.failures -= failing
+                    answered = outer.fail_with if failing else 200
+                    outer.deliveries.append(
+                        {"path": self.path, "headers": dict(self.headers), "body": body, "answered": answered}
+                    )
+                self.send_response(outer.fail_with if failing else 200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def do_GET(self):
+                content_type, data = outer.files.get(self.path, ("text/plain", b""))
+                self.send_response(200 if self.path in outer.files else 404)
+                self.send_header("content-type", content_type)
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def ok_deliveries(self) -> list[dict]:
+        import json
+
+        with self.lock:
+            return [json.loads(d["body"]) for d in self.deliveries if d["answered"] == 200]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def loopback() -> Iterator[Loopback]:
+    server = Loopback()
+    yield server
+    server.close()

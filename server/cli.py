@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from .app import run
     from .settings import Settings
 
@@ -96,7 +98,14 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["models"] = [m.strip() for m in overrides["models"].split(",") if m.strip()]
     if "api_key" in overrides:
         overrides["api_keys"] = overrides.pop("api_key")
-    return run(Settings(**overrides))
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        for err in exc.errors():
+            where = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "settings"
+            print(f"k5serve serve: {where}: {err['msg']}", file=sys.stderr)
+        return 2
+    return run(settings)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ APPROX_GB = {"lite": 4.0 + 16.6 + 0.25 + 0.5, "pro": 38.6 + 16.6 + 0.25 + 0.5}
 # chat templates. Everything else (READMEs, images, .gitattributes, original-format or
 # PyTorch-pickle checkpoints at the repo root or as *.bin) is not fetched.
 _AUX_PATTERNS = ("*.json", "*.txt", "*.jinja", "*.model")
+# Hidden files and folders (e.g. a stray transformer/.ipynb_checkpoints/) are never fetched.
+IGNORE_PATTERNS = [".*", "*/.*"]
 # hf_hub keeps its resume metadata in <local_dir>/.cache/huggingface: never ours to check or copy.
 _SKIP_DIRS = {".cache", ".git"}
 
@@ -66,7 +68,9 @@ def allow_patterns() -> list[str]:
 
 def wanted(path: str) -> bool:
     """Whether a repo-relative POSIX path is one the pipeline needs (same rule as the hub's filter)."""
-    return any(fnmatchcase(path, p) for p in allow_patterns())
+    return any(fnmatchcase(path, p) for p in allow_patterns()) and not any(
+        fnmatchcase(path, p) for p in IGNORE_PATTERNS
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,9 +328,16 @@ def drop_damaged(folder: Path) -> list[str]:
 
 def download(variant: Variant, weights_dir: Path) -> int:
     """Fetch the pipeline's files of variant.repo_id into weights_dir/<name>, then verify them."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
+    if constants.is_offline_mode():
+        print(
+            "error: HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so nothing can be downloaded: "
+            "unset it for this command, or copy the folder by hand and use --from DIR",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     dest = variant_dir(weights_dir, variant.name)
     dest.parent.mkdir(parents=True, exist_ok=True)
     # Read at call time (huggingface_hub reads HF_ENDPOINT once, at import).
@@ -341,6 +352,7 @@ def download(variant: Variant, weights_dir: Path) -> int:
             variant.repo_id,
             local_dir=dest,
             allow_patterns=allow_patterns(),
+            ignore_patterns=IGNORE_PATTERNS,
             endpoint=endpoint,
             token=token,
         )

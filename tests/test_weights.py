@@ -72,6 +72,7 @@ JUNK = {
     "kandinsky5lite_t2v_distil_5s.safetensors",  # original-format checkpoint at the repo root
     "transformer/diffusion_pytorch_model.bin",
     "vae/README.md",
+    "transformer/.ipynb_checkpoints/config-checkpoint.json",
 }
 
 
@@ -315,6 +316,11 @@ def hub(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("HF_ENDPOINT", fake.url)
     monkeypatch.delenv("HF_TOKEN", raising=False)
+    # pipelines/loader.py sets HF_HUB_OFFLINE=1 when imported (serving never downloads); the
+    # download command runs in its own process where it is not, so undo it here.
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     hf_home = tmp_path_factory.mktemp("hf_home")
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(hf_home / "hub"))
@@ -430,9 +436,18 @@ def test_download_of_a_repo_the_hub_does_not_have(hub, tmp_path, capsys):
     assert REPO in err and "not found" in err
 
 
+def test_download_refuses_clearly_in_offline_mode(hub, tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    assert download(tmp_path) == 1
+    assert "HF_HUB_OFFLINE" in capsys.readouterr().err
+    assert hub.repo_calls() == []
+
+
 def test_download_through_the_console_entry_point(hub, tmp_path):
     """The real process: env vars only (HF_ENDPOINT, HF_TOKEN, HF_HOME), nothing patched."""
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and "OFFLINE" not in k}
     env |= {"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_from_env", "HF_HOME": str(tmp_path / "hf_home")}
     proc = subprocess.run(
         [sys.executable, "-m", "server.cli", "weights", "download", NAME, "--weights-dir", str(tmp_path / "w")],

@@ -85,3 +85,11 @@ def test_invalid_input_raises_422_with_the_detail_list(live_server):
     out = run_client(live_server, "invalid")
     assert out["status_code"] == 422
     assert out["message"][0]["loc"] == ["body", "aspect_ratio"]
+
+
+def test_no_weights_means_loud_demo_mode(live_server):
+    with live_server.client() as client:
+        ready = client.get("/readyz").json()
+    assert ready["status"] == "ready" and ready["demo"] is True and ready["device"] == "cpu"
+    assert "fal-ai" not in " ".join(ready["models"]) and "kandinsky5-tiny-t2v" in ready["models"]
+    assert "DEMO MODE" in live_server.log_tail(200_000)

@@ -1,7 +1,7 @@
 """The real JS `@fal-ai/client` 1.10.1 under node against the live k5serve (TLS, test CA).
 
-`fal.subscribe` in polling and in streaming (SSE) mode, each through `proxyUrl` and through
-`requestMiddleware`. `make test` installs tests/js/node_modules; without node or the package
+`fal.subscribe` in polling and in streaming (SSE) mode, through `proxyUrl` and through
+`requestMiddleware`, and `fal.run` through the middleware (which maps fal.run to the run port). `make test` installs tests/js/node_modules; without node or the package
 these tests are skipped with the command that fixes it.
 """
 
@@ -28,23 +28,38 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("hook", ["proxy", "middleware"])
-@pytest.mark.parametrize("mode", ["polling", "streaming"])
-def test_js_subscribe(live_server, mode, hook):
+def run_node(live_server, mode: str, hook: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FAL_")}
-    env.update({"K5SERVE_URL": live_server.url, "FAL_KEY": "local-key", "NODE_EXTRA_CA_CERTS": str(live_server.ca)})
+    env.update(
+        {
+            "K5SERVE_URL": live_server.url,
+            "K5SERVE_RUN_URL": f"https://{live_server.run_host}",
+            "FAL_KEY": "local-key",
+            "NODE_EXTRA_CA_CERTS": str(live_server.ca),
+        }
+    )
     proc = subprocess.run(
         ["node", "scenarios.js", mode, hook], cwd=JS, env=env, capture_output=True, text=True, timeout=180
     )
     assert proc.returncode == 0, f"{proc.stderr}\n--- server log ---\n{live_server.log_tail()}"
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    result = out["result"]
+
+def assert_video(live_server, result: dict, base: str) -> None:
     assert result["requestId"], "x-fal-request-id must reach the JS client"
     video = result["data"]["video"]
-    assert video["content_type"] == "video/mp4" and video["url"].startswith(f"{live_server.url}/files/")
+    assert video["content_type"] == "video/mp4" and video["url"].startswith(f"{base}/files/")
     data = httpx.get(video["url"], verify=str(live_server.ca), timeout=30).content
     assert len(data) == video["file_size"] and data[4:8] == b"ftyp"
+
+
+# polling through requestMiddleware is the plainest path (native routes, like the Python client);
+# the three below cover both modes through both hooks, the SSE stream through the proxy included.
+@pytest.mark.parametrize(("mode", "hook"), [("polling", "proxy"), ("streaming", "middleware"), ("streaming", "proxy")])
+def test_js_subscribe(live_server, mode, hook):
+    out = run_node(live_server, mode, hook)
+    result = out["result"]
+    assert_video(live_server, result, live_server.url)
 
     statuses = [u["status"] for u in out["updates"]]
     assert statuses[-1] == "COMPLETED" and set(statuses) <= {"IN_QUEUE", "IN_PROGRESS", "COMPLETED"}
@@ -52,3 +67,8 @@ def test_js_subscribe(live_server, mode, hook):
     assert "step 2/2" in logs
     if mode == "streaming":  # the client accumulates incremental logs: no step may appear twice
         assert logs.count("step 2/2") == 1
+
+
+def test_js_run_through_the_middleware_reaches_the_run_port(live_server):
+    out = run_node(live_server, "run", "middleware")
+    assert_video(live_server, out["result"], f"https://{live_server.run_host}")

@@ -1,5 +1,5 @@
 // The real @fal-ai/client (npm, pinned in package.json) against a live k5serve.
-// Usage: node scenarios.js <polling|streaming> <proxy|middleware>
+// Usage: node scenarios.js <polling|streaming|run> <proxy|middleware>
 // Env: K5SERVE_URL (e.g. https://localhost:8443), FAL_KEY, NODE_EXTRA_CA_CERTS (the test CA).
 // Prints one JSON line: {result, updates}. Driven by tests/test_fal_js_client.py.
 "use strict";
@@ -14,12 +14,13 @@ if (hook === "proxy") {
   // `when: "always"` because the default ("browser") does nothing under node.
   fal.config({ credentials: process.env.FAL_KEY, proxyUrl: { url: `${LOCAL}/api/fal/proxy`, when: "always" } });
 } else if (hook === "middleware") {
-  // Rewrite fal's hard-coded hosts to this server; it serves the same paths.
+  // Rewrite fal's hard-coded hosts: queue.fal.run -> --port, fal.run -> --fal-run-port (docs/fal.md).
+  const RUN = (process.env.K5SERVE_RUN_URL || LOCAL).replace(/\/$/, "");
   fal.config({
     credentials: process.env.FAL_KEY,
     requestMiddleware: async (req) => ({
       ...req,
-      url: req.url.replace(/^https:\/\/(queue\.)?fal\.run/, LOCAL).replace("https://rest.fal.ai", LOCAL),
+      url: req.url.replace("https://queue.fal.run", LOCAL).replace("https://fal.run", RUN),
     }),
   });
 } else {
@@ -33,6 +34,11 @@ async function main() {
     logs: true,
     onQueueUpdate: (update) => updates.push({ status: update.status, logs: (update.logs || []).map((l) => l.message) }),
   };
+  if (mode === "run") {  // the synchronous run host (fal.run -> --fal-run-port)
+    const result = await fal.run("fal-ai/kandinsky5/text-to-video", { input: options.input });
+    console.log(JSON.stringify({ result, updates: [] }));
+    return;
+  }
   if (mode === "streaming") {
     options.mode = "streaming";
   } else {

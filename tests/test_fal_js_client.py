@@ -1,8 +1,9 @@
 """The real JS `@fal-ai/client` 1.10.1 under node against the live k5serve (TLS, test CA).
 
 `fal.subscribe` in polling and in streaming (SSE) mode, through `proxyUrl` and through
-`requestMiddleware`, and `fal.run` through the middleware (which maps fal.run to the run port). `make test` installs tests/js/node_modules; without node or the package
-these tests are skipped with the command that fixes it.
+`requestMiddleware`, and `fal.run` through the middleware (which maps fal.run to the run port).
+`make test` installs tests/js/node_modules; without node or the package these tests are skipped
+with the command that fixes it.
 """
 
 from __future__ import annotations

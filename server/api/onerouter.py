@@ -1,0 +1,192 @@
+"""The OneRouter video contract (reference/api_contracts.md §4), translated onto the Job model.
+
+One synchronous route, `POST /v1/videos/generations`: the call queues a job like any other and
+holds the connection until it ends, answering `{data: [{url, revised_prompt}], created}`. A client
+that hangs up while waiting cancels its job, so an abandoned request does not hold the GPU.
+Auth: `Authorization: <key>` (the documented form) or `Bearer <key>`. Errors:
+`{error: {code, message, type, param}}` with the HTTP status equal to `code`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from pipelines.errors import InvalidRequest, WeightsMissing
+from pipelines.request import GenerationRequest
+from pipelines.variants import VARIANTS, demo_size, resolve_model
+
+from ..jobs import ErrorKind, Job, JobError, JobStatus, short_value
+from ..manager import QueueFull
+from ..services import Services
+from ..web import ResponseError, require_key
+
+CONTRACT = "onerouter"
+PATH = "/v1/videos/generations"
+
+# The OneRouter model name and its aliases (design.md); local variant names are accepted too.
+MODELS = ("kandinsky5-text-to-video", "kandinsky5", "kandinsky-5-text-to-video", "kandinsky5-t2v")
+RESOLUTIONS = ("768x512", "512x768", "512x512")
+VIDEO_LENGTHS = ("5s", "10s")
+OUTPUT_FORMATS = ("url",)
+
+# ErrorKind -> (HTTP status = error.code, error.type) for a generation that did not succeed.
+FAILURES: dict[ErrorKind, tuple[int, str]] = {
+    ErrorKind.INVALID_INPUT: (400, "invalid_request_error"),
+    ErrorKind.UNAVAILABLE: (503, "service_unavailable"),
+    ErrorKind.OUT_OF_MEMORY: (502, "model_error"),
+    ErrorKind.DEVICE_FAILURE: (502, "model_error"),
+    ErrorKind.INTERNAL: (502, "model_error"),
+    ErrorKind.CANCELED: (408, "timeout"),
+}
+
+ENGINE_FIELDS = {
+    "steps": "num_inference_steps",
+    "num_frames": "video_length",
+    "duration": "video_length",
+    "width": "resolution",
+    "height": "resolution",
+}
+
+
+def error_response(code: int, message: str, type_: str = "invalid_request_error", param: str = "") -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, "type": type_, "param": param}}, code)
+
+
+class ParamInvalid(Exception):
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+        self.message = message
+
+
+def _choice(body: dict, field: str, allowed: tuple[str, ...], default: str) -> str:
+    value = body.get(field, default)
+    if value not in allowed or not isinstance(value, str):
+        raise ParamInvalid(field, f"{field} must be one of {', '.join(allowed)}; got {short_value(value)!r}")
+    return value
+
+
+def _int(body: dict, field: str) -> int | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ParamInvalid(field, f"{field} must be an integer; got {short_value(value)!r}")
+    return value
+
+
+def _text(body: dict, field: str, required: bool = False) -> str | None:
+    value = body.get(field)
+    if value is None or (required and isinstance(value, str) and not value.strip()):
+        if required:
+            raise ParamInvalid(field, f"{field} is required")
+        return None
+    if not isinstance(value, str):
+        raise ParamInvalid(field, f"{field} must be a string; got {short_value(value)!r}")
+    return value
+
+
+def parse_body(body: Any) -> tuple[str, GenerationRequest]:
+    """JSON body -> (model, GenerationRequest). Raises ParamInvalid."""
+    if not isinstance(body, dict):
+        raise ParamInvalid("", "the request body must be a JSON object")
+    model = _text(body, "model", required=True)
+    if model not in MODELS and model not in VARIANTS:
+        raise ParamInvalid(
+            "model", f"model {short_value(model)!r} is not served here; use one of {', '.join(MODELS)} or a local name"
+        )
+    prompt = _text(body, "prompt", required=True)
+    resolution = _choice(body, "resolution", RESOLUTIONS, "768x512")
+    seconds = int(_choice(body, "video_length", VIDEO_LENGTHS, "5s").removesuffix("s"))
+    _choice(body, "output_format", OUTPUT_FORMATS, "url")
+    steps = _int(body, "num_inference_steps")
+    seed = _int(body, "seed")  # extension: not in OneRouter's schema
+    negative = _text(body, "negative_prompt")  # extension
+    try:
+        variant, public = resolve_model(model, seconds)
+    except ValueError as exc:
+        raise ParamInvalid("video_length", str(exc)) from exc
+    width, height = (int(side) for side in resolution.split("x"))
+    if variant.demo:  # the tiny demo variants make at most 256 px: same aspect, demo size
+        width, height = demo_size(width, height)
+    default_steps = public.steps if public else None
+    return model, GenerationRequest(
+        variant=variant.name,
+        prompt=prompt,
+        negative_prompt=negative,
+        width=width,
+        height=height,
+        seconds=seconds,
+        steps=steps if steps is not None else default_steps,
+        guidance=public.guidance if public else None,
+        seed=seed,
+    )
+
+
+def wire_message(exc: InvalidRequest, field: str) -> str:
+    """The engine's message worded with the client's field name ("steps must…" -> "num_inference_steps must…")."""
+    if field != exc.field and exc.message.startswith(exc.field + " "):
+        return field + exc.message[len(exc.field) :]
+    return exc.message
+
+
+def success_body(job: Job, base: str) -> dict:
+    out = job.output
+    assert out is not None
+    url = f"{base}/files/{job.file_id}/{out.file_name}"
+    # revised_prompt: k5serve never rewrites prompts; OneRouter answers "" in that case too.
+    return {"data": [{"url": url, "revised_prompt": "", "video_id": job.id}], "created": int(job.created_at)}
+
+
+def failure_response(job: Job) -> JSONResponse:
+    error = job.error or JobError(ErrorKind.INTERNAL, "the generation failed")
+    code, type_ = FAILURES[error.kind]
+    param = ENGINE_FIELDS.get(error.field, error.field) if error.kind is ErrorKind.INVALID_INPUT else ""
+    return error_response(code, error.message, type_, param or "")
+
+
+def _unauthorized(_request: Request) -> JSONResponse:
+    return error_response(401, "Invalid API key: send 'Authorization: <key>' or 'Authorization: Bearer <key>'")
+
+
+def router(services: Services) -> APIRouter:
+    api = APIRouter(dependencies=[Depends(require_key(services.keys, _unauthorized))])
+    manager = services.manager
+
+    @api.post(PATH)
+    async def generate(request: Request):
+        try:
+            body = json.loads(await request.body() or b"null")
+        except ValueError as exc:
+            raise ResponseError(error_response(400, "the request body is not valid JSON")) from exc
+        try:
+            model, greq = parse_body(body)
+            services.engine.prepare(greq)
+        except ParamInvalid as exc:
+            raise ResponseError(error_response(400, exc.message, param=exc.param)) from exc
+        except InvalidRequest as exc:
+            param = ENGINE_FIELDS.get(exc.field, exc.field)
+            raise ResponseError(error_response(400, wire_message(exc, param), param=param)) from exc
+        except WeightsMissing as exc:
+            raise ResponseError(error_response(503, str(exc), "service_unavailable", "model")) from exc
+        try:
+            job = manager.submit(contract=CONTRACT, model=model, request=greq, base_url=services.base_url(request))
+        except QueueFull as exc:
+            raise ResponseError(error_response(429, str(exc), "rate_limit_exceeded")) from exc
+
+        # Synchronous: hold the connection until the job ends; a hang-up cancels it.
+        canceled = False
+        while not job.status.terminal:
+            job = await manager.wait_for_change(job.id, job.version, timeout=1.0)
+            if not canceled and not job.status.terminal and await request.is_disconnected():
+                manager.cancel(job.id)
+                canceled = True
+        if job.status is JobStatus.SUCCEEDED:
+            return JSONResponse(success_body(job, services.base_url(request)))
+        return failure_response(job)
+
+    return api

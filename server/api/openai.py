@@ -1,0 +1,399 @@
+"""The OpenAI Videos API (the de-facto standard local video servers expose), onto the Job model.
+
+Routes: `POST /v1/videos` (JSON, or multipart with `input_reference` for image-to-video),
+`GET /v1/videos`, `GET /v1/videos/{id}`, `GET /v1/videos/{id}/content`, `DELETE /v1/videos/{id}`.
+Bodies follow the `openai` SDK's types (openai/types/video*.py) so they parse there. `seconds`
+and `size` map onto what the chosen Kandinsky 5 variant can do; anything else is a 400 in
+OpenAI's envelope {error: {message, type, param, code}}, never a silent rounding.
+Extensions beyond OpenAI's schema (send them through the SDK's `extra_body`):
+`num_inference_steps`, `seed`, `negative_prompt`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import uuid
+from dataclasses import replace
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.datastructures import UploadFile
+
+from pipelines.errors import InvalidRequest, WeightsMissing
+from pipelines.request import GenerationRequest, resolve
+from pipelines.variants import PUBLIC_MODELS, VARIANTS, resolve_model
+
+from ..intake import ImageInputError, fetch_image
+from ..jobs import ErrorKind, Job, JobStatus, short_value
+from ..manager import QueueFull
+from ..services import Services
+from ..web import ResponseError, require_key
+
+CONTRACT = "openai"
+DEFAULT_T2V = "kandinsky5-lite-t2v-sft-{seconds}s"  # OpenAI's default is sora-2; ours is Lite sft
+DEFAULT_I2V = "kandinsky5-lite-i2v-5s"
+SECONDS = ("5", "10")
+POLL_AFTER_MS = "500"
+TOMBSTONE = ".deleted"  # in the job's output folder: the video was deleted (survives restarts)
+
+OPENAI_STATUS: dict[JobStatus, str] = {
+    JobStatus.QUEUED: "queued",
+    JobStatus.RUNNING: "in_progress",
+    JobStatus.SUCCEEDED: "completed",
+    JobStatus.FAILED: "failed",
+    JobStatus.CANCELED: "failed",  # openai: no canceled status; error.code says "cancelled"
+}
+
+ERROR_CODES: dict[ErrorKind, str] = {
+    ErrorKind.INVALID_INPUT: "invalid_input",
+    ErrorKind.UNAVAILABLE: "model_unavailable",
+    ErrorKind.OUT_OF_MEMORY: "out_of_memory",
+    ErrorKind.DEVICE_FAILURE: "device_failure",
+    ErrorKind.CANCELED: "cancelled",
+    ErrorKind.INTERNAL: "internal_error",
+}
+
+ENGINE_FIELDS = {
+    "steps": "num_inference_steps",
+    "num_frames": "seconds",
+    "duration": "seconds",
+    "width": "size",
+    "height": "size",
+    "resolution": "size",
+    "image": "input_reference",
+}
+
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+_BRACKETED = re.compile(r"^(\w+)\[(\w+)\]$")
+
+
+def openai_error(
+    status: int, message: str, param: str | None = None, code: str | None = None, type_: str = "invalid_request_error"
+) -> ResponseError:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return ResponseError(JSONResponse(body, status_code=status))
+
+
+def invalid(param: str, message: str, code: str = "invalid_value") -> ResponseError:
+    return openai_error(400, message, param, code)
+
+
+# -- request parsing ------------------------------------------------------------------------------
+
+
+async def read_fields(request: Request, max_image_bytes: int) -> dict[str, Any]:
+    """The create body as a dict, from JSON or multipart; an uploaded image comes back as bytes."""
+    content_type = request.headers.get("content-type", "").lower()
+    if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        try:
+            form = await request.form(max_files=1, max_fields=50)
+        except HTTPException as exc:
+            raise invalid("", f"the multipart body could not be read ({exc.detail})", "invalid_request") from exc
+        fields: dict[str, Any] = {}
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                data = await value.read(max_image_bytes + 1)
+                if len(data) > max_image_bytes:
+                    raise invalid(key, f"{key} is larger than {max_image_bytes} bytes")
+                fields[key] = data
+            elif match := _BRACKETED.match(key):  # the SDK sends {"image_url": …} as input_reference[image_url]
+                nested = fields.setdefault(match[1], {})
+                if isinstance(nested, dict):
+                    nested[match[2]] = value
+            else:
+                fields[key] = value
+        return fields
+    try:
+        body = json.loads(await request.body() or b"null")
+    except ValueError as exc:
+        raise invalid("", "We could not parse the JSON body of your request.", "invalid_json") from exc
+    if not isinstance(body, dict):
+        raise invalid("", "The request body must be a JSON object.", "invalid_json")
+    return body
+
+
+def _int(fields: dict, name: str) -> int | None:
+    """An integer field; multipart sends every value as text, so digit strings count too."""
+    value = fields.get(name)
+    if value is None or value == "":
+        return None
+    if isinstance(value, str) and re.fullmatch(r"-?\d{1,19}", value.strip()):
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(name, f"Invalid type for '{name}': expected an integer, but got {short_value(value)!r}.")
+    return value
+
+
+def _text(fields: dict, name: str) -> str | None:
+    value = fields.get(name)
+    if value is not None and not isinstance(value, str):
+        raise invalid(name, f"Invalid type for '{name}': expected a string, but got {short_value(value)!r}.")
+    return value
+
+
+def _seconds(fields: dict) -> int | None:
+    value = fields.get("seconds")
+    if value is None:
+        return None
+    text = str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+    if text not in SECONDS:
+        raise invalid(
+            "seconds",
+            f"Invalid value: {short_value(value)!r}. Supported values are: '5' and '10' "
+            "(Kandinsky 5 makes 5 s and 10 s clips; 10 s only on the Lite text-to-video models).",
+        )
+    return int(text)
+
+
+def _size(fields: dict) -> tuple[int, int] | None:
+    value = _text(fields, "size")
+    if value is None:
+        return None
+    match = _SIZE.match(value.strip())
+    if not match:
+        raise invalid("size", f"Invalid value: {short_value(value)!r}. size must be 'WIDTHxHEIGHT', e.g. '768x512'.")
+    return int(match[1]), int(match[2])
+
+
+def _image_source(fields: dict) -> str | None:
+    """input_reference as a data: URI or URL: an uploaded file, a string, or {"image_url": ...}."""
+    value = fields.get("input_reference")
+    if isinstance(value, dict):
+        if not value.get("image_url"):
+            raise invalid("input_reference", "input_reference needs an image_url; uploaded file ids are not supported.")
+        value = value["image_url"]
+    if value is None or value == "":
+        return None
+    if isinstance(value, bytes):
+        return "data:application/octet-stream;base64," + base64.b64encode(value).decode()
+    if not isinstance(value, str):
+        raise invalid("input_reference", "input_reference must be an image file, an image URL or a data: URI.")
+    return value
+
+
+def _pick_model(fields: dict, seconds: int | None, has_image: bool) -> tuple[str, GenerationRequest]:
+    """-> (model id to report, a request skeleton with variant and contract defaults)."""
+    model = _text(fields, "model")
+    if model is None:
+        model = DEFAULT_I2V if has_image else DEFAULT_T2V.format(seconds=seconds or 5)
+    if model not in PUBLIC_MODELS and model not in VARIANTS:
+        raise invalid(
+            "model",
+            f"Invalid value: {short_value(model)!r}. k5serve serves Kandinsky 5: a local name such as "
+            f"'kandinsky5-lite-t2v-sft-5s' or a public id such as 'kandinsky5-text-to-video' (GET /readyz lists them).",
+        )
+    try:
+        variant, public = resolve_model(model, seconds)
+    except ValueError as exc:
+        raise invalid("seconds", f"Invalid value: '{seconds}'. {exc}.") from exc
+    skeleton = GenerationRequest(
+        variant=variant.name,
+        prompt="",
+        seconds=seconds,
+        steps=public.steps if public else None,
+        guidance=public.guidance if public else None,
+    )
+    return model, skeleton
+
+
+def wire_message(exc: InvalidRequest, field: str) -> str:
+    """The engine's message worded with the client's field name ("steps must…" -> "num_inference_steps must…")."""
+    if field != exc.field and exc.message.startswith(exc.field + " "):
+        return field + exc.message[len(exc.field) :]
+    return exc.message
+
+
+# -- responses ------------------------------------------------------------------------------------
+
+
+def progress(job: Job) -> int:
+    """0-100 from the real step count; 100 only once the video is written."""
+    if job.status is JobStatus.SUCCEEDED:
+        return 100
+    if job.progress is None:
+        return 0
+    step, total = job.progress
+    return min(99, step * 100 // max(total, 1))
+
+
+def video_object(job: Job) -> dict:
+    error = None
+    if job.status in (JobStatus.FAILED, JobStatus.CANCELED) and job.error is not None:
+        error = {"code": ERROR_CODES[job.error.kind], "message": job.error.message}
+    return {
+        "id": job.id,
+        "object": "video",
+        "model": job.model,
+        "status": OPENAI_STATUS[job.status],
+        "progress": progress(job),
+        "created_at": int(job.created_at),
+        "completed_at": int(job.completed_at) if job.status.terminal and job.completed_at else None,
+        "expires_at": None,
+        "prompt": job.request.prompt,
+        "seconds": job.meta.get("seconds"),
+        "size": job.meta.get("size"),
+        "remixed_from_video_id": None,
+        "error": error,
+    }
+
+
+def _unauthorized(_request: Request) -> JSONResponse:
+    body = {
+        "error": {
+            "message": "Incorrect API key provided. Send 'Authorization: Bearer <key>' with a key given to "
+            "k5serve --api-key.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "invalid_api_key",
+        }
+    }
+    return JSONResponse(body, status_code=401)
+
+
+# -- routes ---------------------------------------------------------------------------------------
+
+
+def router(services: Services) -> APIRouter:
+    api = APIRouter(dependencies=[Depends(require_key(services.keys, _unauthorized))])
+    manager, storage = services.manager, services.storage
+
+    def deleted(job: Job) -> bool:
+        return (storage.files / job.file_id / TOMBSTONE).exists()
+
+    def find(video_id: str) -> Job:
+        job = manager.get(video_id)
+        if job is None or job.contract != CONTRACT or deleted(job):
+            raise openai_error(404, f"Video with id '{short_value(video_id, 100)}' not found.", "video_id", "not_found")
+        return job
+
+    async def translate(job_id: str, fields: dict) -> tuple[str, GenerationRequest, dict]:
+        prompt = _text(fields, "prompt")
+        if prompt is None or not prompt.strip():
+            raise invalid("prompt", "Missing required parameter: 'prompt'.", "missing_required_parameter")
+        seconds, size, source = _seconds(fields), _size(fields), _image_source(fields)
+        steps, seed = _int(fields, "num_inference_steps"), _int(fields, "seed")
+        model, greq = _pick_model(fields, seconds, source is not None)
+        image = None
+        if source is not None:
+            try:
+                path, _ = await fetch_image(source, storage.input_path(job_id, ""), services.intake)
+            except ImageInputError as exc:
+                raise invalid("input_reference", exc.message) from exc
+            image = str(path)
+        width, height = size if size is not None else (None, None)
+        greq = replace(
+            greq,
+            prompt=prompt,
+            negative_prompt=_text(fields, "negative_prompt"),
+            image=image,
+            width=width,
+            height=height,
+            steps=steps if steps is not None else greq.steps,
+            seed=seed,
+        )
+        try:
+            nominal = resolve(greq, default_seed=0)  # the size/length asked for (demo mode shrinks later)
+            services.engine.prepare(greq)
+        except InvalidRequest as exc:
+            param = ENGINE_FIELDS.get(exc.field, exc.field)
+            raise invalid(param, wire_message(exc, param)) from exc
+        except WeightsMissing as exc:
+            raise openai_error(404, str(exc), "model", "model_not_found") from exc
+        shown_seconds = seconds or nominal.variant.seconds
+        meta = {"size": f"{nominal.width}x{nominal.height}", "seconds": str(shown_seconds)}
+        return model, greq, meta
+
+    @api.post("/v1/videos")
+    async def create(request: Request):
+        job_id = f"video_{uuid.uuid4().hex}"
+        try:
+            fields = await read_fields(request, services.intake.max_bytes)
+            model, greq, meta = await translate(job_id, fields)
+            job = manager.submit(
+                contract=CONTRACT,
+                model=model,
+                request=greq,
+                base_url=services.base_url(request),
+                meta=meta,
+                job_id=job_id,
+            )
+        except QueueFull as exc:
+            storage.remove_inputs(job_id)
+            raise openai_error(429, str(exc), None, "rate_limit_exceeded", "requests") from exc
+        except ResponseError:
+            storage.remove_inputs(job_id)
+            raise
+        return JSONResponse(video_object(job), headers={"openai-poll-after-ms": POLL_AFTER_MS})
+
+    @api.get("/v1/videos")
+    async def list_videos(request: Request):
+        params = request.query_params
+        limit = _int(dict(params), "limit")
+        limit = 20 if limit is None else limit
+        if not 1 <= limit <= 100:
+            raise invalid("limit", f"Invalid value: {limit}. limit must be from 1 to 100.")
+        order = params.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise invalid("order", f"Invalid value: {short_value(order)!r}. Supported values are: 'asc' and 'desc'.")
+        jobs = [j for j in manager.list(contract=CONTRACT) if not deleted(j)]  # newest first
+        if order == "asc":
+            jobs.reverse()
+        after = params.get("after")
+        if after:
+            ids = [j.id for j in jobs]
+            if after not in ids:
+                raise invalid("after", f"Invalid value: {short_value(after, 100)!r}. No video with that id.")
+            jobs = jobs[ids.index(after) + 1 :]
+        page = jobs[:limit]
+        return {
+            "object": "list",
+            "data": [video_object(j) for j in page],
+            "first_id": page[0].id if page else None,
+            "last_id": page[-1].id if page else None,
+            "has_more": len(jobs) > limit,
+        }
+
+    @api.get("/v1/videos/{video_id}")
+    async def retrieve(video_id: str):
+        job = find(video_id)
+        headers = {} if job.status.terminal else {"openai-poll-after-ms": POLL_AFTER_MS}
+        return JSONResponse(video_object(job), headers=headers)
+
+    @api.get("/v1/videos/{video_id}/content")
+    async def content(video_id: str, variant: str = "video"):
+        job = find(video_id)
+        if variant != "video":
+            raise invalid("variant", f"Invalid value: {short_value(variant)!r}. k5serve only serves 'video'.")
+        if job.status is not JobStatus.SUCCEEDED or job.output is None:
+            raise openai_error(
+                400,
+                f"Video '{job.id}' is {OPENAI_STATUS[job.status]}, not completed; poll GET /v1/videos/{job.id}.",
+                "video_id",
+                "video_not_ready",
+            )
+        path = storage.find(job.file_id, job.output.file_name)
+        if path is None:
+            raise openai_error(404, f"The content of video '{job.id}' is no longer available.", "video_id", "not_found")
+        return FileResponse(path, media_type=job.output.content_type, filename=f"{job.id}.mp4")
+
+    @api.delete("/v1/videos/{video_id}")
+    async def delete(video_id: str):
+        job = find(video_id)
+        if not job.status.terminal:
+            manager.cancel(job.id)  # deleting an unfinished video stops its generation
+        folder = storage.files / job.file_id
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / TOMBSTONE).touch()
+        if job.output is not None and (path := storage.find(job.file_id, job.output.file_name)) is not None:
+            path.unlink(missing_ok=True)
+        return {"id": job.id, "object": "video.deleted", "deleted": True}
+
+    @api.post("/v1/videos/{video_id}/remix")
+    async def remix(video_id: str):
+        find(video_id)
+        raise invalid("video_id", "Remixing is not supported by k5serve: create a new video instead.", "unsupported")
+
+    return api

@@ -1,0 +1,327 @@
+"""The OpenAI Videos API contract: the official `openai` SDK (unmodified, `base_url` set) against
+fake engines in-process and against the live demo-mode server, plus raw-HTTP checks of the
+mapping of `seconds`/`size` and of the error envelope."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+
+import fakes
+import httpx2
+import openai
+import pytest
+from server_fixtures import app_client, wait_until
+
+FAST = {"num_inference_steps": 2}
+
+
+def sdk(client, api_key="sk-local") -> openai.OpenAI:
+    """The SDK over a TestClient (fake engines, in-process; the SDK's HTTP library is the one
+    TestClient is built on): the SDK's own request building and response parsing."""
+    return openai.OpenAI(api_key=api_key, base_url="http://testserver/v1", http_client=client, max_retries=0)
+
+
+def png_bytes(size=(48, 32)) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def assert_error(response, status, param, code=None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert error["param"] == param and error["message"]
+    if code is not None:
+        assert error["code"] == code
+    return error["message"]
+
+
+# -- the SDK against fake engines --------------------------------------------------------------
+
+
+def test_sdk_create_poll_download_list_delete(tmp_path):
+    with app_client(fakes.FakeEngine(), tmp_path) as client:
+        api = sdk(client)
+        video = api.videos.create_and_poll(prompt="a fox in snow", poll_interval_ms=20, extra_body=FAST)
+        assert isinstance(video, openai.types.Video) and video.object == "video"
+        assert (video.status, video.progress, video.error) == ("completed", 100, None)
+        assert (video.model, video.seconds, video.size) == ("kandinsky5-lite-t2v-sft-5s", "5", "768x512")
+        assert video.id.startswith("video_") and video.completed_at >= video.created_at
+        content = api.videos.download_content(video.id)
+        assert content.response.headers["content-type"] == "video/mp4" and content.content[4:8] == b"ftyp"
+        assert [v.id for v in api.videos.list()] == [video.id]
+        deleted = api.videos.delete(video.id)
+        assert (deleted.id, deleted.deleted, deleted.object) == (video.id, True, "video.deleted")
+        with pytest.raises(openai.NotFoundError):
+            api.videos.retrieve(video.id)
+        with pytest.raises(openai.NotFoundError):
+            api.videos.download_content(video.id)
+        assert list(api.videos.list()) == []
+
+
+def test_sdk_errors_are_typed(tmp_path):
+    with app_client(fakes.FakeEngine(), tmp_path, api_keys=["sk-local"]) as client:
+        with pytest.raises(openai.AuthenticationError) as auth:
+            sdk(client, api_key="wrong").videos.create(prompt="x")
+        assert auth.value.code == "invalid_api_key"
+        api = sdk(client)
+        with pytest.raises(openai.BadRequestError) as bad:
+            api.videos.create(prompt="x", seconds="4")
+        assert bad.value.param == "seconds" and "'5' and '10'" in bad.value.message
+        with pytest.raises(openai.BadRequestError) as bad:
+            api.videos.create(prompt="x", size="1280x720")
+        assert bad.value.param == "size" and "allowed: 768x512, 512x512, 512x768" in bad.value.message
+        with pytest.raises(openai.NotFoundError):
+            api.videos.retrieve("video_nope")
+
+
+def test_progress_follows_the_real_step_count(tmp_path):
+    with app_client(fakes.slow(0.15), tmp_path) as client:
+        api, seen = sdk(client), set()
+        video = api.videos.create(prompt="x", extra_body={"num_inference_steps": 4})
+        assert (video.status, video.progress) == ("queued", 0)
+        while video.status in ("queued", "in_progress"):
+            video = api.videos.retrieve(video.id)
+            seen.add((video.status, video.progress))
+            time.sleep(0.02)
+    assert {p for s, p in seen if s == "in_progress"} <= {0, 25, 50, 75} and ("completed", 100) in seen
+    assert any(s == "in_progress" and 0 < p < 100 for s, p in seen), seen
+
+
+def test_failed_generation_is_failed_with_an_error(tmp_path):
+    with app_client(fakes.out_of_memory(), tmp_path) as client:
+        api = sdk(client)
+        video = api.videos.create_and_poll(prompt="x", poll_interval_ms=20, extra_body=FAST)
+        assert video.status == "failed" and video.error.code == "out_of_memory"
+        response = client.get(f"/v1/videos/{video.id}/content")
+        assert_error(response, 400, "video_id", "video_not_ready")
+
+
+def test_delete_while_running_cancels_the_job(tmp_path):
+    engine = fakes.slow(0.2)
+    with app_client(engine, tmp_path) as client:
+        api = sdk(client)
+        video = api.videos.create(prompt="x", extra_body={"num_inference_steps": 50})
+        wait_until(lambda: api.videos.retrieve(video.id).status == "in_progress", what="running")
+        assert client.get(f"/v1/videos/{video.id}/content").status_code == 400
+        assert api.videos.delete(video.id).deleted
+        job = client.app.state.services.manager.get(video.id)
+        wait_until(lambda: client.app.state.services.manager.get(video.id).status.terminal, what="cancel")
+        assert client.app.state.services.manager.get(video.id).status.value == "canceled"
+    assert engine.steps_run[0] < 50 and job is not None
+
+
+def test_list_pagination_and_order(tmp_path):
+    with app_client(fakes.FakeEngine(), tmp_path) as client:
+        api = sdk(client)
+        ids = [api.videos.create(prompt=f"p{i}", extra_body=FAST).id for i in range(3)]
+        client.post("/v2/video/generations", json={"model": "sber-ai/kandinsky5-t2v", "prompt": "other contract"})
+        page = client.get("/v1/videos", params={"limit": 2}).json()
+        assert page["object"] == "list" and page["has_more"] is True
+        assert [v["id"] for v in page["data"]] == ids[::-1][:2] and page["last_id"] == ids[1]
+        rest = client.get("/v1/videos", params={"limit": 2, "after": page["last_id"]}).json()
+        assert [v["id"] for v in rest["data"]] == [ids[0]] and rest["has_more"] is False
+        assert [v.id for v in api.videos.list(limit=1)] == ids[::-1]  # the SDK follows last_id itself
+        assert [v.id for v in api.videos.list(order="asc")] == ids
+        assert_error(client.get("/v1/videos", params={"limit": 0}), 400, "limit")
+        assert_error(client.get("/v1/videos", params={"order": "up"}), 400, "order")
+        assert_error(client.get("/v1/videos", params={"after": "video_x"}), 400, "after")
+
+
+# -- seconds / size / model mapping --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "variant", "size", "seconds", "shown"),
+    [
+        ({}, "kandinsky5-lite-t2v-sft-5s", None, None, ("5", "768x512")),
+        ({"seconds": "10", "size": "512x768"}, "kandinsky5-lite-t2v-sft-10s", (512, 768), 10, ("10", "512x768")),
+        ({"seconds": 5, "size": "512x512"}, "kandinsky5-lite-t2v-sft-5s", (512, 512), 5, ("5", "512x512")),
+        (
+            {"model": "kandinsky5-lite-t2v-distilled-10s"},
+            "kandinsky5-lite-t2v-distilled-10s",
+            None,
+            None,
+            ("10", "768x512"),
+        ),
+        (
+            {"model": "kandinsky5-pro-t2v-sft-5s", "size": "1024x1024"},
+            "kandinsky5-pro-t2v-sft-5s",
+            (1024, 1024),
+            None,
+            ("5", "1024x1024"),
+        ),
+        (
+            {"model": "sber-ai/kandinsky5-distill-t2v", "seconds": "10"},
+            "kandinsky5-lite-t2v-distilled-10s",
+            None,
+            10,
+            ("10", "768x512"),
+        ),
+        ({"model": "fal-ai/kandinsky5/text-to-video"}, "kandinsky5-lite-t2v-sft-5s", None, None, ("5", "768x512")),
+        ({"model": "kandinsky5-tiny-t2v", "size": "128x96"}, "kandinsky5-tiny-t2v", (128, 96), None, ("1", "128x96")),
+    ],
+)
+def test_seconds_size_and_model_map_onto_variants(tmp_path, fields, variant, size, seconds, shown):
+    engine = fakes.FakeEngine()
+    with app_client(engine, tmp_path) as client:
+        response = client.post("/v1/videos", json={"prompt": "x", **FAST, **fields})
+        assert response.status_code == 200, response.text
+        assert (response.json()["seconds"], response.json()["size"]) == shown
+        wait_until(lambda: client.get(f"/v1/videos/{response.json()['id']}").json()["status"] == "completed")
+    (req,) = engine.calls
+    assert (req.variant, req.seconds, req.steps) == (variant, seconds, 2)
+    assert (req.width, req.height) == (size or (None, None))
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "text"),
+    [
+        ({"seconds": "4"}, "seconds", "Supported values are: '5' and '10'"),
+        ({"seconds": "12"}, "seconds", "'5' and '10'"),
+        ({"seconds": True}, "seconds", "'5' and '10'"),
+        ({"size": "720x1280"}, "size", "720x1280 is not available for kandinsky5-lite-t2v-sft-5s"),
+        ({"size": "big"}, "size", "WIDTHxHEIGHT"),
+        ({"size": 768}, "size", "expected a string"),
+        ({"model": "sora-2"}, "model", "'sora-2'"),
+        ({"model": "kandinsky5-pro-t2v-sft-5s", "seconds": "10"}, "seconds", "not available"),
+        ({"model": "kandinsky5-lite-i2v-5s"}, "input_reference", "needs an image"),
+        ({"num_inference_steps": 0}, "num_inference_steps", "num_inference_steps must be"),
+        ({"num_inference_steps": "many"}, "num_inference_steps", "expected an integer"),
+        ({"seed": -3}, "seed", "seed must be"),
+        ({"input_reference": "ftp://x/y.png"}, "input_reference", "not an http(s) URL"),
+        ({"input_reference": {"file_id": "file_1"}}, "input_reference", None),
+    ],
+)
+def test_values_the_model_cannot_do_are_400(tmp_path, fields, param, text):
+    with app_client(fakes.FakeEngine(), tmp_path) as client:
+        message = assert_error(client.post("/v1/videos", json={"prompt": "x", **fields}), 400, param)
+        assert client.get("/v1/videos").json()["data"] == []
+    assert text is None or text in message, message
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        ({}, "prompt", "missing_required_parameter"),
+        ({"prompt": "  "}, "prompt", "missing_required_parameter"),
+        ({"prompt": 3}, "prompt", "invalid_value"),
+    ],
+)
+def test_missing_or_bad_prompt(tmp_path, body, param, code):
+    with app_client(fakes.FakeEngine(), tmp_path) as client:
+        assert_error(client.post("/v1/videos", json=body), 400, param, code)
+        assert_error(
+            client.post("/v1/videos", content=b"{x", headers={"content-type": "application/json"}),
+            400,
+            "",
+            "invalid_json",
+        )
+
+
+# -- image-to-video ------------------------------------------------------------------------------
+
+
+def test_multipart_input_reference_is_image_to_video(tmp_path):
+    engine = fakes.FakeEngine()
+    with app_client(engine, tmp_path) as client:
+        video = sdk(client).videos.create_and_poll(
+            prompt="the cat turns",
+            input_reference=("cat.png", png_bytes((96, 48)), "image/png"),
+            poll_interval_ms=20,
+            extra_body=FAST,
+        )
+        assert video.status == "completed" and video.model == "kandinsky5-lite-i2v-5s"
+        assert video.size == "768x512"  # the image's 2:1 aspect picks the nearest SD bucket
+        bad = client.post("/v1/videos", data={"prompt": "x"}, files={"input_reference": ("a.png", b"nope")})
+        assert_error(bad, 400, "input_reference")
+        t2v = client.post(
+            "/v1/videos",
+            data={"prompt": "x", "model": "kandinsky5-lite-t2v-sft-5s"},
+            files={"input_reference": ("a.png", png_bytes())},
+        )
+        assert "takes no image" in assert_error(t2v, 400, "input_reference")
+    (req,) = engine.calls
+    assert req.variant == "kandinsky5-lite-i2v-5s" and req.steps == 2 and req.image.endswith(".png")
+
+
+def test_input_reference_as_a_data_uri_or_image_url_object(tmp_path):
+    engine = fakes.FakeEngine()
+    uri = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
+    with app_client(engine, tmp_path) as client:
+        created = [
+            client.post("/v1/videos", json={"prompt": "x", "input_reference": reference, **FAST})
+            for reference in (uri, {"image_url": uri})  # raw JSON bodies
+        ]
+        # multipart, as Stainless clients encode a reference object: input_reference[image_url]
+        form = {"prompt": "x", "input_reference[image_url]": uri, "num_inference_steps": "2"}
+        created.append(client.post("/v1/videos", data=form, files={"unused": ("", b"")}))
+        for response in created:
+            assert response.status_code == 200 and response.json()["model"] == "kandinsky5-lite-i2v-5s"
+            video_id = response.json()["id"]
+            wait_until(lambda: client.get(f"/v1/videos/{video_id}").json()["status"] == "completed")  # noqa: B023
+        bad = client.post("/v1/videos", data={"prompt": "x", "input_reference[file_id]": "file_1"}, files={})
+        assert "file ids are not supported" in assert_error(bad, 400, "input_reference")
+    assert [req.variant for req in engine.calls] == ["kandinsky5-lite-i2v-5s"] * 3
+
+
+def test_content_variants_and_remix(tmp_path):
+    with app_client(fakes.FakeEngine(), tmp_path) as client:
+        video = sdk(client).videos.create_and_poll(prompt="x", poll_interval_ms=20, extra_body=FAST)
+        assert_error(client.get(f"/v1/videos/{video.id}/content", params={"variant": "thumbnail"}), 400, "variant")
+        assert_error(client.post(f"/v1/videos/{video.id}/remix", json={"prompt": "y"}), 400, "video_id")
+        # another contract's job is not a video here
+        gid = client.post("/v2/video/generations", json={"model": "sber-ai/kandinsky5-t2v", "prompt": "x"}).json()
+        assert_error(client.get(f"/v1/videos/{gid['id'].split(':')[0]}"), 404, "video_id", "not_found")
+
+
+# -- the SDK against the live demo-mode server (real engine) ---------------------------------------
+
+
+@pytest.fixture()
+def live_sdk(live_server):
+    http = httpx2.Client(verify=str(live_server.ca), timeout=60)
+    yield openai.OpenAI(api_key="local-key", base_url=f"{live_server.url}/v1", http_client=http)
+    http.close()
+
+
+@pytest.mark.slow
+def test_live_sdk_text_to_video(live_sdk):
+    import imageio.v3 as iio
+
+    video = live_sdk.videos.create_and_poll(
+        prompt="a red fox in snow",
+        model="kandinsky5-lite-t2v-distilled-5s",
+        seconds="5",
+        size="768x512",
+        poll_interval_ms=200,
+        extra_body={"num_inference_steps": 2},
+    )
+    assert video.status == "completed" and video.progress == 100, video
+    data = live_sdk.videos.download_content(video.id).content
+    frames = iio.imread(data, extension=".mp4")
+    assert frames.ndim == 4 and frames.shape[-1] == 3
+    assert video.id in [v.id for v in live_sdk.videos.list()]
+    assert live_sdk.videos.delete(video.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        live_sdk.videos.retrieve(video.id)
+
+
+@pytest.mark.slow
+def test_live_sdk_image_to_video(live_sdk, test_image):
+    video = live_sdk.videos.create_and_poll(
+        prompt="the noise swirls",
+        input_reference=test_image,
+        poll_interval_ms=200,
+        extra_body={"num_inference_steps": 2},
+    )
+    assert video.status == "completed", video
+    assert video.model == "kandinsky5-lite-i2v-5s" and video.size == "512x512"
+    assert live_sdk.videos.download_content(video.id).content[4:8] == b"ftyp"

@@ -65,3 +65,21 @@ def test_kill_9_loses_nothing(tmp_path, tls_files):
 
 def status_after(client: httpx.Client, rid: str) -> dict:
     return client.get(f"/fal-ai/kandinsky5/requests/{rid}/status", params={"logs": "true"}).json()
+
+
+def test_graceful_stop_requeues_the_running_job(tmp_path):
+    server = server_process(tmp_path, fake=True, run_port=False, env={"K5SERVE_FAKE_STEP_TIME": "0.1"})
+    server.start()
+    try:
+        with server.client() as client:
+            rid = client.post(f"/{T2V}", json={"prompt": "long", "num_inference_steps": 100}).json()["request_id"]
+            wait_until(lambda: status_after(client, rid)["status"] == "IN_PROGRESS", what="running")
+        server.stop()  # SIGTERM: the run is interrupted at a step and goes back to the queue
+        # uvicorn re-raises the SIGTERM it handled, after a clean shutdown
+        assert server.proc.returncode in (0, -15) and "Finished server process" in server.log_tail(), server.log_tail()
+        server.start()
+        with server.client() as client:
+            wait_until(lambda: status_after(client, rid)["status"] == "COMPLETED", timeout=30, what="rerun")
+            assert client.get(f"/fal-ai/kandinsky5/requests/{rid}").status_code == 200
+    finally:
+        server.stop()

@@ -32,6 +32,10 @@ from .store import JobStore, WebhookBody
 log = logging.getLogger("k5serve.jobs")
 
 WebhookFormatter = Callable[[Job], WebhookBody | None]
+# Called (under the manager's lock, on whichever thread made the change) with a snapshot of the job
+# and its status before the change: on submit (None), every status change, and each progress step
+# (previous == job.status). Listeners must be quick and must not call back into the manager.
+JobListener = Callable[[Job, JobStatus | None], None]
 
 
 class QueueFull(Exception):
@@ -69,6 +73,7 @@ class JobManager:
         self._changed: dict[str, asyncio.Event] = {}  # touched on the event loop only
         self._webhook_formats: dict[str, WebhookFormatter] = {}
         self.on_webhook_queued: Callable[[], None] = lambda: None
+        self._listeners: list[JobListener] = []
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -78,6 +83,10 @@ class JobManager:
     def set_webhook_format(self, contract: str, formatter: WebhookFormatter) -> None:
         """How `contract` words its webhook body; called once per contract at app creation."""
         self._webhook_formats[contract] = formatter
+
+    def add_listener(self, listener: JobListener) -> None:
+        """Observe job changes (metrics, structured logs); see JobListener."""
+        self._listeners.append(listener)
 
     def recover(self) -> dict[str, int]:
         """Load every job from disk; interrupted runs go back to the queue in submission order."""
@@ -137,6 +146,7 @@ class JobManager:
                 self._queue.append(job.id)
                 self._work.notify_all()
             log.info("job %s: %s %s %s", job.id, contract, model, job.status.value)
+            self._emit(job, None)
             return job.snapshot()
 
     def get(self, job_id: str) -> Job | None:
@@ -174,6 +184,7 @@ class JobManager:
                 job.cancel(now=self.clock())
                 self._save_terminal(job)
                 log.info("job %s: canceled while queued", job.id)
+                self._emit(job, JobStatus.QUEUED)
                 return CancelOutcome.CANCELED
             self._tokens[job.id].cancel()
             log.info("job %s: cancel requested while running", job.id)
@@ -222,6 +233,7 @@ class JobManager:
             token = CancelToken()
             self._tokens[job.id] = token
             log.info("job %s: running (attempt %d)", job.id, job.attempts)
+            self._emit(job, JobStatus.QUEUED)
             self._notify(job.id)
             return RunJob(job.snapshot(), token)
 
@@ -231,6 +243,7 @@ class JobManager:
             if isinstance(event, Progress):
                 job.record_progress(event.step, event.total, now=self.clock())
                 self._notify(job.id)
+                self._emit(job, job.status)
                 return
             self._tokens.pop(job.id, None)
             if isinstance(event, Succeeded):
@@ -246,9 +259,11 @@ class JobManager:
                 self.store.save(job)
                 self._queue.appendleft(job.id)
                 self._notify(job.id)
+                self._emit(job, JobStatus.RUNNING)
                 return
             log.info("job %s: %s", job.id, job.status.value)
             self._save_terminal(job)
+            self._emit(job, JobStatus.RUNNING)
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -265,6 +280,16 @@ class JobManager:
         self._notify(job.id)
         if webhook is not None:
             self.on_webhook_queued()
+
+    def _emit(self, job: Job, previous: JobStatus | None) -> None:
+        if not self._listeners:
+            return
+        snapshot = job.snapshot()
+        for listener in self._listeners:
+            try:
+                listener(snapshot, previous)
+            except Exception:  # an observer's bug must never break the queue
+                log.exception("job %s: listener %r failed", job.id, listener)
 
     def _notify(self, job_id: str) -> None:
         loop = self._loop

@@ -1,0 +1,57 @@
+"""The web playground at GET / (server/static/index.html) and GET /api/jobs, the recent jobs it lists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import FileResponse, JSONResponse
+
+from ..jobs import Job
+from ..services import Services
+from ..web import require_key
+
+PAGE = Path(__file__).resolve().parent.parent / "static" / "index.html"
+
+
+def _unauthorized(_request: Request) -> JSONResponse:
+    return JSONResponse({"detail": "missing or invalid API key"}, status_code=401)
+
+
+def job_summary(job: Job, base: str, position: int | None) -> dict:
+    out = job.output
+    return {
+        "id": job.id,
+        "contract": job.contract,
+        "model": job.model,
+        "status": job.status.value,
+        "prompt": job.request.prompt,
+        "created_at": job.created_at,
+        "completed_at": job.completed_at,
+        "queue_position": position,
+        "progress": list(job.progress) if job.progress else None,
+        "error": job.error.message if job.error else None,
+        "video_url": f"{base}/files/{job.file_id}/{out.file_name}" if out else None,
+    }
+
+
+def router(services: Services) -> APIRouter:
+    r = APIRouter()
+    manager = services.manager
+
+    @r.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(PAGE, media_type="text/html", headers={"Cache-Control": "no-cache"})
+
+    @r.get("/api/config", include_in_schema=False)
+    async def config() -> dict:
+        """What the page needs before its first call: whether to ask for a key."""
+        return {"api_keys": services.keys.enabled, "demo": bool(services.engine.demo)}
+
+    @r.get("/api/jobs", dependencies=[Depends(require_key(services.keys, _unauthorized))])
+    async def jobs(request: Request, limit: int = Query(20, ge=1, le=200)) -> dict:
+        base = services.base_url(request)
+        found = manager.list(limit=limit)
+        return {"jobs": [job_summary(j, base, manager.queue_position(j.id)) for j in found]}
+
+    return r

@@ -1,0 +1,120 @@
+"""Prometheus metrics at GET /metrics, one CollectorRegistry per app (tests build many apps).
+
+Job counters and timing histograms are fed by a JobManager listener; queue depth and GPU memory
+are read when scraped. GPU memory comes from an optional `engine.memory_in_use()` (bytes): this
+module never imports torch, and engines without the method report 0.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from .jobs import Job, JobStatus
+from .manager import JobManager
+from .services import Services
+
+GENERATION_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60)
+
+
+class Metrics:
+    def __init__(self, services: Services):
+        self.registry = CollectorRegistry(auto_describe=True)
+        manager, engine = services.manager, services.engine
+        queue = Gauge("k5serve_queue_depth", "Jobs waiting in the queue", registry=self.registry)
+        queue.set_function(manager.queued_count)
+        memory = Gauge("k5serve_gpu_memory_bytes", "GPU memory in use by the engine", registry=self.registry)
+        memory.set_function(lambda: _memory_in_use(engine))
+        self.registry.register(_JobsByStatus(manager))
+        self.finished = Counter(
+            "k5serve_jobs_finished", "Jobs that ended, by status and contract", ["status", "contract"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.generation = Histogram(
+            "k5serve_generation_seconds", "Run time of succeeded jobs", ["variant"],
+            buckets=GENERATION_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.step = Histogram(
+            "k5serve_step_seconds", "Time per denoising step", ["variant"], buckets=STEP_BUCKETS, registry=self.registry
+        )
+        self._lock = threading.Lock()
+        self._last_step: dict[str, float] = {}  # job id -> monotonic time of its start / last step
+        self._steps: dict[str, list[float]] = {}  # step durations, labelled when the variant is known
+        manager.add_listener(self.observe)
+
+    def observe(self, job: Job, previous: JobStatus | None) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if previous is job.status:  # a progress step
+                last = self._last_step.get(job.id)
+                if last is not None:
+                    self._steps.setdefault(job.id, []).append(now - last)
+                self._last_step[job.id] = now
+                return
+            if job.status is JobStatus.RUNNING:
+                self._last_step[job.id] = now
+            elif job.status is JobStatus.QUEUED:  # interrupted: the steps will run again
+                self._forget(job.id)
+            else:
+                self._finish(job)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def _finish(self, job: Job) -> None:
+        self.finished.labels(job.status.value, job.contract).inc()
+        variant = job.output.variant if job.output else job.request.variant
+        for seconds in self._steps.get(job.id, []):
+            self.step.labels(variant).observe(seconds)
+        if job.status is JobStatus.SUCCEEDED and job.inference_time is not None:
+            self.generation.labels(variant).observe(job.inference_time)
+        self._forget(job.id)
+
+    def _forget(self, job_id: str) -> None:
+        self._last_step.pop(job_id, None)
+        self._steps.pop(job_id, None)
+
+
+class _JobsByStatus:
+    """k5serve_jobs{status,contract}, counted from the job table at scrape time (so jobs recovered
+    from disk at start-up are included)."""
+
+    def describe(self) -> list:
+        return []
+
+    def __init__(self, manager: JobManager):
+        self.manager = manager
+
+    def collect(self):
+        family = GaugeMetricFamily("k5serve_jobs", "Jobs by current status and contract", labels=["status", "contract"])
+        counts = collections.Counter((job.status.value, job.contract) for job in self.manager.list())
+        for (status, contract), n in sorted(counts.items()):
+            family.add_metric([status, contract], n)
+        yield family
+
+
+def _memory_in_use(engine: object) -> float:
+    read = getattr(engine, "memory_in_use", None)
+    if not callable(read):
+        return 0.0
+    try:
+        return float(read() or 0)
+    except Exception:  # a scrape must not fail because the device is busy or gone
+        return 0.0
+
+
+def metrics_router(metrics: Metrics) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/metrics", include_in_schema=False)
+    async def scrape() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return router

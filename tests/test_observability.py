@@ -1,0 +1,106 @@
+"""/metrics (Prometheus text) and the JSON log lines of `k5serve serve`."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fakes import FakeEngine
+from prometheus_client.parser import text_string_to_metric_families
+from server_fixtures import app_client, server_process, wait_until
+
+from server.logs import JsonFormatter
+
+T2V = "/fal-ai/kandinsky5/text-to-video/distill"
+
+
+def samples(client) -> dict[tuple, float]:
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    found = {}
+    for family in text_string_to_metric_families(response.text):
+        for s in family.samples:
+            found[(s.name, *sorted(s.labels.items()))] = s.value
+    return found
+
+
+def run_fal_job(client) -> str:
+    job_id = client.post(T2V, json={"prompt": "a fox"}).json()["request_id"]
+    url = f"/fal-ai/kandinsky5/requests/{job_id}/status"
+    wait_until(lambda: client.get(url).json()["status"] == "COMPLETED", what="job done")
+    return job_id
+
+
+def test_metrics_count_jobs_and_time_them(tmp_path):
+    with app_client(FakeEngine(step_time=0.01), tmp_path) as client:
+        before = samples(client)
+        assert before[("k5serve_queue_depth",)] == 0
+        assert before[("k5serve_gpu_memory_bytes",)] == 0  # the fake has no memory_in_use()
+        assert not any(key[0] == "k5serve_jobs" for key in before)
+        run_fal_job(client)
+        after = samples(client)
+    assert after[("k5serve_jobs", ("contract", "fal"), ("status", "succeeded"))] == 1
+    assert after[("k5serve_jobs_finished_total", ("contract", "fal"), ("status", "succeeded"))] == 1
+    generation = {k: v for k, v in after.items() if k[0] == "k5serve_generation_seconds_count"}
+    assert list(generation.values()) == [1]
+    (variant,) = [dict(k[1:])["variant"] for k in generation]
+    steps = after[("k5serve_step_seconds_count", ("variant", variant))]
+    assert steps >= 1
+
+
+def test_metrics_count_queued_and_failed_jobs(tmp_path):
+    engine = FakeEngine(fail=RuntimeError("boom"))
+    with app_client(engine, tmp_path) as client:
+        run_fal_job(client)
+        found = samples(client)
+    assert found[("k5serve_jobs_finished_total", ("contract", "fal"), ("status", "failed"))] == 1
+    assert not any(k[0] == "k5serve_generation_seconds_count" for k in found)
+
+
+def test_gpu_memory_comes_from_the_engine(tmp_path):
+    engine = FakeEngine()
+    engine.memory_in_use = lambda: 123456789
+    with app_client(engine, tmp_path) as client:
+        assert samples(client)[("k5serve_gpu_memory_bytes",)] == 123456789
+
+
+def test_each_app_has_its_own_registry(tmp_path):
+    with app_client(FakeEngine(), tmp_path / "a") as a, app_client(FakeEngine(), tmp_path / "b") as b:
+        run_fal_job(a)
+        assert ("k5serve_jobs", ("contract", "fal"), ("status", "succeeded")) in samples(a)
+        assert not any(k[0] == "k5serve_jobs" for k in samples(b))
+
+
+def test_json_formatter_keeps_extras_and_tracebacks():
+    record = logging.LogRecord("k5serve.x", logging.ERROR, __file__, 1, "job %s failed", ("abc",), None)
+    record.job_id = "abc"
+    try:
+        raise ValueError("bad")
+    except ValueError:
+        import sys
+
+        record.exc_info = sys.exc_info()
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    body = json.loads(line)
+    assert body["message"] == "job abc failed" and body["job_id"] == "abc" and body["level"] == "ERROR"
+    assert "ValueError: bad" in body["exc_info"]
+
+
+def test_serve_logs_one_json_line_per_job_state_change(tmp_path):
+    server = server_process(tmp_path, fake=True, run_port=False)
+    server.start()
+    try:
+        with server.client() as client:
+            job_id = run_fal_job(client)
+    finally:
+        server.stop()
+    lines = server.log_path.read_text().splitlines()
+    objects = [json.loads(line) for line in lines if line.startswith("{")]
+    changes = [(o["previous"], o["status"]) for o in objects if o.get("job_id") == job_id and "previous" in o]
+    assert changes == [("new", "queued"), ("queued", "running"), ("running", "succeeded")]
+    assert all(o["contract"] == "fal" for o in objects if o.get("job_id") == job_id)
+    # uvicorn's access log stays plain text
+    access = [line for line in lines if f"/requests/{job_id}/status" in line and not line.startswith("{")]
+    assert access and '" 200' in access[-1]

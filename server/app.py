@@ -21,6 +21,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .api import aimlapi, fal, native, onerouter, openai
 from .api.fal_proxy import FalProxyMiddleware
+from .api.playground import router as playground_router
+from .logs import log_state_change, use_json_logs
+from .metrics import Metrics, metrics_router
 from .services import Services
 from .settings import Settings
 from .storage import files_router
@@ -38,6 +41,10 @@ def create_app(settings: Settings, engine: EngineLike) -> FastAPI:
     services = Services.build(settings, engine)
     app = FastAPI(title="k5serve", version="0.1.0", lifespan=_lifespan(services))
     _common(app, services)
+    services.manager.add_listener(log_state_change)
+    app.state.metrics = Metrics(services)
+    app.include_router(metrics_router(app.state.metrics))
+    app.include_router(playground_router(services))  # GET / and /api/jobs
     # Contract routers go here, BEFORE fal: fal's POST /{owner}/{alias}[/{path}] is a catch-all.
     app.include_router(aimlapi.router(services))
     app.include_router(onerouter.router(services))
@@ -154,7 +161,7 @@ def run(settings: Settings, engine: EngineLike | None = None) -> int:
 
     from pipelines.errors import WeightsMissing
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    use_json_logs()  # one JSON object per line; uvicorn's access log keeps its own format
     try:
         engine = engine or _build_engine(settings)
     except (WeightsMissing, ValueError) as exc:

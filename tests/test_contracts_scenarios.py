@@ -325,3 +325,60 @@ def test_cancel_onerouter_by_hanging_up(tmp_path):
 def test_aimlapi_has_no_cancel_route(tmp_path):
     """AI/ML API documents no cancel: the row is empty for it, by design."""
     assert not hasattr(AimlApi(), "cancel")
+
+
+# -- bad input never answers 500 ----------------------------------------------------------------------
+
+FIELDS = [
+    "model",
+    "prompt",
+    "aspect_ratio",
+    "duration",
+    "num_inference_steps",
+    "seed",
+    "negative_prompt",
+    "resolution",
+    "video_length",
+    "output_format",
+    "seconds",
+    "size",
+    "input_reference",
+    "enhance_prompt",
+    "image_url",
+]
+MODELS = ["sber-ai/kandinsky5-t2v", "kandinsky5-text-to-video", "kandinsky5-lite-i2v-5s", "kandinsky5-tiny-t2v"]
+
+
+def json_bodies():
+    from hypothesis import strategies as st
+
+    scalars = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**70), 2**70),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(max_size=12),
+        st.sampled_from(["3:2", "5s", "10", "768x512", "url", "data:image/png;base64,AAAA", *MODELS]),
+    )
+    values = st.recursive(
+        scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3), max_leaves=6
+    )
+    return st.one_of(st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8), values, max_size=8), values)
+
+
+@pytest.mark.parametrize("contract", CONTRACTS, ids=lambda c: c.name)
+def test_random_bodies_never_answer_500(tmp_path, contract):
+    from hypothesis import HealthCheck, given, settings
+
+    with app_client(fakes.FakeEngine(), tmp_path, max_queue=10_000) as client:
+
+        @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(body=json_bodies())
+        def check_body(body):
+            response = contract.submit(client, body)
+            assert response.status_code < 500, (body, response.text)
+
+        check_body()
+        for raw in (b"", b"\xff\xfe", b"[", b'{"prompt": "x"', b"null", b"1e999999"):
+            response = client.post(contract.path, content=raw, headers={"content-type": "application/json"})
+            assert response.status_code < 500, (raw, response.text)

@@ -221,9 +221,19 @@ def test_missing_or_bad_prompt(tmp_path, body, param, code):
         assert_error(
             client.post("/v1/videos", content=b"{x", headers={"content-type": "application/json"}),
             400,
-            "",
+            None,
             "invalid_json",
         )
+
+
+def test_unreadable_multipart_is_400_in_the_openai_envelope(tmp_path):
+    with app_client(fakes.FakeEngine(), tmp_path) as client:
+        two_files = {"input_reference": ("a.png", b"x"), "other": ("b.png", b"y")}
+        assert "Too many files" in assert_error(
+            client.post("/v1/videos", data={"prompt": "x"}, files=two_files), 400, None
+        )
+        no_boundary = client.post("/v1/videos", content=b"--xx\r\n", headers={"content-type": "multipart/form-data"})
+        assert "boundary" in assert_error(no_boundary, 400, None)
 
 
 # -- image-to-video ------------------------------------------------------------------------------

@@ -18,9 +18,10 @@ import uuid
 from dataclasses import replace
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
 from pipelines.errors import InvalidRequest, WeightsMissing
 from pipelines.request import GenerationRequest, resolve
@@ -77,7 +78,7 @@ def openai_error(
     return ResponseError(JSONResponse(body, status_code=status))
 
 
-def invalid(param: str, message: str, code: str = "invalid_value") -> ResponseError:
+def invalid(param: str | None, message: str, code: str = "invalid_value") -> ResponseError:
     return openai_error(400, message, param, code)
 
 
@@ -91,7 +92,7 @@ async def read_fields(request: Request, max_image_bytes: int) -> dict[str, Any]:
         try:
             form = await request.form(max_files=1, max_fields=50)
         except HTTPException as exc:
-            raise invalid("", f"the multipart body could not be read ({exc.detail})", "invalid_request") from exc
+            raise invalid(None, f"the multipart body could not be read ({exc.detail})", "invalid_request") from exc
         fields: dict[str, Any] = {}
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
@@ -109,9 +110,9 @@ async def read_fields(request: Request, max_image_bytes: int) -> dict[str, Any]:
     try:
         body = json.loads(await request.body() or b"null")
     except ValueError as exc:
-        raise invalid("", "We could not parse the JSON body of your request.", "invalid_json") from exc
+        raise invalid(None, "We could not parse the JSON body of your request.", "invalid_json") from exc
     if not isinstance(body, dict):
-        raise invalid("", "The request body must be a JSON object.", "invalid_json")
+        raise invalid(None, "The request body must be a JSON object.", "invalid_json")
     return body
 
 

@@ -237,6 +237,11 @@ class JobManager:
             self._notify(job.id)
             return RunJob(job.snapshot(), token)
 
+    def wake_workers(self) -> None:
+        """Make every worker blocked in next_job re-check its stop flag now (shutdown)."""
+        with self._lock:
+            self._work.notify_all()
+
     def handle(self, event: WorkerEvent) -> None:
         with self._lock:
             job = self._jobs[event.job_id]

@@ -69,6 +69,7 @@ class GpuWorker:
     def stop(self, timeout: float = 30.0) -> None:
         """Stop taking jobs; a running job is interrupted at its next step and queued again."""
         self._stop.set()
+        self.manager.wake_workers()
         current = self._current
         if current is not None:
             current.cancel.cancel()

@@ -399,3 +399,12 @@ def test_failed_warmup_keeps_readyz_503_with_the_reason(tmp_path):
     with TestClient(app) as client:
         body = wait_until(lambda: client.get("/readyz").json().get("detail") and client.get("/readyz").json())
         assert body["status"] == "setup_failed" and "no device" in body["detail"]
+
+
+def test_status_stream_sends_keep_alive_comments_while_quiet(tmp_path):
+    with app_client(fakes.slow(0.8), tmp_path, sse_keepalive=0.2) as client:
+        rid = submit(client, body={"prompt": "slow", "num_inference_steps": 2})["request_id"]
+        with client.stream("GET", f"/fal-ai/kandinsky5/requests/{rid}/status/stream") as response:
+            text = "".join(response.iter_text())
+    assert text.count(": keep-alive") >= 3
+    assert json.loads(text.strip().splitlines()[-1][6:])["status"] == "COMPLETED"

@@ -11,9 +11,15 @@ import pytest
 from server_fixtures import ServerProcess, server_process, wait_until
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-needs_chromium = pytest.mark.skipif(
-    not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)), reason="chromium + chromium-driver (make test)"
-)
+# Not a skip: `make test` installs Debian's chromium + chromium-driver, so a missing browser is a
+# broken set-up and must fail loudly rather than pass as "skipped".
+needs_chromium = pytest.mark.usefixtures("chromium_installed")
+
+
+@pytest.fixture(scope="session")
+def chromium_installed() -> None:
+    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
+        pytest.fail("chromium + chromium-driver are missing: run `make test` (it installs them)")
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +34,7 @@ def demo_server(tmp_path_factory, tiny_weights_dir) -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="module")
 def browser():
-    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium import webdriver
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     profile = tempfile.mkdtemp(prefix="k5serve-chromium-")

@@ -298,6 +298,31 @@ def test_error_scenarios(tmp_path, contract, scenario):
         check(response, expect)
 
 
+class NoWeights(fakes.FakeEngine):
+    """An engine outside demo mode whose checkpoint for every variant is missing."""
+
+    def prepare(self, req):
+        from pipelines.errors import WeightsMissing
+
+        raise WeightsMissing(req.variant, f"weights/{req.variant}", ["transformer/"])
+
+
+UNAVAILABLE = {
+    "fal": Expect(404, fal_message),
+    "aimlapi": Expect(503, gateway("k5serve weights download kandinsky5-lite-t2v-sft-5s")),
+    "onerouter": Expect(503, onerouter_error(503, "model")),
+    "openai": Expect(404, openai_error("model", "model_not_found")),
+}
+
+
+@pytest.mark.parametrize("contract", CONTRACTS, ids=lambda c: c.name)
+def test_missing_weights_answer_not_available_with_the_fix(tmp_path, contract):
+    with app_client(NoWeights(), tmp_path) as client:
+        response = contract.submit(client, contract.body("x", 1))
+        check(response, UNAVAILABLE[contract.name])
+    assert "k5serve weights download kandinsky5-lite-t2v-sft-5s" in response.text
+
+
 @pytest.mark.parametrize("contract", [c for c in CONTRACTS if hasattr(c, "cancel")], ids=lambda c: c.name)
 def test_cancel_a_running_job(tmp_path, contract):
     engine = fakes.slow(0.1)

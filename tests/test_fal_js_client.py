@@ -2,7 +2,7 @@
 
 `fal.subscribe` in polling and in streaming (SSE) mode, through `proxyUrl` and through
 `requestMiddleware`, and `fal.run` through the middleware (which maps fal.run to the run port).
-`make test` installs tests/js/node_modules; without node or the package these tests are skipped
+`make test` installs tests/js/node_modules; without node or the package these tests fail
 with the command that fixes it.
 """
 
@@ -19,14 +19,14 @@ import pytest
 
 JS = Path(__file__).with_name("js")
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed"),
-    pytest.mark.skipif(
-        not (JS / "node_modules" / "@fal-ai" / "client").is_dir(),
-        reason="run `make tests/js/node_modules/.installed` (npm install in tests/js)",
-    ),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("js_client_installed")]
+
+
+@pytest.fixture(scope="session")
+def js_client_installed() -> None:
+    """Not a skip: `make test` installs node's @fal-ai/client; a missing one is a broken set-up."""
+    assert shutil.which("node"), "node is not installed"
+    assert (JS / "node_modules" / "@fal-ai" / "client").is_dir(), "run `make test` (npm install in tests/js)"
 
 
 def run_node(live_server, mode: str, hook: str) -> dict:

@@ -21,7 +21,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from pipelines.errors import InvalidRequest, WeightsMissing
 from pipelines.request import GenerationRequest
-from pipelines.variants import resolve_model
 
 from ..intake import ImageInputError, fetch_image
 from ..jobs import ErrorKind, Job, JobError, JobStatus, LogLine, new_job_id, short_value
@@ -29,7 +28,16 @@ from ..manager import CancelOutcome, QueueFull
 from ..services import Services
 from ..store import WebhookBody
 from ..web import json_error, require_key, truthy
-from .fal_inputs import ENGINE_FIELDS, INPUT_SCHEMAS, InputInvalid, invalid, parse, to_generation_request
+from .fal_inputs import (
+    ENGINE_FIELDS,
+    InputInvalid,
+    default_variant,
+    invalid,
+    known_ids,
+    parse,
+    schema_for,
+    to_generation_request,
+)
 
 CONTRACT = "fal"
 
@@ -148,8 +156,8 @@ def _unauthorized(_request: Request) -> JSONResponse:
 
 def _model_id(owner: str, alias: str, path: str) -> str:
     model_id = "/".join(part for part in (owner, alias, path.strip("/")) if part)
-    if model_id not in INPUT_SCHEMAS:
-        known = ", ".join(sorted(INPUT_SCHEMAS))
+    if schema_for(model_id) is None:
+        known = ", ".join(known_ids())
         raise json_error(404, {"detail": f'Application "{model_id}" not found; this server runs: {known}'})
     return model_id
 
@@ -179,7 +187,7 @@ class FalIntake:
             # fal: invalid input is accepted at submit and reported as a 422 on the result route.
             first = exc.detail[0]
             error = JobError(ErrorKind.INVALID_INPUT, first["msg"], exc.field, first.get("input"))
-            placeholder = GenerationRequest(variant=resolve_model(model_id)[0].name, prompt=_prompt_of(body))
+            placeholder = GenerationRequest(variant=default_variant(model_id), prompt=_prompt_of(body))
             return self._submit(job_id, model_id, placeholder, base, webhook_url, error, {"fal_detail": exc.detail})
         return self._submit(job_id, model_id, greq, base, webhook_url)
 

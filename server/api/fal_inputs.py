@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipelines.request import GenerationRequest
-from pipelines.variants import HD_SIZES, SD_SIZES, nearest_size, resolve_model, size_for_aspect
+from pipelines.variants import HD_SIZES, SD_SIZES, VARIANTS, nearest_size, resolve_model, size_for_aspect
 
 from ..jobs import short_value
 
@@ -65,6 +65,38 @@ INPUT_SCHEMAS: dict[str, type[_Input]] = {
     "fal-ai/kandinsky5/text-to-video/distill": DistillT2VInput,
 }
 
+LOCAL_OWNER = "k5serve"  # local variant names as fal ids: "k5serve/kandinsky5-lite-t2v-distilled-5s"
+
+
+class LocalInput(_Input):
+    """Any catalogue variant by its local name; unset fields take the variant's own defaults."""
+
+    image_url: str | None = None
+    resolution: str | None = None  # "WxH"
+    aspect_ratio: AspectRatio | None = None
+    duration: str | int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+
+
+def schema_for(model_id: str) -> type[_Input] | None:
+    """The input schema of a fal id this server runs, or None."""
+    owner, _, name = model_id.partition("/")
+    if owner == LOCAL_OWNER and name in VARIANTS:
+        return LocalInput
+    return INPUT_SCHEMAS.get(model_id)
+
+
+def default_variant(model_id: str) -> str:
+    """The variant a fal id runs when nothing else is known (e.g. for a job whose input was invalid)."""
+    owner, _, name = model_id.partition("/")
+    return name if owner == LOCAL_OWNER and name in VARIANTS else resolve_model(model_id)[0].name
+
+
+def known_ids() -> list[str]:
+    return sorted(INPUT_SCHEMAS) + [f"{LOCAL_OWNER}/{name}" for name in sorted(VARIANTS)]
+
+
 # engine field (InvalidRequest.field) -> fal input field, so a 422 points at what the client sent
 ENGINE_FIELDS = {
     "steps": "num_inference_steps",
@@ -105,7 +137,7 @@ class ParsedInput:
 
 def parse(model_id: str, body: Any) -> ParsedInput:
     """Validate the JSON body against the endpoint's schema. Raises InputInvalid."""
-    schema = INPUT_SCHEMAS[model_id]
+    schema = schema_for(model_id)
     if not isinstance(body, dict):
         raise invalid("body", body, "the request body must be a JSON object", "model_attributes_type")
     try:
@@ -143,9 +175,10 @@ def to_generation_request(
 ) -> GenerationRequest:
     """fal input -> GenerationRequest (variant picked by model id + duration). Raises InputInvalid."""
     wire = parsed.wire
-    seconds = _seconds(wire.duration)
+    seconds = None if wire.duration is None else _seconds(wire.duration)
+    local = isinstance(wire, LocalInput)
     try:
-        variant, public = resolve_model(parsed.model_id, seconds)
+        variant, public = resolve_model(parsed.model_id.partition("/")[2] if local else parsed.model_id, seconds)
     except ValueError as exc:
         raise invalid("duration", wire.duration, str(exc)) from exc
     steps = getattr(wire, "num_inference_steps", None)
@@ -159,7 +192,7 @@ def to_generation_request(
         height=height,
         seconds=seconds,
         steps=steps if steps is not None else (public.steps if public else None),
-        guidance=public.guidance if public else None,
+        guidance=wire.guidance_scale if local else (public.guidance if public else None),
         seed=wire.seed,
     )
 
@@ -172,6 +205,10 @@ def _size(wire: _Input, image_size: tuple[int, int] | None) -> tuple[int | None,
             return nearest_size(HD_SIZES if hd else SD_SIZES, *image_size)
         return size_for_aspect(wire.aspect_ratio, hd=hd)
     if resolution:  # lite: an explicit "768x512" wins over aspect_ratio
-        w, h = resolution.split("x")
+        w, _, h = resolution.lower().partition("x")
+        if not (w.isdigit() and h.isdigit()):
+            raise invalid("resolution", resolution, f"resolution must be WxH like '768x512', got {resolution!r}")
         return int(w), int(h)
+    if wire.aspect_ratio is None:  # local ids: the variant's default size (or the image's aspect)
+        return None, None
     return size_for_aspect(wire.aspect_ratio)

@@ -408,3 +408,24 @@ def test_status_stream_sends_keep_alive_comments_while_quiet(tmp_path):
             text = "".join(response.iter_text())
     assert text.count(": keep-alive") >= 3
     assert json.loads(text.strip().splitlines()[-1][6:])["status"] == "COMPLETED"
+
+
+class MissingWeightsEngine(fakes.FakeEngine):
+    """--require-weights with only the Lite distilled checkpoint present."""
+
+    demo = False
+
+    def prepare(self, req):
+        from pipelines.errors import WeightsMissing
+
+        if req.variant != "kandinsky5-lite-t2v-distilled-5s":
+            raise WeightsMissing(req.variant, f"weights/{req.variant}", ["transformer/"])
+        return super().prepare(req)
+
+
+def test_missing_weights_answer_not_available_with_the_fix(tmp_path):
+    with app_client(MissingWeightsEngine(), tmp_path) as client:
+        response = client.post(f"/{PRO_T2V}", json={"prompt": "x"})
+        assert response.status_code == 404
+        assert "k5serve weights download kandinsky5-pro-t2v-sft-5s" in response.json()["detail"]
+        assert client.post(f"/{DISTILL}", json={"prompt": "x"}).status_code == 200

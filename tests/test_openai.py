@@ -91,7 +91,9 @@ def test_progress_follows_the_real_step_count(tmp_path):
             video = api.videos.retrieve(video.id)
             seen.add((video.status, video.progress))
             time.sleep(0.02)
-    assert {p for s, p in seen if s == "in_progress"} <= {0, 25, 50, 75} and ("completed", 100) in seen
+    # After step 4/4 the job is still in_progress while the mp4 is written: progress is capped at 99
+    # until the file exists (a poll can land in that window, so 99 is a legitimate value).
+    assert {p for s, p in seen if s == "in_progress"} <= {0, 25, 50, 75, 99} and ("completed", 100) in seen
     assert any(s == "in_progress" and 0 < p < 100 for s, p in seen), seen
 
 

@@ -16,6 +16,12 @@ class InvalidRequest(EngineError, ValueError):
         self.value = value
         self.message = message
 
+    def message_for(self, field: str) -> str:
+        """The message worded with the client's field name ("steps must…" -> "num_inference_steps must…")."""
+        if field != self.field and self.message.startswith(self.field + " "):
+            return field + self.message[len(self.field) :]
+        return self.message
+
 
 class WeightsMissing(EngineError):
     """The variant's checkpoint folder is absent or incomplete."""

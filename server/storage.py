@@ -80,6 +80,11 @@ def fsync_file(path: Path) -> None:
         os.close(dir_fd)
 
 
+def file_url(base: str, file_id: str, name: str) -> str:
+    """The absolute, unguessable URL that files_router serves an output under."""
+    return f"{base}/files/{file_id}/{name}"
+
+
 def files_router(storage: Storage) -> APIRouter:
     router = APIRouter()
 

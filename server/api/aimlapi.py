@@ -24,6 +24,7 @@ from pipelines.variants import VARIANTS, demo_size, resolve_model, size_for_aspe
 from ..jobs import ErrorKind, Job, JobStatus
 from ..manager import QueueFull
 from ..services import Services
+from ..storage import file_url
 from ..web import ResponseError, require_key
 
 CONTRACT = "aimlapi"
@@ -188,13 +189,6 @@ def parse_body(body: Any) -> tuple[str, GenerationRequest]:
     )
 
 
-def wire_message(exc: InvalidRequest, field: str) -> str:
-    """The engine's message worded with the client's field name ("steps must…" -> "num_inference_steps must…")."""
-    if field != exc.field and exc.message.startswith(exc.field + " "):
-        return field + exc.message[len(exc.field) :]
-    return exc.message
-
-
 # -- wire bodies ----------------------------------------------------------------------------------
 
 
@@ -208,7 +202,7 @@ def poll_body(job: Job, base: str) -> dict:
     if job.status is JobStatus.SUCCEEDED and job.output is not None:
         out = job.output
         body["video"] = {
-            "url": f"{base}/files/{job.file_id}/{out.file_name}",
+            "url": file_url(base, job.file_id, out.file_name),
             "content_type": out.content_type,
             "file_name": out.file_name,
             "file_size": out.file_size,
@@ -247,7 +241,7 @@ def router(services: Services) -> APIRouter:
             raise fail(request, 400, exc.message) from exc
         except InvalidRequest as exc:
             field = ENGINE_FIELDS.get(exc.field, exc.field)
-            raise fail(request, 400, BodyInvalid(field, wire_message(exc, field)).message) from exc
+            raise fail(request, 400, BodyInvalid(field, exc.message_for(field)).message) from exc
         except WeightsMissing as exc:
             raise fail(request, 503, f"Service unavailable: {exc}") from exc
         try:

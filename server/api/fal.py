@@ -26,6 +26,7 @@ from ..intake import ImageInputError, fetch_image
 from ..jobs import ErrorKind, Job, JobError, JobStatus, LogLine, new_job_id, short_value
 from ..manager import CancelOutcome, QueueFull
 from ..services import Services
+from ..storage import file_url
 from ..store import WebhookBody
 from ..web import json_error, require_key, truthy
 from .fal_inputs import (
@@ -106,7 +107,7 @@ def file_object(job: Job, base: str) -> dict:
     out = job.output
     assert out is not None
     return {
-        "url": f"{base}/files/{job.file_id}/{out.file_name}",
+        "url": file_url(base, job.file_id, out.file_name),
         "content_type": out.content_type,
         "file_name": out.file_name,
         "file_size": out.file_size,

@@ -22,6 +22,7 @@ from pipelines.variants import VARIANTS, demo_size, resolve_model
 from ..jobs import ErrorKind, Job, JobError, JobStatus, short_value
 from ..manager import QueueFull
 from ..services import Services
+from ..storage import file_url
 from ..web import ResponseError, require_key
 
 CONTRACT = "onerouter"
@@ -127,17 +128,10 @@ def parse_body(body: Any) -> tuple[str, GenerationRequest]:
     )
 
 
-def wire_message(exc: InvalidRequest, field: str) -> str:
-    """The engine's message worded with the client's field name ("steps must…" -> "num_inference_steps must…")."""
-    if field != exc.field and exc.message.startswith(exc.field + " "):
-        return field + exc.message[len(exc.field) :]
-    return exc.message
-
-
 def success_body(job: Job, base: str) -> dict:
     out = job.output
     assert out is not None
-    url = f"{base}/files/{job.file_id}/{out.file_name}"
+    url = file_url(base, job.file_id, out.file_name)
     # revised_prompt: k5serve never rewrites prompts; OneRouter answers "" in that case too.
     return {"data": [{"url": url, "revised_prompt": "", "video_id": job.id}], "created": int(job.created_at)}
 
@@ -170,7 +164,7 @@ def router(services: Services) -> APIRouter:
             raise ResponseError(error_response(400, exc.message, param=exc.param)) from exc
         except InvalidRequest as exc:
             param = ENGINE_FIELDS.get(exc.field, exc.field)
-            raise ResponseError(error_response(400, wire_message(exc, param), param=param)) from exc
+            raise ResponseError(error_response(400, exc.message_for(param), param=param)) from exc
         except WeightsMissing as exc:
             raise ResponseError(error_response(503, str(exc), "service_unavailable", "model")) from exc
         try:

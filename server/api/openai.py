@@ -200,13 +200,6 @@ def _pick_model(fields: dict, seconds: int | None, has_image: bool) -> tuple[str
     return model, skeleton
 
 
-def wire_message(exc: InvalidRequest, field: str) -> str:
-    """The engine's message worded with the client's field name ("steps must…" -> "num_inference_steps must…")."""
-    if field != exc.field and exc.message.startswith(exc.field + " "):
-        return field + exc.message[len(exc.field) :]
-    return exc.message
-
-
 # -- responses ------------------------------------------------------------------------------------
 
 
@@ -300,7 +293,7 @@ def router(services: Services) -> APIRouter:
             services.engine.prepare(greq)
         except InvalidRequest as exc:
             param = ENGINE_FIELDS.get(exc.field, exc.field)
-            raise invalid(param, wire_message(exc, param)) from exc
+            raise invalid(param, exc.message_for(param)) from exc
         except WeightsMissing as exc:
             raise openai_error(404, str(exc), "model", "model_not_found") from exc
         shown_seconds = seconds or nominal.variant.seconds

@@ -9,6 +9,7 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from ..jobs import Job
 from ..services import Services
+from ..storage import file_url
 from ..web import require_key
 
 PAGE = Path(__file__).resolve().parent.parent / "static" / "index.html"
@@ -31,7 +32,7 @@ def job_summary(job: Job, base: str, position: int | None) -> dict:
         "queue_position": position,
         "progress": list(job.progress) if job.progress else None,
         "error": job.error.message if job.error else None,
-        "video_url": f"{base}/files/{job.file_id}/{out.file_name}" if out else None,
+        "video_url": file_url(base, job.file_id, out.file_name) if out else None,
     }
 
 

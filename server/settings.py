@@ -49,7 +49,18 @@ class Settings(BaseSettings):
     image_max_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     sse_keepalive: float = Field(15.0, gt=0)  # fal: "a comment line every 15 seconds"
 
-    @field_validator("models", "api_keys", mode="before")
+    # Input limits (issue 5): each answers the contract's own 4xx when exceeded.
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)  # any request body (JSON or multipart)
+    max_prompt_chars: int = Field(4000, ge=1)  # prompt and negative_prompt, each
+    image_max_pixels: int = Field(40_000_000, ge=1)  # width x height of an input image (decompression bombs)
+    data_uri_max_bytes: int = Field(20 * 1024 * 1024, ge=1024)  # decoded size of a data: URI image
+    # Outbound URLs (image_url fetches, webhooks): loopback, private, link-local and metadata addresses
+    # are refused unless listed here (IP addresses, CIDR blocks or host names), e.g. an on-prem image store.
+    url_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Retention: outputs and their job records expire together this long after the job ended (0: keep).
+    retention_hours: float = Field(0.0, ge=0)
+
+    @field_validator("models", "api_keys", "url_allowlist", mode="before")
     @classmethod
     def _comma_lists(cls, value: object) -> object:
         return _split_commas(value)

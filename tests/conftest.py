@@ -3,10 +3,62 @@ the real loader, exactly as real weights are."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 from pathlib import Path
 
 import pytest
+
+# ---- loopback only: no test may reach (or even resolve) anything beyond this machine ----------
+
+_LOOPBACK_NAMES = {"localhost", "localhost.", "ip6-localhost"}
+
+
+def _is_loopback(host: object) -> bool:
+    if host is None or host == "":
+        return True  # bind/resolve of the wildcard or a local service
+    if isinstance(host, bytes):
+        host = host.decode()
+    if not isinstance(host, str):
+        return False
+    if host.lower() in _LOOPBACK_NAMES or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+class NonLoopbackTraffic(OSError):
+    """A test tried to connect to or resolve a non-loopback address (blocked before any packet)."""
+
+
+_real_connect, _real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+_real_getaddrinfo = socket.getaddrinfo
+
+
+def _guarded_connect(self, address, *args):
+    if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address[0]):
+        raise NonLoopbackTraffic(f"tests may only connect to loopback, not {address[0]!r}")
+    return _real_connect(self, address, *args)
+
+
+def _guarded_connect_ex(self, address, *args):
+    if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address[0]):
+        raise NonLoopbackTraffic(f"tests may only connect to loopback, not {address[0]!r}")
+    return _real_connect_ex(self, address, *args)
+
+
+def _guarded_getaddrinfo(host, *args, **kwargs):
+    if not _is_loopback(host):
+        raise NonLoopbackTraffic(f"tests may only resolve loopback names, not {host!r}")
+    return _real_getaddrinfo(host, *args, **kwargs)
+
+
+socket.socket.connect = _guarded_connect  # type: ignore[method-assign]
+socket.socket.connect_ex = _guarded_connect_ex  # type: ignore[method-assign]
+socket.getaddrinfo = _guarded_getaddrinfo
 
 
 @pytest.fixture(scope="session")

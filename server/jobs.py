@@ -17,6 +17,7 @@ contracts keep their own extras in the opaque `meta` dict.
 from __future__ import annotations
 
 import enum
+import math
 import secrets
 import time
 import uuid
@@ -256,6 +257,8 @@ class Job:
 
 def short_value(value: object, limit: int = 200) -> object:
     """A JSON-safe, short echo of a bad input value (data: URIs can be megabytes)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)  # JSON has no NaN/Infinity (a client may send them; responses must not)
     if value is None or isinstance(value, (bool, int, float)):
         return value
     text = value if isinstance(value, str) else repr(value)

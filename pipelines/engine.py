@@ -8,6 +8,7 @@ is served by the tiny random-weight model at demo size (design.md "Demo mode").
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import threading
@@ -15,16 +16,18 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .errors import Cancelled, DeviceFailure, OutOfMemory, WeightsMissing
+from . import memory
+from .errors import Cancelled, DeviceFailure, InvalidRequest, OutOfMemory, WeightsMissing
 from .layout import is_complete, variant_dir
 from .request import CancelToken, GenerationRequest, GenerationResult, ResolvedRequest, resolve
-from .variants import DEFAULT_NEGATIVE_PROMPT, VARIANTS
+from .variants import DEFAULT_NEGATIVE_PROMPT, HD_SIZES, VARIANTS
 
 log = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, int], None]
 MAX_SEQUENCE_LENGTH = 256  # Qwen tokens per prompt, as the official pipelines (diffusers defaults to 512)
 NEGATIVE_CACHE_SIZE = 8  # encoded negative prompts kept per engine (the default one always)
+MEMORY_MODES = ("auto", *memory.MODES)
 
 
 class Engine:
@@ -38,13 +41,28 @@ class Engine:
         require_weights: bool = False,
         offload: bool = False,
         vae_tiling: bool = False,
-        compile: bool = False,
+        compile: bool | None = None,
+        memory_mode: str = "auto",
+        device_memory: int | None = None,
+        cfg_batch: bool = True,
     ):
+        """`memory_mode`: auto (decided per variant from the device memory, pipelines/memory.py) or
+        gpu / offload_text / offload_model. `device_memory`: bytes the device has (default: what CUDA
+        reports; None on CPU = no limit). `compile`: None = on for CUDA. `cfg_batch`: cond and uncond
+        in one transformer call when memory allows (exact; pipelines/denoise.py)."""
         from .loader import LoadOptions, pick_device
 
         self.weights_dir = Path(weights_dir)
         self.device = pick_device(device)
-        self.options = LoadOptions(device=self.device, offload=offload, vae_tiling=vae_tiling, compile=compile)
+        if memory_mode not in MEMORY_MODES:
+            raise ValueError(f"memory mode must be one of {', '.join(MEMORY_MODES)}, got {memory_mode!r}")
+        self.memory_mode = "offload_model" if offload else memory_mode
+        self.capacity = device_memory if device_memory is not None else _device_capacity(self.device)
+        self.cfg_batch = cfg_batch
+        cuda = self.device.startswith("cuda")
+        self.options = LoadOptions(
+            device=self.device, offload=offload, vae_tiling=vae_tiling, compile=cuda if compile is None else compile
+        )
         unknown = [m for m in models or [] if m not in VARIANTS]
         if unknown:
             raise ValueError(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(sorted(VARIANTS))}")
@@ -89,7 +107,49 @@ class Engine:
             return resolved.as_demo()
         if resolved.variant.name not in self.present:
             self._raise_missing(resolved.variant.name)
+        self._check_fits(resolved)
         return resolved
+
+    # ---- memory ----------------------------------------------------------------------------
+
+    def placement(self, name: str) -> str:
+        """Where variant `name`'s weights live (memory mode), decided before it is loaded.
+
+        auto: the fastest mode in which the variant's largest request (largest size, full clip) fits.
+        """
+        if not self.device.startswith("cuda"):
+            return "gpu"
+        if self.memory_mode != "auto":
+            return self.memory_mode
+        v = VARIANTS[name]
+        sizes = v.sizes or ((memory.VAE_TILE, memory.VAE_TILE),)
+        sd = [s for s in sizes if s not in HD_SIZES] or list(sizes)
+        w, h = max(sd, key=lambda s: s[0] * s[1])
+        fp = memory.plan(v, w, h, v.max_frames, self.capacity)
+        return fp.mode if fp is not None else "offload_model"
+
+    def memory_plan(self, r: ResolvedRequest) -> memory.Footprint | None:
+        """The plan for this request under its variant's placement (None: it does not fit)."""
+        tiling = True if self.options.vae_tiling else None
+        return memory.plan(
+            r.variant,
+            r.width,
+            r.height,
+            r.num_frames,
+            self.capacity,
+            self.placement(r.variant.name),
+            self.cfg_batch,
+            tiling,
+        )
+
+    def _check_fits(self, r: ResolvedRequest) -> None:
+        if self.capacity is None or self.memory_plan(r) is not None:
+            return
+        mode = self.placement(r.variant.name)
+        message = memory.no_fit_message(r.variant, r.width, r.height, r.num_frames, self.capacity, mode)
+        if memory.max_frames_that_fit(r.variant, r.width, r.height, self.capacity, mode):
+            raise InvalidRequest("num_frames", r.num_frames, message)
+        raise InvalidRequest("width", r.width, message)
 
     # ---- loading ---------------------------------------------------------------------------
 
@@ -104,15 +164,41 @@ class Engine:
                 from .tiny import ensure_tiny
 
                 ensure_tiny(self.weights_dir, name)
-            pipe = load_pipeline(VARIANTS[name], folder, self.options)
+            options = dataclasses.replace(self.options, memory_mode=self.placement(name))
+            pipe = load_pipeline(VARIANTS[name], folder, options)
             self._pipes[name] = pipe
         return pipe
 
     def warmup(self) -> None:
-        """Load what will be served: the tiny models in demo mode, else --models (or nothing)."""
+        """Load what will be served: the tiny models in demo mode, else --models (or nothing).
+
+        With compilation on, also run each variant once (2 steps, no decode) at its default request
+        so the compiled blocks are built at start-up, not in the first user's request.
+        """
         names = ["kandinsky5-tiny-t2v", "kandinsky5-tiny-i2v"] if self.demo else self.models
         for name in names:
             self.pipeline(name)
+            if self.options.compile and self.device.startswith("cuda"):
+                self.warm_compiled(name)
+
+    def warm_compiled(self, name: str) -> None:
+        """Run variant `name` once at its default request (2 steps, latents only) to compile it."""
+        v = VARIANTS[name]
+        image = None
+        if v.task == "i2v":
+            import tempfile
+
+            from PIL import Image
+
+            image = str(Path(tempfile.mkdtemp(prefix="k5warm")) / "warm.png")
+            w, h = v.default_size
+            Image.new("RGB", (w, h), (127, 127, 127)).save(image)
+        req = GenerationRequest(variant=name, prompt="warm-up", image=image, steps=2, seed=0)
+        r = resolve(req)
+        t0 = time.perf_counter()
+        info: dict = {}
+        self.generate_frames(r, info=info, output_type="latent")
+        log.info("warmed %s (compiled blocks) in %.1f s", name, time.perf_counter() - t0)
 
     # ---- generation ------------------------------------------------------------------------
 
@@ -123,12 +209,20 @@ class Engine:
         on_step: StepCallback | None = None,
         cancel: CancelToken | None = None,
         timings: dict[str, float] | None = None,
+        info: dict | None = None,
+        output_type: str = "np",
     ):
-        """Run the diffusion pipeline; returns float frames (F, H, W, 3) in [0, 1]."""
+        """Run the diffusion pipeline; returns float frames (F, H, W, 3) in [0, 1].
+
+        `info` (filled in): step_times, acceleration, cached_steps, forwards, batched_steps, memory_plan.
+        """
         import torch
+
+        from .denoise import StepRunner, magcache_for
 
         r = req if isinstance(req, ResolvedRequest) else self.prepare(req)
         timings = {} if timings is None else timings
+        info = {} if info is None else info
         cancel = cancel or CancelToken()
         cancel.raise_if_cancelled()
 
@@ -137,13 +231,21 @@ class Engine:
             pipe = self.pipeline(r.variant.name)
             timings["load"] = time.perf_counter() - t0
             cancel.raise_if_cancelled()
+            fp = self.memory_plan(r)
+            step_times: list[float] = []
+            last = [0.0]
 
             def step_end(_pipe, i: int, _t, _kwargs: dict) -> dict:
                 # Raising (rather than diffusers' `_interrupt`) skips the VAE decode entirely.
+                self._sync()
+                now = time.perf_counter()
+                step_times.append(now - last[0])
+                last[0] = now
                 cancel.raise_if_cancelled()
                 if on_step is not None:
                     on_step(i + 1, r.steps)
                     cancel.raise_if_cancelled()  # a cancel from the progress listener stops here
+                last[0] = time.perf_counter()  # progress listeners' time is not step time
                 return {}
 
             kwargs = dict(
@@ -155,23 +257,81 @@ class Engine:
                 num_inference_steps=r.steps,
                 guidance_scale=r.guidance,
                 generator=torch.Generator(device="cpu").manual_seed(r.seed),
-                output_type="np",
+                output_type=output_type,
                 callback_on_step_end=step_end,
                 max_sequence_length=MAX_SEQUENCE_LENGTH,
             )
             if r.variant.task == "i2v":
                 kwargs["image"] = load_image(r.image, r.width, r.height)
+            cfg = r.guidance > 1.0
+            cache = None
+            if r.acceleration == "regular":
+                hd = (r.width, r.height) in HD_SIZES
+                cache = magcache_for(r.variant.name, r.steps, cfg=cfg, hd=hd)
+            pipe.vae.use_tiling = bool(self.options.vae_tiling or (fp is not None and fp.vae_tiling))
             t1 = time.perf_counter()
-            with _stage_timer(pipe, timings, self.device):
+            with _stage_timer(pipe, timings, self.device), self._text_encoders_on_demand(pipe):
                 try:
-                    if r.guidance > 1.0:
-                        kwargs.update(self._negative_embeds(r.variant.name, pipe, r.negative_prompt))
-                    frames = pipe(**kwargs).frames[0]
+                    negative = None
+                    if cfg:
+                        embeds = self._negative_embeds(r.variant.name, pipe, r.negative_prompt)
+                        kwargs.update(embeds)
+                        negative = (embeds["negative_prompt_embeds_qwen"], embeds["negative_prompt_embeds_clip"])
+                    batch = self.cfg_batch and (fp is None or fp.cfg_batch)
+                    runner = StepRunner(pipe.transformer, negative, batch_cfg=batch, magcache=cache)
+                    with runner.install():
+                        self._sync()
+                        last[0] = time.perf_counter()
+                        frames = pipe(**kwargs).frames[0]
                 finally:
                     pipe.maybe_free_model_hooks()  # only the normal return path does this itself
             timings["pipeline"] = time.perf_counter() - t1
             timings["denoise"] = timings["pipeline"] - timings.get("encode_prompt", 0.0) - timings.get("decode", 0.0)
+            info.update(
+                step_times=step_times,
+                acceleration="regular" if cache is not None else "none",
+                cached_steps=cache.skipped if cache is not None else 0,
+                forwards=runner.forwards,
+                batched_steps=runner.batched,
+                memory_plan=_plan_dict(fp),
+            )
         return frames
+
+    def _sync(self) -> None:
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def _text_encoders_on_demand(self, pipe) -> Iterator[None]:
+        """offload_text placement: the text encoders come onto the GPU for each encode, then leave."""
+        if getattr(pipe.text_encoder, "device", None) is None or pipe.text_encoder.device.type != "cpu":
+            yield
+            return
+        if not self.device.startswith("cuda"):
+            yield
+            return
+        previous = vars(pipe).get("encode_prompt")
+        encode = pipe.encode_prompt
+
+        def on_gpu(*args, **kwargs):
+            pipe.text_encoder.to(self.device)
+            pipe.text_encoder_2.to(self.device)
+            try:
+                return encode(*args, **kwargs)
+            finally:
+                pipe.text_encoder.to("cpu")
+                pipe.text_encoder_2.to("cpu")
+
+        pipe.encode_prompt = on_gpu
+        try:
+            yield
+        finally:
+            if previous is None:
+                del pipe.encode_prompt
+            else:
+                pipe.encode_prompt = previous
 
     def generate(
         self,
@@ -197,7 +357,8 @@ class Engine:
         elif r.variant.demo:
             log.info("%s is a tiny random-weight model: output is noise", r.variant.name)
         timings: dict[str, float] = {}
-        frames = self.generate_frames(r, on_step=on_step, cancel=cancel, timings=timings)
+        info: dict = {}
+        frames = self.generate_frames(r, on_step=on_step, cancel=cancel, timings=timings, info=info)
         if cancel is not None:
             cancel.raise_if_cancelled()
         t0 = time.perf_counter()
@@ -215,6 +376,10 @@ class Engine:
             file_size=size,
             demo=r.demo or r.variant.demo,
             timings=timings,
+            step_times=info["step_times"],
+            acceleration=info["acceleration"],
+            cached_steps=info["cached_steps"],
+            memory_plan=info["memory_plan"],
         )
 
     def _negative_embeds(self, name: str, pipe, negative: str | None) -> dict:
@@ -263,6 +428,26 @@ class Engine:
             if "CUDA error" in str(exc) or "CUBLAS_STATUS" in str(exc):
                 raise DeviceFailure(f"unrecoverable device error on {self.device}: {exc}") from exc
             raise
+
+
+def _device_capacity(device: str) -> int | None:
+    """Total bytes of the CUDA device (None on CPU: no limit)."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return torch.cuda.get_device_properties(torch.device(device)).total_memory
+
+
+def _plan_dict(fp: memory.Footprint | None) -> dict:
+    if fp is None:
+        return {}
+    return {
+        "mode": fp.mode,
+        "cfg_batch": fp.cfg_batch,
+        "vae_tiling": fp.vae_tiling,
+        "estimated_peak_gib": round(fp.peak / memory.GiB, 2),
+    }
 
 
 def _free_memory() -> None:

@@ -28,6 +28,15 @@ class LoadOptions:
     offload: bool = False  # model CPU offload (accelerate): one component on the GPU at a time
     vae_tiling: bool = False
     compile: bool = False  # torch.compile the repeated transformer blocks (CUDA only)
+    # Where the weights live on CUDA (pipelines/memory.py): "gpu" all resident; "offload_text" the
+    # text encoders on the CPU except while encoding; "offload_model" one model on the GPU at a time.
+    memory_mode: str = "gpu"
+
+    @property
+    def placement(self) -> str:
+        if not self.device.startswith("cuda"):
+            return "gpu"  # everything on the one device
+        return "offload_model" if self.offload else self.memory_mode
 
 
 def attention_backend(device: str, nabla: bool) -> str:
@@ -117,6 +126,9 @@ def load_pipeline(variant: Variant, folder: Path, options: LoadOptions):
     )
     pipe.set_progress_bar_config(disable=True)
 
+    from .denoise import install_masked_text_attention
+
+    install_masked_text_attention(transformer)  # before the backend is set: it applies to these too
     backend = attention_backend(options.device, nabla=transformer.config.get("attention_type") == "nabla")
     if backend != "native":
         transformer.set_attention_backend(backend)
@@ -125,9 +137,21 @@ def load_pipeline(variant: Variant, folder: Path, options: LoadOptions):
         transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
     if options.vae_tiling:
         vae.enable_tiling()
-    if options.offload and options.device.startswith("cuda"):
+    placement = options.placement
+    if placement == "offload_model":
         pipe.enable_model_cpu_offload(device=options.device)
+    elif placement == "offload_text":
+        pipe.to(options.device)
+        text_encoder.to("cpu")  # the engine brings them in for each encode (engine.text_encoders_on)
+        text_encoder_2.to("cpu")
     else:
         pipe.to(options.device)
-    log.info("loaded %s from %s on %s (%s)", variant.name, folder, options.device, str(dtype).replace("torch.", ""))
+    log.info(
+        "loaded %s from %s on %s (%s, %s)",
+        variant.name,
+        folder,
+        options.device,
+        str(dtype).replace("torch.", ""),
+        placement,
+    )
     return pipe

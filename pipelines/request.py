@@ -24,6 +24,8 @@ from .variants import (
 )
 
 MAX_STEPS = 100
+# "none": exact. "regular": MagCache step caching (approximate; fal's default). See docs/performance.md.
+ACCELERATIONS = ("none", "regular")
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class GenerationRequest:
     steps: int | None = None
     guidance: float | None = None
     seed: int | None = None
+    acceleration: str | None = None  # None -> "none"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,6 +69,7 @@ class ResolvedRequest:
     seed: int
     requested: GenerationRequest = field(compare=False)
     demo: bool = False
+    acceleration: str = "none"
 
     def as_demo(self) -> ResolvedRequest:
         """The same request on the tiny model at demo size (design.md: demo mode)."""
@@ -156,6 +160,10 @@ def resolve(req: GenerationRequest, default_seed: int | None = None) -> Resolved
     if negative is not None and not isinstance(negative, str):
         raise _bad("negative_prompt", negative, "negative_prompt must be a string")
 
+    acceleration = "none" if req.acceleration is None else req.acceleration
+    if acceleration not in ACCELERATIONS:
+        raise _bad("acceleration", acceleration, f"acceleration must be one of {', '.join(ACCELERATIONS)}")
+
     return ResolvedRequest(
         variant=variant,
         prompt=req.prompt,
@@ -168,6 +176,7 @@ def resolve(req: GenerationRequest, default_seed: int | None = None) -> Resolved
         guidance=float(guidance),
         seed=seed,
         requested=req,
+        acceleration=acceleration,
     )
 
 
@@ -242,3 +251,9 @@ class GenerationResult:
     file_size: int
     demo: bool
     timings: dict[str, float]  # seconds per stage: load, encode_prompt, denoise, decode, write
+    step_times: list[float] = field(default_factory=list)  # seconds of each denoising step
+    # What ran: "none" (exact) or "regular" (MagCache, approximate). A variant with no official
+    # MagCache calibration runs exactly even when "regular" was asked for (acceleration says "none").
+    acceleration: str = "none"
+    cached_steps: int = 0  # transformer evaluations answered from the MagCache (cond and uncond count apart)
+    memory_plan: dict = field(default_factory=dict)  # mode, cfg_batch, vae_tiling, estimated peak GiB

@@ -100,9 +100,20 @@ def test_i2v_image_changes_the_frames(engine, tmp_path, test_image):
 
 
 # ---- no drift against plain diffusers -------------------------------------------------------
+# k5serve evaluates cond and uncond in one batched transformer call (pipelines/denoise.py). With
+# prompts of different token counts the shorter text is zero-padded and masked in the
+# cross-attention; the masked softmax sums over more (zero) terms, so the last bits of fp32 differ
+# (measured ~2e-5 on frames in [0, 1]; bf16 noise is ~3e-2). The sequential path (cfg_batch=False)
+# is bit-identical to plain diffusers; tests/test_cfg_batch.py covers both in detail.
+BATCHED_ATOL = 1e-4
 
 
-def test_t2v_equals_plain_diffusers(engine, tiny_weights_dir):
+@pytest.fixture(scope="module")
+def sequential_engine(tiny_weights_dir):
+    return Engine(tiny_weights_dir, device="cpu", cfg_batch=False)
+
+
+def test_t2v_equals_plain_diffusers(engine, sequential_engine, tiny_weights_dir):
     from diffusers import Kandinsky5T2VPipeline
 
     pipe = Kandinsky5T2VPipeline.from_pretrained(tiny_weights_dir / T2V, dtype=torch.float32)
@@ -119,10 +130,11 @@ def test_t2v_equals_plain_diffusers(engine, tiny_weights_dir):
         output_type="np",
         max_sequence_length=256,
     ).frames[0]
-    assert np.array_equal(frames(engine, req), expected)
+    assert np.array_equal(frames(sequential_engine, req), expected)
+    np.testing.assert_allclose(frames(engine, req), expected, rtol=0, atol=BATCHED_ATOL)
 
 
-def test_i2v_equals_plain_diffusers(engine, tiny_weights_dir, test_image):
+def test_i2v_equals_plain_diffusers(engine, sequential_engine, tiny_weights_dir, test_image):
     from diffusers import Kandinsky5I2VPipeline
     from PIL import Image
 
@@ -139,7 +151,8 @@ def test_i2v_equals_plain_diffusers(engine, tiny_weights_dir, test_image):
         output_type="np",
         max_sequence_length=256,
     ).frames[0]
-    assert np.array_equal(frames(engine, i2v(test_image)), expected)
+    assert np.array_equal(frames(sequential_engine, i2v(test_image)), expected)
+    np.testing.assert_allclose(frames(engine, i2v(test_image)), expected, rtol=0, atol=BATCHED_ATOL)
 
 
 # ---- progress and cancellation --------------------------------------------------------------

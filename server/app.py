@@ -23,6 +23,7 @@ from .api import aimlapi, fal, native, onerouter, openai
 from .api.fal_proxy import FalProxyMiddleware
 from .api.playground import router as playground_router
 from .logs import log_state_change, use_json_logs
+from .manager import retention_loop
 from .metrics import Metrics, metrics_router
 from .services import Services
 from .settings import Settings
@@ -104,9 +105,15 @@ def _lifespan(services: Services):
             log.info("jobs on disk: %s", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         services.worker.start()
         services.webhooks.start()
+        hours = services.settings.retention_hours
+        sweeper = asyncio.create_task(retention_loop(services.manager, hours), name="retention") if hours else None
         try:
             yield
         finally:
+            if sweeper is not None:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
             await services.webhooks.stop()
             await asyncio.to_thread(services.worker.stop)
             if not services.worker.alive:

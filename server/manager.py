@@ -7,7 +7,16 @@ in-memory lookup, every write is a small SQLite transaction.
 Cancellation by state (queue semantics, see ../shared/style.md):
   QUEUED    -> removed from the queue and CANCELED at once
   RUNNING   -> the job's CancelToken is set; the engine stops at the next step boundary
-  terminal  -> ALREADY_DONE (idempotent, nothing changes)
+  CANCELED  -> CANCELED again: a repeated cancel (a client retrying) gets the first answer
+  SUCCEEDED / FAILED -> ALREADY_DONE (nothing changes)
+A cancel racing the end of a run is decided under the manager's lock: whichever comes first wins,
+and status, result, webhook and file all tell that one story.
+
+Every change is written to the store before it is published: a change is made on a copy of the
+job, saved, and only then swapped into the table, so a failed write (disk full) changes nothing
+that anyone can see. Deleting (`delete`, retention) goes the other way round: the record first,
+then the file, so a crash in between leaves an orphan file (swept at start-up), never a finished
+job whose URL is dead.
 """
 
 from __future__ import annotations
@@ -17,15 +26,17 @@ import collections
 import contextlib
 import enum
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import Any
 
 from pipelines.request import CancelToken, GenerationRequest
 
-from .events import Canceled, Failed, Interrupted, Progress, RunJob, Succeeded, WorkerEvent
-from .jobs import Job, JobError, JobStatus
+from .events import Failed, Interrupted, Progress, RunJob, Succeeded, WorkerEvent
+from .jobs import ErrorKind, Job, JobError, JobStatus
 from .storage import Storage
 from .store import JobStore, WebhookBody
 
@@ -44,8 +55,13 @@ class QueueFull(Exception):
         self.limit = limit
 
 
+class Unavailable(Exception):
+    """No new job can be accepted now: the device is unusable, warm-up failed or the job store
+    cannot write. Every contract answers 503 in its own error shape with this message."""
+
+
 class CancelOutcome(str, enum.Enum):
-    CANCELED = "canceled"  # was queued; now CANCELED
+    CANCELED = "canceled"  # was queued (or already canceled); now CANCELED
     REQUESTED = "requested"  # is running; stops at the next step
     ALREADY_DONE = "already_done"
     NOT_FOUND = "not_found"
@@ -68,7 +84,9 @@ class JobManager:
         self._work = threading.Condition(self._lock)
         self._jobs: dict[str, Job] = {}
         self._queue: collections.deque[str] = collections.deque()
-        self._tokens: dict[str, CancelToken] = {}
+        self._runs: dict[str, RunJob] = {}  # running job id -> what the worker was handed
+        self._refusal: str | None = None  # why new jobs are refused (None: accepting)
+        self._last_error: dict[str, Any] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: dict[str, asyncio.Event] = {}  # touched on the event loop only
         self._webhook_formats: dict[str, WebhookFormatter] = {}
@@ -89,7 +107,9 @@ class JobManager:
         self._listeners.append(listener)
 
     def recover(self) -> dict[str, int]:
-        """Load every job from disk; interrupted runs go back to the queue in submission order."""
+        """Load every job from disk; interrupted runs go back to the queue in submission order.
+        Then sweep the data dir: only finished jobs keep an output folder, only waiting jobs their
+        inputs, and no `*.part` file survives (see Storage.sweep)."""
         counts = collections.Counter()
         with self._lock:
             for job in self.store.load_all():
@@ -104,8 +124,34 @@ class JobManager:
                     log.error("job %s: finished output %s is missing from disk", job.id, job.file_id)
                 counts[job.status.value] += 1
                 self._jobs[job.id] = job
+            ran_and_failed = [j for j in self._jobs.values() if j.status is JobStatus.FAILED and j.attempts]
+            if ran_and_failed:  # for /readyz: the latest failure survives a restart
+                self._last_error = _failure(max(ran_and_failed, key=lambda j: j.completed_at or 0.0))
+            finished = [j.file_id for j in self._jobs.values() if j.status is JobStatus.SUCCEEDED]
+            swept = self.storage.sweep(finished, self._queue)
+            if any(swept.values()):
+                log.warning("start-up clean-up removed %s", ", ".join(f"{n} {k}" for k, n in swept.items() if n))
             self._work.notify_all()
         return dict(counts)
+
+    # -- health --------------------------------------------------------------------------------
+
+    def stop_accepting(self, reason: str) -> None:
+        """Refuse new jobs from now on (the worker cannot run them); queued ones keep waiting."""
+        with self._lock:
+            self._refusal = reason
+
+    @property
+    def refusal(self) -> str | None:
+        return self._refusal
+
+    def last_error(self) -> dict[str, Any] | None:
+        """The most recent job that failed while running: {job_id, contract, kind, message, time}."""
+        with self._lock:
+            if self._last_error is None:
+                return None
+            when = datetime.fromtimestamp(self._last_error["time"], tz=timezone.utc)
+            return {**self._last_error, "time": when.isoformat(timespec="seconds").replace("+00:00", "Z")}
 
     # -- contract side -------------------------------------------------------------------------
 
@@ -135,14 +181,18 @@ class JobManager:
         if job_id is not None:
             job.id = job_id
         with self._lock:
+            if error is None and self._refusal is not None:
+                raise Unavailable(self._refusal)
             if error is None and len(self._queue) >= self.max_queue:
                 raise QueueFull(self.max_queue)
-            self._jobs[job.id] = job
             if error is not None:
                 job.fail(error, now=self.clock())
-                self._save_terminal(job)
-            else:
-                self.store.save(job)
+            try:
+                self._save(job)  # accepted only once it is on disk
+            except sqlite3.Error as exc:
+                raise Unavailable(f"the job store could not record the request ({exc}); try again later") from exc
+            self._jobs[job.id] = job
+            if error is None:
                 self._queue.append(job.id)
                 self._work.notify_all()
             log.info("job %s: %s %s %s", job.id, contract, model, job.status.value)
@@ -177,18 +227,52 @@ class JobManager:
             job = self._jobs.get(job_id)
             if job is None:
                 return CancelOutcome.NOT_FOUND
+            if job.status is JobStatus.CANCELED:
+                return CancelOutcome.CANCELED
             if job.status.terminal:
                 return CancelOutcome.ALREADY_DONE
             if job.status is JobStatus.QUEUED:
+                job = self._commit(job, lambda j: j.cancel(now=self.clock()))
                 self._queue.remove(job.id)
-                job.cancel(now=self.clock())
-                self._save_terminal(job)
                 log.info("job %s: canceled while queued", job.id)
                 self._emit(job, JobStatus.QUEUED)
                 return CancelOutcome.CANCELED
-            self._tokens[job.id].cancel()
+            self._runs[job.id].cancel.cancel()
             log.info("job %s: cancel requested while running", job.id)
             return CancelOutcome.REQUESTED
+
+    def delete(self, job_id: str) -> bool:
+        """Forget a job: its record (and webhook) first, then its files. A running job is also
+        cancelled; the worker stops at the next step and its output is discarded (see handle)."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                return False
+            self.store.delete(job_id)
+            del self._jobs[job_id]
+            run = self._runs.get(job_id)
+            if run is not None:
+                run.cancel.cancel()
+            else:
+                if job.status is JobStatus.QUEUED:
+                    self._queue.remove(job_id)
+                self.storage.discard_output(job.file_id)
+                self.storage.remove_inputs(job_id)
+            log.info("job %s: deleted (was %s)", job_id, job.status.value)
+            self._notify(job_id)
+            return True
+
+    def expire(self, older_than: float) -> list[str]:
+        """Delete finished jobs that ended before `older_than` (retention). A job whose webhook is
+        still being retried is kept until its delivery ends."""
+        with self._lock:
+            old = [
+                j.id for j in self._jobs.values() if j.status.terminal and (j.completed_at or j.created_at) < older_than
+            ]
+        expired = [job_id for job_id in old if not self.store.webhook_pending(job_id) and self.delete(job_id)]
+        if expired:
+            log.info("retention: %d finished job(s) expired with their files", len(expired))
+        return expired
 
     async def wait_for_change(self, job_id: str, version: int, timeout: float | None = None) -> Job | None:
         """Return the job once its version differs from `version` (or at `timeout`)."""
@@ -227,15 +311,14 @@ class JobManager:
                 self._work.wait(poll)
             if stop.is_set():
                 return None
-            job = self._jobs[self._queue.popleft()]
-            job.start(now=self.clock())
-            self.store.save(job)
-            token = CancelToken()
-            self._tokens[job.id] = token
+            job = self._commit(self._jobs[self._queue[0]], lambda j: j.start(now=self.clock()))
+            self._queue.popleft()
+            run = RunJob(job.snapshot(), CancelToken())
+            self._runs[job.id] = run
             log.info("job %s: running (attempt %d)", job.id, job.attempts)
             self._emit(job, JobStatus.QUEUED)
             self._notify(job.id)
-            return RunJob(job.snapshot(), token)
+            return run
 
     def wake_workers(self) -> None:
         """Make every worker blocked in next_job re-check its stop flag now (shutdown)."""
@@ -244,35 +327,70 @@ class JobManager:
 
     def handle(self, event: WorkerEvent) -> None:
         with self._lock:
-            job = self._jobs[event.job_id]
+            job = self._jobs.get(event.job_id)
+            if job is None:  # deleted while it ran: nothing to record, nothing to keep
+                run = self._runs.pop(event.job_id, None)
+                if run is not None and not isinstance(event, Progress):
+                    self.storage.discard_output(run.job.file_id)
+                    self.storage.remove_inputs(event.job_id)
+                return
             if isinstance(event, Progress):
                 job.record_progress(event.step, event.total, now=self.clock())
                 self._notify(job.id)
                 self._emit(job, job.status)
                 return
-            self._tokens.pop(job.id, None)
-            if isinstance(event, Succeeded):
-                job.log("video written", now=self.clock())
-                job.succeed(event.output, now=self.clock())
-            elif isinstance(event, Failed):
-                job.log(event.error.message, level="ERROR", now=self.clock())
-                job.fail(event.error, now=self.clock())
-            elif isinstance(event, Canceled):
-                job.cancel(now=self.clock())
-            elif isinstance(event, Interrupted):
-                job.requeue()
-                self.store.save(job)
+            self._runs.pop(job.id, None)
+            now = self.clock()
+            if isinstance(event, Interrupted):
                 self._queue.appendleft(job.id)
-                self._notify(job.id)
-                self._emit(job, JobStatus.RUNNING)
+                self._publish(job, lambda j: j.requeue())
                 return
+            if isinstance(event, Succeeded):
+                change = lambda j: (j.log("video written", now=now), j.succeed(event.output, now=now))  # noqa: E731
+            elif isinstance(event, Failed):
+                change = lambda j: (j.log(event.error.message, "ERROR", now), j.fail(event.error, now=now))  # noqa: E731
+            else:
+                change = lambda j: j.cancel(now=now)  # noqa: E731
+            job = self._publish(job, change)
+            if job.status is JobStatus.FAILED and job.error is not None:
+                self._last_error = _failure(job)
             log.info("job %s: %s", job.id, job.status.value)
-            self._save_terminal(job)
-            self._emit(job, JobStatus.RUNNING)
+
+    def _publish(self, job: Job, change: Callable[[Job], object]) -> Job:
+        """The end of a run: save and announce it. If the store cannot write, the job still ends
+        for its clients (failed, in memory only); on disk it stays RUNNING, so a restart runs it
+        again rather than losing it."""
+        previous = job.status
+        try:
+            job = self._commit(job, change)
+        except sqlite3.Error as exc:
+            log.error("job %s: could not record the end of its run: %s", job.id, exc)
+            if job.id in self._queue:
+                self._queue.remove(job.id)
+            self.storage.discard_output(job.file_id)
+            message = f"the job store could not record the result ({exc}); the job runs again after a restart"
+            job.fail(JobError(ErrorKind.INTERNAL, message), now=self.clock())
+            self._notify(job.id)
+        self._emit(job, previous)
+        return job
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _save_terminal(self, job: Job) -> None:
+    def _commit(self, job: Job, change: Callable[[Job], object]) -> Job:
+        """Apply `change` to a copy of `job`, save the copy, then make it the live job. If the
+        change or the save raises, the live job (memory and disk) is as it was."""
+        draft = job.snapshot()
+        change(draft)
+        self._save(draft)
+        self._jobs[draft.id] = draft
+        self._notify(draft.id)
+        return draft
+
+    def _save(self, job: Job) -> None:
+        """Persist `job`; a terminal state goes to disk together with its webhook delivery."""
+        if not job.status.terminal:
+            self.store.save(job)
+            return
         webhook = None
         if job.webhook_url:
             formatter = self._webhook_formats.get(job.contract)
@@ -282,7 +400,6 @@ class JobManager:
                 log.exception("job %s: could not build the webhook body", job.id)
         self.store.save(job, webhook=webhook, now=self.clock())
         self.storage.remove_inputs(job.id)
-        self._notify(job.id)
         if webhook is not None:
             self.on_webhook_queued()
 
@@ -307,3 +424,27 @@ class JobManager:
         event = self._changed.pop(job_id, None)
         if event is not None:
             event.set()
+
+
+def _failure(job: Job) -> dict[str, Any]:
+    assert job.error is not None
+    when = job.completed_at or job.created_at
+    return {
+        "job_id": job.id,
+        "contract": job.contract,
+        "kind": job.error.kind.value,
+        "message": job.error.message,
+        "time": when,
+    }
+
+
+async def retention_loop(manager: JobManager, hours: float, clock: Callable[[], float] = time.time) -> None:
+    """Expire finished jobs older than `hours`, at start and then periodically (cancel to stop)."""
+    keep = hours * 3600.0
+    interval = min(60.0, max(0.2, keep / 4))
+    while True:
+        try:
+            await asyncio.to_thread(manager.expire, clock() - keep)
+        except Exception:  # a full disk or a locked database: try again next time
+            log.exception("retention sweep failed")
+        await asyncio.sleep(interval)

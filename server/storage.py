@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import FileResponse
 
 OUTPUT_NAME = "output.mp4"
+PART = ".part"  # suffix of a file still being written (the engine renames it when complete)
 VIDEO_CONTENT_TYPE = "video/mp4"
 _FILE_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -44,8 +47,9 @@ class Storage:
         return folder / name
 
     def find(self, file_id: str, name: str) -> Path | None:
-        """The stored file, or None; anything that is not a plain token/name is simply not found."""
-        if not _FILE_ID.match(file_id) or not _FILE_NAME.match(name) or ".." in name:
+        """The stored file, or None; anything that is not a plain token/name is simply not found.
+        A `*.part` file is a write in progress (or one a crash cut short): never served."""
+        if not _FILE_ID.match(file_id) or not _FILE_NAME.match(name) or ".." in name or name.endswith(PART):
             return None
         path = self.files / file_id / name
         try:
@@ -64,6 +68,33 @@ class Storage:
     def remove_inputs(self, job_id: str) -> None:
         for path in self.inputs.glob(f"{job_id}.*"):
             path.unlink(missing_ok=True)
+
+    def discard_output(self, file_id: str) -> None:
+        """Remove a job's output folder and everything in it (a failed, cancelled or deleted job)."""
+        if _FILE_ID.match(file_id):
+            shutil.rmtree(self.files / file_id, ignore_errors=True)
+
+    def sweep(self, keep_outputs: Iterable[str], keep_inputs: Iterable[str]) -> dict[str, int]:
+        """Start-up clean-up (nothing else runs yet): output folders of no finished job (a crash cut
+        a run or a delete short), `*.part` files (interrupted writes) and inputs of no waiting job."""
+        keep_files, keep_jobs = set(keep_outputs), set(keep_inputs)
+        removed = {"folders": 0, "partial": 0, "inputs": 0}
+        for folder in self.files.iterdir():
+            if folder.name not in keep_files:
+                if folder.is_dir():
+                    shutil.rmtree(folder, ignore_errors=True)
+                else:
+                    folder.unlink(missing_ok=True)
+                removed["folders"] += 1
+                continue
+            for part in folder.glob(f"*{PART}"):
+                part.unlink(missing_ok=True)
+                removed["partial"] += 1
+        for path in self.inputs.iterdir():
+            if path.name.split(".", 1)[0] not in keep_jobs:
+                path.unlink(missing_ok=True)
+                removed["inputs"] += 1
+        return removed
 
 
 def fsync_file(path: Path) -> None:

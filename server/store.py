@@ -7,6 +7,7 @@ its webhook delivery are written in one transaction: a finished job always has i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -104,8 +105,27 @@ class JobStore:
                     )
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
+
+    def delete(self, job_id: str) -> bool:
+        """Remove a job and its webhook delivery in one transaction; False if it was not there."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                gone = self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount
+                self._db.execute("DELETE FROM webhooks WHERE job_id = ?", (job_id,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+        return gone > 0
+
+    def _rollback(self) -> None:
+        # SQLite may already have rolled back on its own (SQLITE_FULL, SQLITE_IOERR): keep the first error.
+        with contextlib.suppress(sqlite3.Error):
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
 
     def load_all(self) -> list[Job]:
         """Every job, in submission order."""
@@ -142,6 +162,18 @@ class JobStore:
                 (job_id,),
             ).fetchone()
         return _delivery(row) if row else None
+
+    def webhook_pending(self, job_id: str) -> bool:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM webhooks WHERE job_id = ? AND state = 'pending'", (job_id,)
+            ).fetchone()
+        return row is not None
+
+    def integrity(self) -> str:
+        """`PRAGMA integrity_check`: "ok" for a sound database file."""
+        with self._lock:
+            return "; ".join(row[0] for row in self._db.execute("PRAGMA integrity_check").fetchall())
 
     def webhook_attempted(self, delivery_id: int, *, state: str, next_at: float, error: str | None) -> None:
         with self._lock:

@@ -8,7 +8,10 @@ this module imports nothing heavier than pipelines.request and pipelines.errors.
 from __future__ import annotations
 
 import enum
+import errno
+import gc
 import logging
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -66,6 +69,12 @@ class GpuWorker:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def current_job_id(self) -> str | None:
+        """The job being generated right now, if any."""
+        current = self._current
+        return current.job.id if current is not None else None
+
     def stop(self, timeout: float = 30.0) -> None:
         """Stop taking jobs; a running job is interrupted at its next step and queued again."""
         self._stop.set()
@@ -91,24 +100,43 @@ class GpuWorker:
             self.engine.warmup()
         except Exception as exc:
             log.exception("engine warm-up failed")
-            self.health, self.health_detail = Health.SETUP_FAILED, f"warm-up failed: {exc}"
+            self._give_up(Health.SETUP_FAILED, f"warm-up failed: {exc}", "the engine failed to start")
             return
         self.health = Health.READY
         log.info("worker ready on %s%s", self.engine.device, " (DEMO MODE)" if self.engine.demo else "")
         while not self._stop.is_set():
-            run = self.manager.next_job(self._stop)
-            if run is None:
-                break
-            self._current = run
             try:
-                event = self._execute(run)
-            finally:
-                self._current = None
-            self.manager.handle(event)
+                event = self._one_job()
+            except Exception:  # e.g. the store cannot write: never let the worker thread die
+                log.exception("worker: could not take or record a job; retrying in 1 s")
+                self._stop.wait(1.0)
+                continue
+            if event is None:
+                break
             if isinstance(event, Failed) and event.error.kind is ErrorKind.DEVICE_FAILURE:
-                self.health, self.health_detail = Health.DEFUNCT, event.error.message
+                self._give_up(Health.DEFUNCT, event.error.message, "the GPU is in an unrecoverable state")
                 log.critical("device is unusable, the worker stops: %s", event.error.message)
                 return
+
+    def _one_job(self) -> WorkerEvent | None:
+        run = self.manager.next_job(self._stop)
+        if run is None:
+            return None
+        self._current = run
+        try:
+            event = self._execute(run)
+        finally:
+            self._current = None
+        if not isinstance(event, Succeeded):
+            free_device_memory()  # what the failed run held (its traceback is gone by now)
+        self.manager.handle(event)
+        return event
+
+    def _give_up(self, health: Health, detail: str, what: str) -> None:
+        """Stop for good: /readyz answers 503 with `detail`; submits answer 503 until a restart;
+        jobs already queued stay queued (they run after the restart)."""
+        self.health, self.health_detail = health, detail
+        self.manager.stop_accepting(f"{what} ({detail}); restart k5serve to accept new jobs")
 
     def _execute(self, run: RunJob) -> WorkerEvent:
         job = run.job
@@ -121,10 +149,36 @@ class GpuWorker:
             result = self.engine.generate(job.request, output, on_step=on_step, cancel=run.cancel)
             fsync_file(result.path)
         except Cancelled:
+            self.storage.discard_output(job.file_id)
             return Interrupted(job.id) if self._stop.is_set() else Canceled(job.id)
         except Exception as exc:
+            self.storage.discard_output(job.file_id)  # never serve a partial or unflushed file
             return Failed(job.id, _job_error(job.id, exc))
         return Succeeded(job.id, _output(result))
+
+
+def free_device_memory() -> None:
+    """Release what a failed run left behind: Python garbage, and torch's cached CUDA blocks when
+    torch is already loaded (this module never imports it)."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    try:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # a broken device: the next job reports it
+        log.warning("could not empty the CUDA cache", exc_info=True)
+
+
+# errno of a failed output write -> what the client is told (no paths: they stay in the log)
+STORAGE_ERRNOS = {
+    errno.ENOSPC: "no space left on the server's disk",
+    errno.EDQUOT: "the server's disk quota is exceeded",
+    errno.EFBIG: "the file is larger than the server allows",
+    errno.EIO: "a disk I/O error on the server",
+    errno.EROFS: "the server's data directory is read-only",
+}
 
 
 def _output(result: GenerationResult) -> JobOutput:
@@ -156,5 +210,9 @@ def _job_error(job_id: str, exc: Exception) -> JobError:
     if isinstance(exc, DeviceFailure):
         log.error("job %s: device failure", job_id, exc_info=exc)
         return JobError(ErrorKind.DEVICE_FAILURE, str(exc))
+    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+        log.error("job %s: could not write the output", job_id, exc_info=exc)
+        reason = STORAGE_ERRNOS[exc.errno]
+        return JobError(ErrorKind.INTERNAL, f"the server could not write the video: {reason}; nothing was kept")
     log.error("job %s: generation failed", job_id, exc_info=exc)
     return JobError(ErrorKind.INTERNAL, f"generation failed ({type(exc).__name__})")

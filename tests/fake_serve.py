@@ -1,18 +1,18 @@
 """`k5serve serve` with a fake engine, as a real process (restart and webhook tests kill it).
 
-Same flags as `k5serve serve`; the fake's speed comes from K5SERVE_FAKE_STEP_TIME (seconds/step).
+Same flags as `k5serve serve`; the fake's speed comes from K5SERVE_FAKE_STEP_TIME (seconds/step),
+its other knobs (kill points, size limits) from the K5SERVE_FAKE_* variables of fakes.engine_from_env.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fakes import FakeEngine
+from fakes import engine_from_env
 
 from server.app import run
 from server.cli import build_parser
@@ -24,8 +24,7 @@ def main(argv: list[str]) -> int:
     overrides = {k: v for k, v in vars(args).items() if v is not None and k != "command"}
     if "api_key" in overrides:
         overrides["api_keys"] = overrides.pop("api_key")
-    engine = FakeEngine(step_time=float(os.environ.get("K5SERVE_FAKE_STEP_TIME", "0.05")))
-    return run(Settings(**overrides), engine=engine)
+    return run(Settings(**overrides), engine=engine_from_env())
 
 
 if __name__ == "__main__":

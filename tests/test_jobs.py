@@ -198,7 +198,11 @@ def test_fifo_queue_positions_and_cancel_by_state(manager):
     assert manager.get(b.id).status is JobStatus.CANCELED and manager.queue_position(c.id) == 0
     assert manager.cancel(a.id) is CancelOutcome.REQUESTED and run.cancel.cancelled
     manager.handle(Canceled(a.id))
-    assert manager.cancel(a.id) is CancelOutcome.ALREADY_DONE
+    assert manager.cancel(a.id) is CancelOutcome.CANCELED  # a retried cancel: the same answer
+    assert manager.cancel(b.id) is CancelOutcome.CANCELED
+    manager.next_job(threading.Event())
+    manager.handle(Succeeded(c.id, OUT))
+    assert manager.cancel(c.id) is CancelOutcome.ALREADY_DONE
     assert manager.cancel("nope") is CancelOutcome.NOT_FOUND
 
 

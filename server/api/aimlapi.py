@@ -22,7 +22,7 @@ from pipelines.request import GenerationRequest
 from pipelines.variants import VARIANTS, demo_size, resolve_model, size_for_aspect
 
 from ..jobs import ErrorKind, Job, JobStatus
-from ..manager import QueueFull
+from ..manager import QueueFull, Unavailable
 from ..services import Services
 from ..storage import file_url
 from ..web import ResponseError, require_key
@@ -248,6 +248,8 @@ def router(services: Services) -> APIRouter:
             job = manager.submit(contract=CONTRACT, model=model, request=greq, base_url=services.base_url(request))
         except QueueFull as exc:
             raise fail(request, 429, f"Too Many Requests: {exc}") from exc
+        except Unavailable as exc:
+            raise fail(request, 503, f"Service unavailable: {exc}") from exc
         return JSONResponse({"id": wire_id(job), "status": AIML_STATUS[job.status]}, status_code=201)
 
     @api.get(PATH)

@@ -24,7 +24,7 @@ from pipelines.request import GenerationRequest
 
 from ..intake import ImageInputError, fetch_image
 from ..jobs import ErrorKind, Job, JobError, JobStatus, LogLine, new_job_id, short_value
-from ..manager import CancelOutcome, QueueFull
+from ..manager import CancelOutcome, QueueFull, Unavailable
 from ..services import Services
 from ..storage import file_url
 from ..store import WebhookBody
@@ -230,6 +230,10 @@ class FalIntake:
         except QueueFull as exc:
             self.s.storage.remove_inputs(job_id)
             raise json_error(429, {"detail": str(exc)}) from exc
+        except Unavailable as exc:  # fal: 503 runner_scheduling_failure (JS retries submit on 503)
+            self.s.storage.remove_inputs(job_id)
+            kind = "runner_scheduling_failure"
+            raise json_error(503, {"detail": str(exc), "error_type": kind}, {"X-Fal-Error-Type": kind}) from exc
 
 
 async def _json_body(request: Request) -> object:

@@ -1,4 +1,10 @@
-"""Native routes: /healthz (liveness) and /readyz (503 until the engine is warmed up)."""
+"""Native routes: /healthz (liveness: the process answers) and /readyz (readiness).
+
+/readyz answers 200 only while the worker can run jobs: 503 while warming up, and for good after a
+failed warm-up or an unrecoverable device error (`detail` says why; a restart is needed). Its
+body: status, demo, device, models, queued, detail (when not ready) and last_error, the most
+recent job that failed while running ({job_id, contract, kind, message, time} or null).
+"""
 
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ def health_router(services: Services) -> APIRouter:
             "device": str(engine.device),
             "models": available() if callable(available) else (services.settings.models or []),
             "queued": services.manager.queued_count(),
+            "last_error": services.manager.last_error(),
         }
         if worker.health_detail:
             body["detail"] = worker.health_detail

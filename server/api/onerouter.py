@@ -20,7 +20,7 @@ from pipelines.request import GenerationRequest
 from pipelines.variants import VARIANTS, demo_size, resolve_model
 
 from ..jobs import ErrorKind, Job, JobError, JobStatus, short_value
-from ..manager import QueueFull
+from ..manager import QueueFull, Unavailable
 from ..services import Services
 from ..storage import file_url
 from ..web import ResponseError, require_key
@@ -171,6 +171,8 @@ def router(services: Services) -> APIRouter:
             job = manager.submit(contract=CONTRACT, model=model, request=greq, base_url=services.base_url(request))
         except QueueFull as exc:
             raise ResponseError(error_response(429, str(exc), "rate_limit_exceeded")) from exc
+        except Unavailable as exc:
+            raise ResponseError(error_response(503, str(exc), "service_unavailable")) from exc
 
         # Synchronous: hold the connection until the job ends; a hang-up cancels it.
         canceled = False

@@ -29,7 +29,7 @@ from pipelines.variants import PUBLIC_MODELS, VARIANTS, resolve_model
 
 from ..intake import ImageInputError, fetch_image
 from ..jobs import ErrorKind, Job, JobStatus, short_value
-from ..manager import QueueFull
+from ..manager import QueueFull, Unavailable
 from ..services import Services
 from ..web import ResponseError, require_key
 
@@ -38,7 +38,6 @@ DEFAULT_T2V = "kandinsky5-lite-t2v-sft-{seconds}s"  # OpenAI's default is sora-2
 DEFAULT_I2V = "kandinsky5-lite-i2v-5s"
 SECONDS = ("5", "10")
 POLL_AFTER_MS = "500"
-TOMBSTONE = ".deleted"  # in the job's output folder: the video was deleted (survives restarts)
 
 OPENAI_STATUS: dict[JobStatus, str] = {
     JobStatus.QUEUED: "queued",
@@ -254,12 +253,9 @@ def router(services: Services) -> APIRouter:
     api = APIRouter(dependencies=[Depends(require_key(services.keys, _unauthorized))])
     manager, storage = services.manager, services.storage
 
-    def deleted(job: Job) -> bool:
-        return (storage.files / job.file_id / TOMBSTONE).exists()
-
     def find(video_id: str) -> Job:
         job = manager.get(video_id)
-        if job is None or job.contract != CONTRACT or deleted(job):
+        if job is None or job.contract != CONTRACT:
             raise openai_error(404, f"Video with id '{short_value(video_id, 100)}' not found.", "video_id", "not_found")
         return job
 
@@ -317,6 +313,9 @@ def router(services: Services) -> APIRouter:
         except QueueFull as exc:
             storage.remove_inputs(job_id)
             raise openai_error(429, str(exc), None, "rate_limit_exceeded", "requests") from exc
+        except Unavailable as exc:
+            storage.remove_inputs(job_id)
+            raise openai_error(503, str(exc), None, "service_unavailable", "server_error") from exc
         except ResponseError:
             storage.remove_inputs(job_id)
             raise
@@ -332,7 +331,7 @@ def router(services: Services) -> APIRouter:
         order = params.get("order", "desc")
         if order not in ("asc", "desc"):
             raise invalid("order", f"Invalid value: {short_value(order)!r}. Supported values are: 'asc' and 'desc'.")
-        jobs = [j for j in manager.list(contract=CONTRACT) if not deleted(j)]  # newest first
+        jobs = manager.list(contract=CONTRACT)  # newest first
         if order == "asc":
             jobs.reverse()
         after = params.get("after")
@@ -376,13 +375,9 @@ def router(services: Services) -> APIRouter:
     @api.delete("/v1/videos/{video_id}")
     async def delete(video_id: str):
         job = find(video_id)
-        if not job.status.terminal:
-            manager.cancel(job.id)  # deleting an unfinished video stops its generation
-        folder = storage.files / job.file_id
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / TOMBSTONE).touch()
-        if job.output is not None and (path := storage.find(job.file_id, job.output.file_name)) is not None:
-            path.unlink(missing_ok=True)
+        # the record, then the file; an unfinished video's generation stops at its next step
+        if not manager.delete(job.id):
+            raise openai_error(404, f"Video with id '{short_value(video_id, 100)}' not found.", "video_id", "not_found")
         return {"id": job.id, "object": "video.deleted", "deleted": True}
 
     @api.post("/v1/videos/{video_id}/remix")

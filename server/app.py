@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .api import aimlapi, fal, native, onerouter, openai
 from .api.fal_proxy import FalProxyMiddleware
 from .api.playground import router as playground_router
+from .intake import BodyLimit
 from .logs import log_state_change, use_json_logs
 from .manager import retention_loop
 from .metrics import Metrics, metrics_router
@@ -56,6 +57,7 @@ def create_app(settings: Settings, engine: EngineLike) -> FastAPI:
     app.state.services = services
     app.state.run_app = run_app
     app.add_middleware(FalProxyMiddleware, run_app=run_app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # 413 in each contract's shape
     _cors(app)  # added last = outermost: answers preflights for every route, the proxy included
     return app
 
@@ -65,6 +67,7 @@ def create_run_app(services: Services) -> FastAPI:
     run_app = FastAPI(title="k5serve fal run host", openapi_url=None, docs_url=None, redoc_url=None)
     _common(run_app, services)
     run_app.include_router(fal.run_router(services))
+    run_app.add_middleware(BodyLimit, max_bytes=services.settings.max_body_bytes)
     return run_app
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .intake import IntakeLimits
+from pipelines.errors import InvalidRequest
+
+from .intake import IntakeLimits, allow_decoding
 from .manager import JobManager
+from .netguard import UrlGuard
 from .settings import Settings
 from .storage import Storage
 from .store import JobStore
@@ -25,9 +28,12 @@ class Services:
     webhooks: WebhookDispatcher
     keys: ApiKeys
     intake: IntakeLimits
+    guard: UrlGuard
 
     @classmethod
     def build(cls, settings: Settings, engine: EngineLike) -> Services:
+        guard = UrlGuard(settings.url_allowlist)
+        allow_decoding(settings.image_max_pixels)
         storage = Storage(settings.data_dir)
         store = JobStore(storage.database)
         manager = JobManager(store, storage, max_queue=settings.max_queue)
@@ -37,6 +43,7 @@ class Services:
             max_attempts=settings.webhook_max_attempts,
             backoff=settings.webhook_backoff,
             max_backoff=settings.webhook_max_backoff,
+            guard=guard,
         )
         manager.on_webhook_queued = webhooks.notify
         return cls(
@@ -48,8 +55,27 @@ class Services:
             worker=GpuWorker(engine, manager, storage),
             webhooks=webhooks,
             keys=ApiKeys(settings.api_keys),
-            intake=IntakeLimits(settings.image_fetch_timeout, settings.image_max_bytes),
+            intake=IntakeLimits(
+                timeout=settings.image_fetch_timeout,
+                max_bytes=settings.image_max_bytes,
+                data_uri_max_bytes=settings.data_uri_max_bytes,
+                max_pixels=settings.image_max_pixels,
+                guard=guard,
+            ),
+            guard=guard,
         )
+
+    def prepare(self, greq):
+        """The server's own limits (prompt length), then the engine's validation. Raises InvalidRequest
+        (worded with the setting that sets the limit) or WeightsMissing."""
+        limit = self.settings.max_prompt_chars
+        for name in ("prompt", "negative_prompt"):
+            value = getattr(greq, name, None)
+            if isinstance(value, str) and len(value) > limit:
+                raise InvalidRequest(
+                    name, value, f"{name} is {len(value)} characters; the limit is {limit} (K5SERVE_MAX_PROMPT_CHARS)"
+                )
+        return self.engine.prepare(greq)
 
     def base_url(self, request) -> str:
         return base_url(request, self.settings.public_url)

@@ -70,6 +70,14 @@ class Settings(BaseSettings):
     def _empty_models_means_all(cls, value: list[str] | None) -> list[str] | None:
         return value or None
 
+    @field_validator("url_allowlist")
+    @classmethod
+    def _check_allowlist(cls, value: list[str]) -> list[str]:
+        from .netguard import Allowlist
+
+        Allowlist(value)  # a ValueError names the entry that is not an address, a CIDR block or a name
+        return value
+
     @field_validator("public_url")
     @classmethod
     def _check_public_url(cls, value: str | None) -> str | None:

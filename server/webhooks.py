@@ -3,8 +3,10 @@
 A finished job's delivery is written to SQLite in the same transaction as its terminal state
 (store.py), so it survives a restart. This asyncio task POSTs due deliveries, marks them
 delivered on any 2xx, and otherwise retries after backoff * 2**attempt (capped) until
-webhook_max_attempts, then gives up. A crash between a receiver's 2xx and our bookkeeping can
-repeat one delivery; receivers must be idempotent on request_id (fal says the same).
+webhook_max_attempts, then gives up. Every POST goes through the URL guard (netguard.py): a URL it
+refuses (a private address, a metadata host, ...) is abandoned at once, not retried. A crash
+between a receiver's 2xx and our bookkeeping can repeat one delivery; receivers must be
+idempotent on request_id (fal says the same).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable
 
 import httpx
 
+from .netguard import UrlGuard, UrlRefused
 from .store import JobStore, WebhookDelivery
 
 log = logging.getLogger("k5serve.webhooks")
@@ -33,6 +36,7 @@ class WebhookDispatcher:
         max_backoff: float = 900.0,
         concurrency: int = 8,
         clock: Callable[[], float] = time.time,
+        guard: UrlGuard | None = None,
     ):
         self.store = store
         self.timeout = timeout
@@ -40,6 +44,7 @@ class WebhookDispatcher:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.clock = clock
+        self.guard = guard or UrlGuard()
         self._slots: asyncio.Semaphore | None = None  # created on the loop in start()
         self._concurrency = concurrency
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -53,7 +58,7 @@ class WebhookDispatcher:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(self._concurrency)
-        self._client = httpx.AsyncClient(timeout=self.timeout, follow_redirects=False)
+        self._client = self.guard.client(timeout=self.timeout, follow_redirects=False)
         self._task = asyncio.create_task(self._run(), name="webhooks")
 
     async def stop(self) -> None:
@@ -92,9 +97,12 @@ class WebhookDispatcher:
     async def _deliver(self, delivery: WebhookDelivery) -> None:
         assert self._slots is not None and self._client is not None
         async with self._slots:
-            error = await self._post(delivery)
+            error, refused = await self._post(delivery)
         attempts = delivery.attempts + 1
-        if error is None:
+        if refused:
+            self.store.webhook_attempted(delivery.id, state="abandoned", next_at=self.clock(), error=error)
+            log.warning("webhook for job %s refused, not retried: %s", delivery.job_id, error)
+        elif error is None:
             self.store.webhook_attempted(delivery.id, state="delivered", next_at=self.clock(), error=None)
             log.info("webhook for job %s delivered (attempt %d)", delivery.job_id, attempts)
         elif attempts >= self.max_attempts:
@@ -108,12 +116,16 @@ class WebhookDispatcher:
         if self._wake is not None:
             self._wake.set()
 
-    async def _post(self, delivery: WebhookDelivery) -> str | None:
+    async def _post(self, delivery: WebhookDelivery) -> tuple[str | None, bool]:
+        """-> (error or None, refused: the guard will never allow this URL)."""
         headers = {**delivery.headers, "x-fal-webhook-timestamp": str(int(self.clock()))}
         try:
+            self.guard.check_url(delivery.url)
             response = await self._client.post(delivery.url, content=delivery.body, headers=headers)
+        except UrlRefused as exc:
+            return f"refused: {exc.message}"[:300], True
         except httpx.HTTPError as exc:
-            return f"{type(exc).__name__}: {exc}"[:300]
+            return f"{type(exc).__name__}: {exc}"[:300], False
         if 200 <= response.status_code < 300:
-            return None
-        return f"HTTP {response.status_code}"
+            return None, False
+        return f"HTTP {response.status_code}", False

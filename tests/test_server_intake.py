@@ -1,4 +1,7 @@
-"""Image intake for image-to-video: data: URIs and http(s) URLs, with a timeout and a size cap."""
+"""Image intake for image-to-video: data: URIs and http(s) URLs, with a timeout and a size cap.
+
+The loopback image server is reached because these tests allow-list 127.0.0.1 (K5SERVE_URL_ALLOWLIST);
+without it the guard refuses loopback (tests/test_netguard.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +14,10 @@ import pytest
 from server_fixtures import app_client, wait_until
 
 from server.intake import ImageInputError, IntakeLimits, fetch_image
+from server.netguard import UrlGuard
 
 PRO_I2V = "fal-ai/kandinsky5-pro/image-to-video"
+LOOPBACK_OK = UrlGuard(["127.0.0.1"])
 
 
 def png(size=(64, 96)) -> bytes:
@@ -24,6 +29,7 @@ def png(size=(64, 96)) -> bytes:
 
 
 def fetch(source, tmp_path, **limits):
+    limits.setdefault("guard", LOOPBACK_OK)
     return asyncio.run(fetch_image(source, tmp_path / "img", IntakeLimits(**limits)))
 
 
@@ -43,7 +49,7 @@ def test_data_uri_and_http_url(tmp_path, loopback):
         ("file:///etc/passwd", {}, "not an http(s) URL"),
         ("/etc/passwd", {}, "not an http(s) URL"),
         ("{url}/missing.png", {}, "answered HTTP 404"),
-        ("{url}/big.png", {"max_bytes": 2048}, "larger than 2048 bytes"),
+        ("{url}/big.png", {"max_bytes": 2048}, "the limit is 2048 (K5SERVE_IMAGE_MAX_BYTES)"),
         ("http://127.0.0.1:1/x.png", {}, "could not be fetched"),
     ],
 )
@@ -69,7 +75,7 @@ def test_slow_image_server_times_out(tmp_path):
 def test_i2v_over_http_url_picks_the_size_from_the_image(tmp_path, loopback):
     loopback.files["/portrait.png"] = ("image/png", png((300, 450)))
     engine = fakes.FakeEngine()
-    with app_client(engine, tmp_path) as client:
+    with app_client(engine, tmp_path, url_allowlist=["127.0.0.1"]) as client:
         body = {
             "prompt": "x",
             "image_url": f"{loopback.url}/portrait.png",

@@ -236,7 +236,7 @@ def router(services: Services) -> APIRouter:
             raise fail(request, 400, "Body validation error\nThe request body is not valid JSON") from exc
         try:
             model, greq = parse_body(body)
-            services.engine.prepare(greq)
+            services.prepare(greq)
         except BodyInvalid as exc:
             raise fail(request, 400, exc.message) from exc
         except InvalidRequest as exc:

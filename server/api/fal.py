@@ -14,7 +14,6 @@ import json
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
-from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -25,6 +24,7 @@ from pipelines.request import GenerationRequest
 from ..intake import ImageInputError, fetch_image
 from ..jobs import ErrorKind, Job, JobError, JobStatus, LogLine, new_job_id, short_value
 from ..manager import CancelOutcome, QueueFull, Unavailable
+from ..netguard import UrlGuard, UrlRefused
 from ..services import Services
 from ..storage import file_url
 from ..store import WebhookBody
@@ -163,12 +163,17 @@ def _model_id(owner: str, alias: str, path: str) -> str:
     return model_id
 
 
-def _check_webhook(url: str | None) -> str | None:
+def _check_webhook(url: str | None, guard: UrlGuard) -> str | None:
+    """An obviously bad fal_webhook (not http(s), a literal private address, ...) is fal's 422 at submit;
+    host names are checked when the delivery connects (webhooks.py)."""
     if url is None:
         return None
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise json_error(400, {"detail": f"fal_webhook must be an absolute http(s) URL, got {short_value(url)!r}"})
+    try:
+        guard.check_url(url)
+    except UrlRefused as exc:
+        msg = f"fal_webhook must be an absolute http(s) URL the server may reach: {exc.message}"
+        detail = [{"loc": ["query", "fal_webhook"], "msg": msg, "type": "value_error", "input": short_value(url)}]
+        raise json_error(422, {"detail": detail}) from exc
     return url
 
 
@@ -188,7 +193,8 @@ class FalIntake:
             # fal: invalid input is accepted at submit and reported as a 422 on the result route.
             first = exc.detail[0]
             error = JobError(ErrorKind.INVALID_INPUT, first["msg"], exc.field, first.get("input"))
-            placeholder = GenerationRequest(variant=default_variant(model_id), prompt=_prompt_of(body))
+            prompt = _prompt_of(body)[: self.s.settings.max_prompt_chars]  # no oversized prompt on record
+            placeholder = GenerationRequest(variant=default_variant(model_id), prompt=prompt)
             return self._submit(job_id, model_id, placeholder, base, webhook_url, error, {"fal_detail": exc.detail})
         return self._submit(job_id, model_id, greq, base, webhook_url)
 
@@ -207,7 +213,7 @@ class FalIntake:
             image_path = str(path)
         greq = to_generation_request(parsed, image_path, image_size)
         try:
-            self.s.engine.prepare(greq)
+            self.s.prepare(greq)
         except InvalidRequest as exc:
             raise invalid(ENGINE_FIELDS.get(exc.field, exc.field), exc.value, exc.message) from exc
         except WeightsMissing as exc:
@@ -306,7 +312,7 @@ def queue_router(services: Services) -> APIRouter:
 
     async def submit(request: Request, owner: str, alias: str, path: str = "", fal_webhook: str | None = None):
         model_id = _model_id(owner, alias, path)
-        job = await intake.accept(request, model_id, _check_webhook(fal_webhook))
+        job = await intake.accept(request, model_id, _check_webhook(fal_webhook, services.guard))
         base = services.base_url(request)
         body = {
             "status": FAL_STATUS[job.status],

@@ -159,7 +159,7 @@ def router(services: Services) -> APIRouter:
             raise ResponseError(error_response(400, "the request body is not valid JSON")) from exc
         try:
             model, greq = parse_body(body)
-            services.engine.prepare(greq)
+            services.prepare(greq)
         except ParamInvalid as exc:
             raise ResponseError(error_response(400, exc.message, param=exc.param)) from exc
         except InvalidRequest as exc:

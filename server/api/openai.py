@@ -11,7 +11,6 @@ Extensions beyond OpenAI's schema (send them through the SDK's `extra_body`):
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import uuid
@@ -97,7 +96,8 @@ async def read_fields(request: Request, max_image_bytes: int) -> dict[str, Any]:
             if isinstance(value, UploadFile):
                 data = await value.read(max_image_bytes + 1)
                 if len(data) > max_image_bytes:
-                    raise invalid(key, f"{key} is larger than {max_image_bytes} bytes")
+                    limit = f"the limit is {max_image_bytes} (K5SERVE_IMAGE_MAX_BYTES)"
+                    raise invalid(key, f"{key} is larger than {max_image_bytes} bytes; {limit}")
                 fields[key] = data
             elif match := _BRACKETED.match(key):  # the SDK sends {"image_url": …} as input_reference[image_url]
                 nested = fields.setdefault(match[1], {})
@@ -158,8 +158,8 @@ def _size(fields: dict) -> tuple[int, int] | None:
     return int(match[1]), int(match[2])
 
 
-def _image_source(fields: dict) -> str | None:
-    """input_reference as a data: URI or URL: an uploaded file, a string, or {"image_url": ...}."""
+def _image_source(fields: dict) -> str | bytes | None:
+    """input_reference: an uploaded file's bytes, or a data: URI or URL (a string or {"image_url": ...})."""
     value = fields.get("input_reference")
     if isinstance(value, dict):
         if not value.get("image_url"):
@@ -168,7 +168,7 @@ def _image_source(fields: dict) -> str | None:
     if value is None or value == "":
         return None
     if isinstance(value, bytes):
-        return "data:application/octet-stream;base64," + base64.b64encode(value).decode()
+        return value  # fetch_image checks it like a fetched image (size, format, pixels)
     if not isinstance(value, str):
         raise invalid("input_reference", "input_reference must be an image file, an image URL or a data: URI.")
     return value
@@ -269,7 +269,7 @@ def router(services: Services) -> APIRouter:
         image = None
         if source is not None:
             try:
-                path, _ = await fetch_image(source, storage.input_path(job_id, ""), services.intake)
+                path, _ = await fetch_image(source, storage.input_path(job_id, ""), services.intake, "input_reference")
             except ImageInputError as exc:
                 raise invalid("input_reference", exc.message) from exc
             image = str(path)
@@ -286,7 +286,7 @@ def router(services: Services) -> APIRouter:
         )
         try:
             nominal = resolve(greq, default_seed=0)  # the size/length asked for (demo mode shrinks later)
-            services.engine.prepare(greq)
+            services.prepare(greq)
         except InvalidRequest as exc:
             param = ENGINE_FIELDS.get(exc.field, exc.field)
             raise invalid(param, exc.message_for(param)) from exc

@@ -39,6 +39,7 @@ class TextKeyMask:
     """Shared by every masked processor of one transformer: the key mask of the current call."""
 
     def __init__(self) -> None:
+        self.batched = False  # True during a batched CFG call
         self.key_mask: torch.Tensor | None = None  # (B, 1, 1, L) bool, True = a real text token
 
 
@@ -62,34 +63,34 @@ def _make_masked_processor_class():
             self.state = state
 
         def __call__(self, attn, hidden_states, encoder_hidden_states=None, rotary_emb=None, sparse_params=None):
-            mask = self.state.key_mask
-            if mask is None:
+            if not self.state.batched or encoder_hidden_states is None:
                 return super().__call__(attn, hidden_states, encoder_hidden_states, rotary_emb, sparse_params)
-            # The stock processor's body (diffusers 0.42.1), with the mask given to SDPA.
-            source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+            from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+            # The stock cross-attention (diffusers 0.42.1), except: keys and values are projected one
+            # sample at a time (a few text rows round differently inside a bigger GEMM), and padded
+            # text keys are masked.
+            text = encoder_hidden_states
             query = attn.to_query(hidden_states)
-            key = attn.to_key(source)
-            value = attn.to_value(source)
+            key = torch.cat([attn.to_key(text[i : i + 1]) for i in range(text.shape[0])])
+            value = torch.cat([attn.to_value(text[i : i + 1]) for i in range(text.shape[0])])
             query = query.reshape(*query.shape[:-1], attn.num_heads, -1)
             key = key.reshape(*key.shape[:-1], attn.num_heads, -1)
             value = value.reshape(*value.shape[:-1], attn.num_heads, -1)
             query = attn.query_norm(query.float()).type_as(query)
             key = attn.key_norm(key.float()).type_as(key)
-            if rotary_emb is not None:
-                query = _apply_rotary(query, rotary_emb).type_as(query)
-                key = _apply_rotary(key, rotary_emb).type_as(key)
-            out = F.scaled_dot_product_attention(
-                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask
-            ).transpose(1, 2)
+            mask = self.state.key_mask
+            if mask is None:
+                out = dispatch_attention_fn(
+                    query, key, value, backend=self._attention_backend, parallel_config=self._parallel_config
+                )
+            else:  # masks: plain SDPA (the flash backends take none); cross-attention is a small share
+                out = F.scaled_dot_product_attention(
+                    query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask
+                ).transpose(1, 2)
             return attn.out_layer(out.flatten(-2, -1))
 
     return MaskedAttnProcessor
-
-
-def _apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    # Same as the stock processor's apply_rotary, including its bf16 rounding.
-    x_ = x.reshape(*x.shape[:-1], -1, 1, 2).to(torch.float32)
-    return (rope * x_).sum(dim=-1).reshape(*x.shape).to(torch.bfloat16)
 
 
 def _per_sample_class(base):
@@ -294,7 +295,7 @@ class StepRunner:
                     self.tr.forward = previous
                 self._stash = None
                 if self._state is not None:
-                    self._state.key_mask = None
+                    self._state.key_mask, self._state.batched = None, False
 
         return installed()
 
@@ -380,6 +381,8 @@ class StepRunner:
                 return self._single(0, *args)
             positions = torch.arange(longest, device=text.device)
             state.key_mask = torch.stack([positions < n for n in lengths])[:, None, None, :]
+        if state is not None:
+            state.batched = True
         try:
             sample = self._evaluate(
                 [0, 1],
@@ -394,7 +397,7 @@ class StepRunner:
             )
         finally:
             if state is not None:
-                state.key_mask = None
+                state.key_mask, state.batched = None, False
         self.batched += 1
         self._stash = _Stash(hidden_states, timestep, sample[1:2])
         return sample[0:1]

@@ -162,7 +162,8 @@ def resolve(req: GenerationRequest, default_seed: int | None = None) -> Resolved
 
     acceleration = "none" if req.acceleration is None else req.acceleration
     if acceleration not in ACCELERATIONS:
-        raise _bad("acceleration", acceleration, f"acceleration must be one of {', '.join(ACCELERATIONS)}")
+        allowed = ", ".join(ACCELERATIONS)
+        raise _bad("acceleration", acceleration, f"acceleration must be one of {allowed}, got {acceleration!r}")
 
     return ResolvedRequest(
         variant=variant,

@@ -117,7 +117,7 @@ class Engine:
 
         auto: the fastest mode in which the variant's largest request (largest size, full clip) fits.
         """
-        if not self.device.startswith("cuda"):
+        if self.capacity is None:  # CPU: no limit, one device
             return "gpu"
         if self.memory_mode != "auto":
             return self.memory_mode

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, default=None)
     serve.add_argument("--fal-run-port", type=int, default=None)
     serve.add_argument("--require-weights", action="store_true", default=None)
+    serve.add_argument(
+        "--memory-mode", default=None, choices=["auto", "gpu", "offload_text", "offload_model"], help="default: auto"
+    )
 
     gen = sub.add_parser("generate", help="make one video and exit")
     gen.add_argument("prompt")

@@ -7,7 +7,7 @@ List fields take comma-separated values (K5SERVE_API_KEY=a,b  K5SERVE_MODELS=x,y
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     max_queue: int = Field(100, ge=1)
     fal_run_port: int | None = Field(None, ge=0, le=65535)
     require_weights: bool = False
+    # Where the weights live on the GPU (pipelines/memory.py): auto decides per variant from the device memory.
+    memory_mode: Literal["auto", "gpu", "offload_text", "offload_model"] = "auto"
 
     # Not CLI flags: tuning knobs with safe defaults (still settable through K5SERVE_*).
     webhook_timeout: float = Field(15.0, gt=0)  # fal delivery policy: 15 s per attempt

@@ -266,3 +266,13 @@ def test_bad_acceleration_is_rejected(batched):
     with pytest.raises(InvalidRequest) as info:
         batched.prepare(t2v(acceleration="turbo"))
     assert info.value.field == "acceleration" and "turbo" in str(info.value)
+
+
+def test_fal_acceleration_reaches_the_request():
+    from server.api.fal_inputs import parse, to_generation_request
+
+    pro = "fal-ai/kandinsky5-pro/text-to-video"
+    assert to_generation_request(parse(pro, {"prompt": "x"})).acceleration == "regular"  # fal's default
+    assert to_generation_request(parse(pro, {"prompt": "x", "acceleration": "none"})).acceleration == "none"
+    lite = to_generation_request(parse("fal-ai/kandinsky5/text-to-video", {"prompt": "x"}))
+    assert lite.acceleration is None  # no such field on fal's Lite endpoints: exact

@@ -33,7 +33,7 @@ class ProT2VInput(_Input):
     aspect_ratio: AspectRatio = "3:2"
     duration: str | int = "5s"
     num_inference_steps: int = 28
-    acceleration: Literal["none", "regular"] = "regular"  # accepted; k5serve has no accelerated path
+    acceleration: Literal["none", "regular"] = "regular"  # regular = MagCache step caching (approximate)
 
 
 class ProI2VInput(_Input):
@@ -194,6 +194,7 @@ def to_generation_request(
         steps=steps if steps is not None else (public.steps if public else None),
         guidance=wire.guidance_scale if local else (public.guidance if public else None),
         seed=wire.seed,
+        acceleration=getattr(wire, "acceleration", None),  # fal's Pro endpoints default to "regular"
     )
 
 

@@ -326,7 +326,7 @@ class ImageServer:
     """HTTP/1.0 server on 127.0.0.1 counting connections and requests; `routes` maps a path to a
     function of the request handler."""
 
-    def __init__(self):
+    def __init__(self, tls=None):
         self.connections = 0
         self.requests: list[tuple[str, dict]] = []
         self.routes: dict[str, Callable] = {}
@@ -354,6 +354,8 @@ class ImageServer:
                 super().process_request(request, client_address)
 
         self.server = Server(("127.0.0.1", 0), Handler)
+        if tls is not None:  # an ssl.SSLContext for the server side
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
@@ -447,6 +449,30 @@ def test_a_name_resolved_by_the_guard_keeps_its_host_header(tmp_path, images):
     assert path.read_bytes() == png() and size == (32, 24)
     [(_, headers)] = images.requests
     assert headers["Host"] == f"images.test:{images.port}"
+
+
+def test_https_by_name_verifies_the_certificate_of_the_name(tmp_path, monkeypatch):
+    """The socket goes to the checked IP while TLS (SNI and certificate check) and Host use the URL's
+    name: a certificate issued for images.test only (not for 127.0.0.1) verifies."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("images.test").configure_cert(server_ctx)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    server = ImageServer(tls=server_ctx)
+    try:
+        server.file("/a.png", png())
+        guard = UrlGuard(LOOPBACK, resolver=FakeResolver({"images.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]}))
+        _, size = fetch(f"https://images.test:{server.port}/a.png", tmp_path, guard)
+        assert size == (32, 24) and server.requests[0][1]["Host"] == f"images.test:{server.port}"
+        with pytest.raises(ImageInputError, match="could not be fetched"):  # same socket, wrong name
+            fetch(f"https://other.test:{server.port}/a.png", tmp_path, guard)
+    finally:
+        server.close()
 
 
 def test_redirect_between_loopback_ports_is_followed(tmp_path, images, images2):

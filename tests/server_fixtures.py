@@ -195,6 +195,9 @@ class Loopback:
         self.failures = 0
         self.fail_with = 500
         self.delay = 0.0  # seconds to sit on each POST before answering
+        self.hold = False  # when True, each POST is read, then held unanswered until `released` is set
+        self.holding = threading.Event()  # set once a POST is being held
+        self.released = threading.Event()
         self.lock = threading.Lock()
         outer = self
 
@@ -206,6 +209,10 @@ class Loopback:
                 import time
 
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                if outer.hold:  # the sender is mid-delivery (e.g. a crash test kills it now)
+                    outer.holding.set()
+                    outer.released.wait(30)
+                    return
                 time.sleep(outer.delay)
                 with outer.lock:
                     failing = outer.failures > 0

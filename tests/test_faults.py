@@ -26,13 +26,15 @@ from server_fixtures import ROOT, app_client, server_process, wait_until
 from pipelines.errors import DeviceFailure, OutOfMemory
 from pipelines.request import GenerationRequest
 from server.app import create_app
-from server.jobs import JobStatus
+from server.events import Succeeded
+from server.jobs import JobOutput, JobStatus
 from server.manager import JobManager
 from server.settings import Settings
 from server.storage import Storage
 from server.store import JobStore, WebhookBody
 
 T2V = "/fal-ai/kandinsky5/text-to-video"
+OUT = JobOutput("output.mp4", "video/mp4", 5, 64, 64, 5, 24, 1, 7, "kandinsky5-tiny-t2v", True)
 CONTRACTS = ["fal", "aimlapi", "onerouter", "openai"]
 
 
@@ -493,3 +495,31 @@ def test_openai_delete_removes_the_record_and_the_file_for_good(tmp_path):
         assert client.get(f"/v1/videos/{finished.job_id}").status_code == 404
         assert [v["id"] for v in client.get("/v1/videos").json()["data"]] == [running]
     assert sorted(p.name for p in (tmp_path / "files").iterdir()) == [services.manager.get(running).file_id]
+
+
+def test_start_up_sweeps_partial_files_orphans_and_unfinished_outputs(tmp_path):
+    """What a kill -9 can leave in the data dir: a half-written `*.part` next to a finished video, an
+    output folder no record names, a folder of a job that was running, an input of a finished job."""
+    storage = Storage(tmp_path)
+    manager = JobManager(JobStore(storage.database), storage)
+    req = GenerationRequest(variant="kandinsky5-tiny-t2v", prompt="x", steps=1)
+    finished = manager.submit(contract="fal", model="m", request=req)
+    running = manager.submit(contract="fal", model="m", request=req)
+    waiting = manager.submit(contract="fal", model="m", request=req)
+    manager.next_job(threading.Event())
+    storage.output_path(finished.file_id).write_bytes(b"whole")
+    manager.handle(Succeeded(finished.id, OUT))
+    manager.next_job(threading.Event())
+    storage.output_path(running.file_id, "output.mp4.part").write_bytes(b"half")
+    (storage.files / finished.file_id / ".output.x1y2.mp4.part").write_bytes(b"half")  # the real engine's name
+    storage.output_path("O" * 32).write_bytes(b"orphan")
+    storage.input_path(waiting.id, ".png").write_bytes(b"image")
+    storage.input_path(finished.id, ".png").write_bytes(b"image")
+    manager.store.close()
+
+    again = JobManager(JobStore(storage.database), storage)
+    assert again.recover() == {"requeued": 1, "queued": 2, "succeeded": 1}
+    assert sorted(p.name for p in storage.files.iterdir()) == [finished.file_id]
+    assert [p.name for p in (storage.files / finished.file_id).iterdir()] == ["output.mp4"]
+    assert [p.name for p in storage.inputs.iterdir()] == [f"{waiting.id}.png"]
+    assert [again.queue_position(j.id) for j in (running, waiting)] == [0, 1]

@@ -1,11 +1,23 @@
 """Durability: `kill -9` with jobs finished, running and queued; the restarted server finishes all
-of them and still serves every earlier result URL, byte for byte."""
+of them and still serves every earlier result URL, byte for byte.
+
+The crash tests kill at deterministic points: the child's fake engine (fakes.engine_from_env)
+stops at a named point and touches `paused-<point>` in a pause folder, and the test kills it
+there: right after a submit is on disk but before the client hears back, mid-generation,
+mid-file-write, and mid-webhook-delivery (the receiver holds the POST). After each: the store
+passes `PRAGMA integrity_check`, every accepted job is present, interrupted ones run again, no
+partial file is served, and the webhook arrives (at least once).
+"""
 
 from __future__ import annotations
 
+import sqlite3
+import threading
+from pathlib import Path
+
 import httpx
 import pytest
-from server_fixtures import server_process, wait_until
+from server_fixtures import ServerProcess, server_process, wait_until
 
 T2V = "fal-ai/kandinsky5/text-to-video"
 
@@ -83,3 +95,155 @@ def test_graceful_stop_requeues_the_running_job(tmp_path):
             assert client.get(f"/fal-ai/kandinsky5/requests/{rid}").status_code == 200
     finally:
         server.stop()
+
+
+# -- kill -9 at deterministic points -----------------------------------------------------------------
+
+FAKE_HEAD = b"\x00\x00\x00\x18ftypmp42FAKE"  # what fakes.fake_video_bytes starts with
+
+
+def crash_server(tmp_path: Path, **env: str) -> tuple[ServerProcess, Path]:
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    base = {
+        "K5SERVE_FAKE_PAUSE_DIR": str(pause),
+        "K5SERVE_FAKE_STEP_TIME": "0.01",
+        "K5SERVE_URL_ALLOWLIST": "127.0.0.1",  # the webhook receiver is on loopback
+        "K5SERVE_WEBHOOK_BACKOFF": "0.1",
+    }
+    return server_process(tmp_path, fake=True, run_port=False, env={**base, **env}), pause
+
+
+def kill_at(server: ServerProcess, pause: Path, point: str) -> None:
+    """Wait until the child reports `point`, kill -9 it, and check the store file is sound."""
+    wait_until(lambda: (pause / f"paused-{point}").exists(), timeout=20, what=f"the child to reach {point}")
+    server.kill9()
+    assert integrity(server) == "ok"
+    (pause / "release").touch()  # the restarted child passes every pause point
+
+
+def integrity(server: ServerProcess) -> str:
+    db = sqlite3.connect(server.log_path.parent / "data" / "jobs.sqlite3")
+    try:
+        return db.execute("PRAGMA integrity_check").fetchone()[0]
+    finally:
+        db.close()
+
+
+def complete_video(data: bytes) -> bool:
+    """A whole fake video: the header and then one 64-hex digest, exactly 8 times."""
+    body = data[len(FAKE_HEAD) :]
+    return data.startswith(FAKE_HEAD) and len(body) == 8 * 64 and body == body[:64] * 8
+
+
+def wait_completed(client: httpx.Client, rid: str) -> dict:
+    wait_until(lambda: status_after(client, rid)["status"] == "COMPLETED", timeout=30, what=f"{rid} to complete")
+    return client.get(f"/fal-ai/kandinsky5/requests/{rid}").json()
+
+
+def part_files(tmp_path: Path) -> list[Path]:
+    return [p for p in (tmp_path / "data" / "files").rglob("*") if p.name.endswith(".part")]
+
+
+@pytest.mark.parametrize("point", ["step", "write"])
+def test_kill_9_mid_generation_or_mid_write_reruns_the_job(tmp_path, point):
+    server, pause = crash_server(tmp_path)
+    server.start()
+    try:
+        with server.client() as client:
+            done = client.post(f"/{T2V}", json={"prompt": "before", "num_inference_steps": 2}).json()["request_id"]
+            url = wait_completed(client, done)["video"]["url"]
+            before = client.get(url).content
+            body = {"prompt": f"[pause-{point}] interrupted", "num_inference_steps": 4}
+            victim = client.post(f"/{T2V}", json=body).json()["request_id"]
+            queued = client.post(f"/{T2V}", json={"prompt": "behind", "num_inference_steps": 2}).json()["request_id"]
+        kill_at(server, pause, point)
+        if point == "write":
+            assert [p.stat().st_size for p in part_files(tmp_path)] != []  # killed with half a file on disk
+
+        server.start()
+        with server.client() as client:
+            for rid in (victim, queued):
+                video = wait_completed(client, rid)["video"]
+                data = client.get(video["url"]).content
+                assert complete_video(data) and len(data) == video["file_size"]
+            logs = [e["message"] for e in status_after(client, victim)["logs"]]
+            assert any("restarted" in m for m in logs) and "step 4/4" in logs
+            assert client.get(url).content == before  # earlier results untouched
+            assert part_files(tmp_path) == []
+    finally:
+        server.stop()
+    assert integrity(server) == "ok"
+
+
+def test_kill_9_after_a_submit_is_stored_but_before_the_answer(tmp_path):
+    """The client never heard back, yet the job was accepted on disk: it is there after the restart
+    and runs (at-least-once; nothing half-written). Jobs answered before the crash are all there."""
+    server, pause = crash_server(tmp_path)
+    server.start()
+    try:
+        with server.client() as client:
+            answered = [
+                client.post("/v1/videos", json={"prompt": f"answered {i}", "num_inference_steps": 2}).json()["id"]
+                for i in range(3)
+            ]
+            (pause / "arm-submit").touch()
+            outcome: list[object] = []
+
+            def submit() -> None:
+                try:
+                    outcome.append(client.post("/v1/videos", json={"prompt": "unanswered", "num_inference_steps": 2}))
+                except httpx.HTTPError as exc:
+                    outcome.append(exc)
+
+            sender = threading.Thread(target=submit)
+            sender.start()
+            kill_at(server, pause, "submit")
+            sender.join(30)
+            assert isinstance(outcome[0], httpx.HTTPError)  # the connection died without an answer
+        (pause / "arm-submit").unlink()
+
+        server.start()
+        with server.client() as client:
+            listed = {v["id"]: v for v in client.get("/v1/videos", params={"limit": 100}).json()["data"]}
+            assert set(answered) <= set(listed)
+            (unanswered,) = [vid for vid, v in listed.items() if v["prompt"] == "unanswered"]
+            for vid in [*answered, unanswered]:
+                wait_until(
+                    lambda vid=vid: client.get(f"/v1/videos/{vid}").json()["status"] == "completed",
+                    timeout=30,
+                    what=f"{vid} to complete",
+                )
+                assert complete_video(client.get(f"/v1/videos/{vid}/content").content)
+    finally:
+        server.stop()
+    assert integrity(server) == "ok"
+
+
+def test_kill_9_mid_webhook_delivery_delivers_it_after_the_restart(tmp_path, loopback):
+    server, _pause = crash_server(tmp_path)
+    loopback.hold = True
+    server.start()
+    try:
+        with server.client() as client:
+            hook = f"{loopback.url}/hook"
+            rid = client.post(f"/{T2V}", params={"fal_webhook": hook}, json={"prompt": "x"}).json()["request_id"]
+            assert loopback.holding.wait(30), server.log_tail()  # the POST is in flight
+            result = wait_completed(client, rid)
+        server.kill9()
+        assert integrity(server) == "ok"
+        loopback.hold = False
+        loopback.released.set()
+
+        server.start()
+        wait_until(lambda: loopback.ok_deliveries(), timeout=30, what="the webhook after the restart")
+        (delivered,) = loopback.ok_deliveries()
+        assert delivered["request_id"] == rid and delivered["status"] == "OK" and delivered["payload"] == result
+    finally:
+        server.stop()
+    db = sqlite3.connect(tmp_path / "data" / "jobs.sqlite3")
+    try:
+        assert db.execute("SELECT state FROM webhooks WHERE job_id = ?", (rid,)).fetchone() == ("delivered",)
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        db.close()

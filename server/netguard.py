@@ -223,6 +223,14 @@ class UrlGuard:
     def __init__(self, allowlist: Iterable[str] | Allowlist = (), resolver: Resolver | None = None):
         self.allowlist = allowlist if isinstance(allowlist, Allowlist) else Allowlist(allowlist)
         self.resolver = resolver or system_resolver
+        self._ssl_context: ssl.SSLContext | None = None
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        """Built once (loading the CA bundle takes tens of milliseconds); honours SSL_CERT_FILE/DIR."""
+        if self._ssl_context is None:
+            self._ssl_context = httpx.create_ssl_context()
+        return self._ssl_context
 
     def check_ip(self, ip: IPAddress, host: str) -> None:
         if self.allowlist.admits_ip(ip):
@@ -292,7 +300,7 @@ class UrlGuard:
         return addresses
 
     def transport(self, inner: httpcore.AsyncNetworkBackend | None = None) -> GuardedTransport:
-        return GuardedTransport(GuardedBackend(self, inner))
+        return GuardedTransport(GuardedBackend(self, inner), self.ssl_context)
 
     def client(
         self,
@@ -350,9 +358,8 @@ class GuardedTransport(httpx.AsyncHTTPTransport):
     builds is replaced by one built the same way with `network_backend` set.
     """
 
-    def __init__(self, backend: GuardedBackend, verify: ssl.SSLContext | bool = True):
-        super().__init__(trust_env=False)
-        ssl_context = verify if isinstance(verify, ssl.SSLContext) else httpx.create_ssl_context(verify=verify)
+    def __init__(self, backend: GuardedBackend, ssl_context: ssl.SSLContext):
+        super().__init__(verify=ssl_context, trust_env=False)
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=ssl_context,
             max_connections=10,

@@ -293,7 +293,10 @@ class UrlGuard:
         name_admitted = self.allowlist.admits_name(host)
         addresses = []
         for answer in answers:
-            address = ipaddress.ip_address(str(answer).split("%", 1)[0])
+            try:
+                address = ipaddress.ip_address(str(answer).split("%", 1)[0])
+            except ValueError as exc:
+                raise httpcore.ConnectError(f"{host} resolved to {answer!r}, not an address") from exc
             if not name_admitted:
                 self.check_ip(address, host)  # EVERY address: one bad answer refuses the host
             addresses.append(str(address))

@@ -124,7 +124,7 @@ class WebhookDispatcher:
             response = await self._client.post(delivery.url, content=delivery.body, headers=headers)
         except UrlRefused as exc:
             return f"refused: {exc.message}"[:300], True
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, OSError, ValueError) as exc:  # retried: the receiver may come back
             return f"{type(exc).__name__}: {exc}"[:300], False
         if 200 <= response.status_code < 300:
             return None, False

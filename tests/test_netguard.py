@@ -635,3 +635,10 @@ def test_a_webhook_name_resolving_to_a_refused_address_is_abandoned_without_retr
     assert delivery.state == "abandoned" and delivery.attempts == 1  # abandoned: never due again
     assert "refused" in delivery.last_error and "loopback" in delivery.last_error
     assert images.connections == 0
+
+
+def test_a_resolver_answering_junk_is_a_connect_error_not_a_crash(tmp_path):
+    guard = UrlGuard(resolver=FakeResolver({"junk.test": ["not-an-address"], "empty.test": []}))
+    for url in ("http://junk.test/a.png", "http://empty.test/a.png"):
+        with pytest.raises(ImageInputError, match=r"could not be fetched \(ConnectError"):
+            fetch(url, tmp_path, guard)

@@ -31,7 +31,6 @@ import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -102,25 +101,31 @@ def data_uri(data: bytes, mime: str = "image/png") -> str:
 PNG = _png()
 SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"><script>alert(1)</script></svg>'
 
-HOSTILE_IMAGES: dict[str, str] = {
-    "file-url": "file:///etc/passwd",
-    "ftp-url": "ftp://127.0.0.1/image.png",
-    "gopher-url": "gopher://127.0.0.1:70/_GET%20/",
-    "javascript-url": "javascript:alert(1)",
-    "metadata-ip": "http://169.254.169.254/latest/meta-data/iam/security-credentials/",
-    "ipv6-loopback-closed-port": "http://[::1]:1/image.png",
-    "hex-ip": "http://0x7f.1/image.png",
-    "userinfo-host": "http://user:secret@127.0.0.1:1/image.png",
-    "closed-port": "http://127.0.0.1:1/image.png",
-    "no-host": "http:///image.png",
-    "bad-port": "http://127.0.0.1:99999/image.png",
-    "data-not-base64": "data:image/png;base64,!!!not*base64!!!",
-    "data-text": "data:text/plain,hello%20world",
-    "data-svg": data_uri(SVG, "image/svg+xml"),
-    "data-truncated-png": data_uri(PNG[:60]),
-    "data-empty": "data:image/png;base64,",
-    "data-no-comma": "data:image/png;base64" + "A" * 40,
-    "data-bomb-header": data_uri(_bomb_header_png()),
+NOT_URL, LOOPBACK, UNREADABLE = (
+    "is not an http(s) URL or a data: URI",
+    "is a loopback address",
+    "is not a readable image",
+)
+# name -> (image URL, what the answer must say). Only loopback hosts or ones refused before connecting.
+HOSTILE_IMAGES: dict[str, tuple[str, str]] = {
+    "file-url": ("file:///etc/passwd", NOT_URL),
+    "ftp-url": ("ftp://127.0.0.1/image.png", NOT_URL),
+    "gopher-url": ("gopher://127.0.0.1:70/_GET%20/", NOT_URL),
+    "javascript-url": ("javascript:alert(1)", NOT_URL),
+    "metadata-ip": ("http://169.254.169.254/latest/meta-data/iam/security-credentials/", "cloud metadata address"),
+    "ipv6-loopback-closed-port": ("http://[::1]:1/image.png", LOOPBACK),
+    "hex-ip": ("http://0x7f.1/image.png", LOOPBACK),
+    "userinfo-host": ("http://user:secret@127.0.0.1:1/image.png", "user:password@ are refused"),
+    "closed-port": ("http://127.0.0.1:1/image.png", LOOPBACK),
+    "no-host": ("http:///image.png", "has no host"),
+    "bad-port": ("http://127.0.0.1:99999/image.png", "refused"),
+    "data-not-base64": ("data:image/png;base64,!!!not*base64!!!", "is not valid base64"),
+    "data-text": ("data:text/plain,hello%20world", UNREADABLE),
+    "data-svg": (data_uri(SVG, "image/svg+xml"), UNREADABLE),
+    "data-truncated-png": (data_uri(PNG[:60]), UNREADABLE),
+    "data-empty": ("data:image/png;base64,", UNREADABLE),
+    "data-no-comma": ("data:image/png;base64" + "A" * 40, "has no ','"),
+    "data-bomb-header": (data_uri(_bomb_header_png()), "more pixels than the image decoder allows"),
 }
 
 
@@ -129,7 +134,7 @@ HOSTILE_IMAGES: dict[str, str] = {
 Check = Callable[[httpx.Response], None]
 
 
-def fal_422(field_name: str, type_: str | None = None) -> Check:
+def fal_422(field_name: str, type_: str | None = None, msg: str = "") -> Check:
     """fal's validation error, as both fal clients read it (JS ValidationError.fieldErrors)."""
 
     def check(r: httpx.Response) -> None:
@@ -137,7 +142,7 @@ def fal_422(field_name: str, type_: str | None = None) -> Check:
         assert set(body) == {"detail"} and isinstance(body["detail"], list) and body["detail"], body
         first = body["detail"][0]
         assert {"loc", "msg", "type"} <= set(first) and isinstance(first["msg"], str) and first["msg"], body
-        assert first["loc"] == ["body", field_name], body
+        assert first["loc"] == ["body", field_name] and msg in first["msg"], body
         if type_ is not None:
             assert first["type"] == type_, body
         assert r.headers.get("x-fal-retryable") == "false"
@@ -185,36 +190,36 @@ def gateway(text: str) -> Check:
     return check
 
 
-def oner(param: str, code: int | None = None) -> Check:
+def oner(param: str, code: int | None = None, msg: str = "") -> Check:
     def check(r: httpx.Response) -> None:
         body = r.json()
         assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "type", "param"}, body
         error = body["error"]
         assert error["code"] == r.status_code == (code or r.status_code), body
         assert error["param"] == param and isinstance(error["message"], str) and error["message"], body
-        assert isinstance(error["type"], str) and error["type"], body
+        assert isinstance(error["type"], str) and error["type"] and msg in error["message"], body
 
     return check
 
 
-def oai(param: str | None, code: str | None = None) -> Check:
+def oai(param: str | None, code: str | None = None, msg: str = "") -> Check:
     def check(r: httpx.Response) -> None:
         body = r.json()
         assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
         error = body["error"]
         assert error["type"] == "invalid_request_error" and error["message"], body
-        assert error["param"] == param, body
+        assert error["param"] == param and msg in error["message"], body
         if code is not None:
             assert error["code"] == code, body
 
     return check
 
 
-def fal_query_422(name: str) -> Check:
+def fal_query_422(name: str, msg: str = "") -> Check:
     def check(r: httpx.Response) -> None:
         body = r.json()
         assert set(body) == {"detail"} and body["detail"][0]["loc"] == ["query", name], body
-        assert isinstance(body["detail"][0]["msg"], str) and body["detail"][0]["msg"], body
+        assert isinstance(body["detail"][0]["msg"], str) and msg in body["detail"][0]["msg"], body
 
     return check
 
@@ -249,25 +254,26 @@ class Case:
     auth: Any = DEFAULT  # DEFAULT: the contract's right key; None: no header; str: that header
     deferred: bool = False  # fal: submit answers 200, the error comes on the result route
     raw: bool = False  # send the path byte for byte over a socket (no client-side normalisation)
-    marks: tuple = ()
 
     @property
     def id(self) -> str:
         return f"{self.contract}-{self.name}"
 
 
-def _fal_body(name: str, body: dict | None = None, *, field_name: str, path: str = FAL_LITE, **kw) -> Case:
-    return Case(
-        name, "fal", "POST", path, 422, fal_422(field_name, kw.pop("type_", None)), json=body, deferred=True, **kw
-    )
+def _fal_body(
+    name: str, body: dict | None = None, *, field_name: str, path: str = FAL_LITE, msg: str = "", **kw
+) -> Case:
+    check = fal_422(field_name, kw.pop("type_", None), msg)
+    return Case(name, "fal", "POST", path, 422, check, json=body, deferred=True, **kw)
 
 
 def _fal_raw(name: str, raw: bytes, *, field_name: str = "body", type_: str | None = None, **kw) -> Case:
     return Case(name, "fal", "POST", FAL_LITE, 422, fal_422(field_name, type_), body=raw, deferred=True, **kw)
 
 
-def _i2v(name: str, image_url: Any) -> Case:
-    return _fal_body(f"i2v-{name}", {"prompt": "x", "image_url": image_url}, field_name="image_url", path=FAL_PRO_I2V)
+def _i2v(name: str, image_url: Any, msg: str = "") -> Case:
+    body = {"prompt": "x", "image_url": image_url}
+    return _fal_body(f"i2v-{name}", body, field_name="image_url", path=FAL_PRO_I2V, msg=msg)
 
 
 DEEP = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
@@ -346,7 +352,7 @@ FAL_CASES = [
     _i2v("missing-image", None),
     _i2v("image-int", 12345),
     _i2v("image-list", ["http://127.0.0.1:1/a.png"]),
-    *[_i2v(name, url) for name, url in HOSTILE_IMAGES.items()],
+    *[_i2v(name, url, msg) for name, (url, msg) in HOSTILE_IMAGES.items()],
     # ids: unknown, another contract's, another app's, hostile
     Case(
         "status-unknown-id",
@@ -616,10 +622,10 @@ AIML_CASES = [
 ]
 
 
-def _oner(name: str, body: Any, param: str, status: int = 400, **kw) -> Case:
+def _oner(name: str, body: Any, param: str, status: int = 400, msg: str = "", **kw) -> Case:
     if isinstance(body, bytes):
-        return Case(name, "onerouter", "POST", ONER, status, oner(param), body=body, **kw)
-    return Case(name, "onerouter", "POST", ONER, status, oner(param), json=body, **kw)
+        return Case(name, "onerouter", "POST", ONER, status, oner(param, msg=msg), body=body, **kw)
+    return Case(name, "onerouter", "POST", ONER, status, oner(param, msg=msg), json=body, **kw)
 
 
 OM = {"model": "kandinsky5-text-to-video"}
@@ -668,10 +674,12 @@ ONEROUTER_CASES = [
 ]
 
 
-def _oai(name: str, body: Any, param: str | None, code: str | None = None, status: int = 400, **kw) -> Case:
+def _oai(
+    name: str, body: Any, param: str | None, code: str | None = None, status: int = 400, msg: str = "", **kw
+) -> Case:
     if isinstance(body, bytes):
-        return Case(name, "openai", "POST", OAI, status, oai(param, code), body=body, **kw)
-    return Case(name, "openai", "POST", OAI, status, oai(param, code), json=body, **kw)
+        return Case(name, "openai", "POST", OAI, status, oai(param, code, msg), body=body, **kw)
+    return Case(name, "openai", "POST", OAI, status, oai(param, code, msg), json=body, **kw)
 
 
 def _multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "k5b") -> bytes:
@@ -715,8 +723,8 @@ OPENAI_CASES = [
         "input-reference-file-id", {**P, "input_reference": {"file_id": "file-abc"}}, "input_reference", "invalid_value"
     ),
     *[
-        _oai(f"input-reference-{name}", {**P, "input_reference": url}, "input_reference", "invalid_value")
-        for name, url in HOSTILE_IMAGES.items()
+        _oai(f"input-reference-{name}", {**P, "input_reference": url}, "input_reference", "invalid_value", msg=msg)
+        for name, (url, msg) in HOSTILE_IMAGES.items()
         if name
         in (
             "file-url",
@@ -891,14 +899,10 @@ PLAYGROUND_CASES = [
 CORPUS: list[Case] = [*FAL_CASES, *AIML_CASES, *ONEROUTER_CASES, *OPENAI_CASES, *FILES_CASES, *PLAYGROUND_CASES]
 
 
-# -- cases that depend on the input limits and SSRF guards -----------------------------------------
+# -- cases answered by the input limits and the SSRF guard (server/netguard.py) ----------------------
 # The module server runs with small limits: bodies over 256 KiB, prompts over 2000 characters and
-# images over 1 megapixel are refused; loopback/private image URLs and webhooks are refused.
+# images over 1 megapixel are refused, as are GIFs and loopback/private image URLs and webhooks.
 
-# Until server/netguard.py (the SSRF guard, with the input limits) is in the tree these are
-# expected to fail; strict, so they flip to real tests the moment it lands.
-GUARDS_LANDED = (Path(__file__).resolve().parent.parent / "server" / "netguard.py").is_file()
-NEEDS_GUARDS = pytest.mark.xfail(not GUARDS_LANDED, strict=True, reason="needs the SSRF/limits work")
 LIMITS = {"max_body_bytes": 256 * 1024, "max_prompt_chars": 2000, "image_max_pixels": 1_000_000}
 BIG_BODY = json.dumps({"prompt": "x", "negative_prompt": "y" * 300_000}).encode()
 LONG = "a fox " * 400  # 2400 characters
@@ -906,59 +910,41 @@ WIDE_PNG = _png((1600, 1000), mode="1")  # 1.6 megapixels, a few hundred bytes
 GIF = _gif()
 
 
-def _guarded(case: Case) -> Case:
-    case.marks = (NEEDS_GUARDS,)
-    return case
+BODY, PROMPT, PIXELS = "K5SERVE_MAX_BODY_BYTES", "K5SERVE_MAX_PROMPT_CHARS", "K5SERVE_IMAGE_MAX_PIXELS"
+REFUSED = "is a loopback address; loopback, private, link-local and metadata addresses are refused"
+
+
+def _webhook(name: str, url: str, msg: str) -> Case:
+    path = FAL_LITE + "?fal_webhook=" + quote(url, safe="")
+    return Case(f"webhook-{name}", "fal", "POST", path, 422, fal_query_422("fal_webhook", msg), json={"prompt": "x"})
 
 
 GUARDED: list[Case] = [
-    _guarded(Case("body-too-large", "fal", "POST", FAL_LITE, 413, detail(), body=BIG_BODY)),
-    _guarded(_aiml("body-too-large", BIG_BODY, "", 413)),
-    _guarded(_oner("body-too-large", BIG_BODY, "", 413)),
-    _guarded(_oai("body-too-large", BIG_BODY, None, None, 413)),
-    _guarded(_fal_body("prompt-too-long", {"prompt": LONG}, field_name="prompt")),
-    _guarded(_aiml("prompt-too-long", {**M, "prompt": LONG}, 'at "prompt"')),
-    _guarded(_oner("prompt-too-long", {**OM, "prompt": LONG}, "prompt")),
-    _guarded(_oai("prompt-too-long", {"prompt": LONG}, "prompt")),
-    _guarded(_oai("negative-prompt-too-long", {**P, "negative_prompt": LONG}, "negative_prompt")),
-    _guarded(_i2v("too-many-pixels", data_uri(WIDE_PNG))),
-    _guarded(_oai("input-reference-too-many-pixels", {**P, "input_reference": data_uri(WIDE_PNG)}, "input_reference")),
-    _guarded(_i2v("gif", data_uri(GIF, "image/gif"))),
-    _guarded(_oai("input-reference-gif", {**P, "input_reference": data_uri(GIF, "image/gif")}, "input_reference")),
-    _guarded(_i2v("loopback-url", "{loopback}/ok.png")),
-    _guarded(_oai("input-reference-loopback-url", {**P, "input_reference": "{loopback}/ok.png"}, "input_reference")),
-    _guarded(_i2v("localhost-url", "{loopback_name}/ok.png")),
-    _guarded(
-        Case(
-            "webhook-metadata-ip",
-            "fal",
-            "POST",
-            FAL_LITE + "?fal_webhook=http://169.254.169.254/hook",
-            422,
-            fal_query_422("fal_webhook"),
-            json={"prompt": "x"},
-        )
+    Case("body-too-large", "fal", "POST", FAL_LITE, 413, detail(BODY), body=BIG_BODY),
+    _aiml("body-too-large", BIG_BODY, BODY, 413),
+    _oner("body-too-large", BIG_BODY, "", 413, msg=BODY),
+    _oai("body-too-large", BIG_BODY, None, "request_too_large", 413, msg=BODY),
+    _fal_body("prompt-too-long", {"prompt": LONG}, field_name="prompt", msg=PROMPT),
+    _aiml("prompt-too-long", {**M, "prompt": LONG}, PROMPT),
+    _oner("prompt-too-long", {**OM, "prompt": LONG}, "prompt", msg=PROMPT),
+    _oai("prompt-too-long", {"prompt": LONG}, "prompt", "invalid_value", msg=PROMPT),
+    _oai("negative-prompt-too-long", {**P, "negative_prompt": LONG}, "negative_prompt", "invalid_value", msg=PROMPT),
+    _i2v("too-many-pixels", data_uri(WIDE_PNG), PIXELS),
+    _oai(
+        "input-reference-too-many-pixels", {**P, "input_reference": data_uri(WIDE_PNG)}, "input_reference", msg=PIXELS
     ),
-    *[
-        _guarded(
-            Case(
-                f"webhook-{name}",
-                "fal",
-                "POST",
-                FAL_LITE + "?fal_webhook=" + quote(url, safe=""),
-                422,
-                fal_query_422("fal_webhook"),
-                json={"prompt": "x"},
-            )
-        )
-        for name, url in [
-            ("not-a-url", "not a url"),
-            ("file-url", "file:///etc/passwd"),
-            ("javascript", "javascript:alert(1)"),
-            ("loopback", "http://127.0.0.1:1/hook"),
-            ("ipv6-loopback", "http://[::1]:1/hook"),
-        ]
-    ],
+    _i2v("gif", data_uri(GIF, "image/gif"), "is a GIF image"),
+    _oai("input-reference-gif", {**P, "input_reference": data_uri(GIF, "image/gif")}, "input_reference", msg="GIF"),
+    # a loopback server that really serves a valid PNG: refused all the same (a private address)
+    _i2v("loopback-url", "{loopback}/ok.png", REFUSED),
+    _oai("input-reference-loopback-url", {**P, "input_reference": "{loopback}/ok.png"}, "input_reference", msg=REFUSED),
+    _i2v("localhost-url", "{loopback_name}/ok.png", "localhost resolves to 127.0.0.1"),
+    _webhook("metadata-ip", "http://169.254.169.254/hook", "cloud metadata address"),
+    _webhook("not-a-url", "not a url", "whitespace"),
+    _webhook("file-url", "file:///etc/passwd", "only http and https"),
+    _webhook("javascript", "javascript:alert(1)", "only http and https"),
+    _webhook("loopback", "http://127.0.0.1:1/hook", REFUSED),
+    _webhook("ipv6-loopback", "http://[::1]:1/hook", REFUSED),
 ]
 
 
@@ -1133,7 +1119,7 @@ def corpus(tmp_path_factory):
 
 
 def _params(cases: list[Case]) -> list:
-    return [pytest.param(i, case, id=case.id, marks=case.marks) for i, case in enumerate(cases)]
+    return [pytest.param(i, case, id=case.id) for i, case in enumerate(cases)]
 
 
 def _assert_answer(response: httpx.Response, case: Case) -> None:

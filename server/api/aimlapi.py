@@ -232,7 +232,7 @@ def router(services: Services) -> APIRouter:
     async def create(request: Request):
         try:
             body = json.loads(await request.body() or b"null")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
             raise fail(request, 400, "Body validation error\nThe request body is not valid JSON") from exc
         try:
             model, greq = parse_body(body)

@@ -248,7 +248,7 @@ async def _json_body(request: Request) -> object:
         return {}
     try:
         return json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep
         return invalid(
             "body", raw[:200].decode("utf-8", "replace"), "the request body is not valid JSON", "json_invalid"
         )

@@ -155,7 +155,7 @@ def router(services: Services) -> APIRouter:
     async def generate(request: Request):
         try:
             body = json.loads(await request.body() or b"null")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
             raise ResponseError(error_response(400, "the request body is not valid JSON")) from exc
         try:
             model, greq = parse_body(body)

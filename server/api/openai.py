@@ -108,7 +108,7 @@ async def read_fields(request: Request, max_image_bytes: int) -> dict[str, Any]:
         return fields
     try:
         body = json.loads(await request.body() or b"null")
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
         raise invalid(None, "We could not parse the JSON body of your request.", "invalid_json") from exc
     if not isinstance(body, dict):
         raise invalid(None, "The request body must be a JSON object.", "invalid_json")

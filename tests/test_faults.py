@@ -523,3 +523,29 @@ def test_start_up_sweeps_partial_files_orphans_and_unfinished_outputs(tmp_path):
     assert [p.name for p in (storage.files / finished.file_id).iterdir()] == ["output.mp4"]
     assert [p.name for p in storage.inputs.iterdir()] == [f"{waiting.id}.png"]
     assert [again.queue_position(j.id) for j in (running, waiting)] == [0, 1]
+
+
+def test_a_store_that_cannot_record_a_finished_run_fails_it_in_memory_and_reruns_it_later(tmp_path):
+    """The end of a run cannot be written (a real SQLite error: the connection turned read-only).
+    Clients are told it failed rather than left waiting; the worker goes on; on disk the job is
+    still RUNNING, so the next start runs it again instead of losing it."""
+    engine = Gated()
+    with app_client(engine, tmp_path) as client:
+        services = client.app.state.services
+        rid = submit(client, "fal").json()["request_id"]
+        assert engine.entered.wait(10)
+        services.store._db.execute("PRAGMA query_only = ON")
+        try:
+            engine.gate.set()
+            wait_until(lambda: services.manager.get(rid).status.terminal, what="the run to end")
+            result = client.get(f"/fal-ai/kandinsky5/requests/{rid}")
+            assert result.status_code == 500 and "could not record the result" in result.json()["detail"]
+            assert not (services.storage.files / services.manager.get(rid).file_id).exists()
+            assert services.store.get(rid).status is JobStatus.RUNNING
+        finally:
+            services.store._db.execute("PRAGMA query_only = OFF")
+        assert client.get("/readyz").status_code == 200
+        assert fal_job(client, "next").ok  # the worker survived
+    with app_client(FakeEngine(), tmp_path) as client:
+        assert fal_job_status(client, rid) == "COMPLETED"
+        assert client.get(f"/fal-ai/kandinsky5/requests/{rid}").status_code == 200

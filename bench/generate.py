@@ -1,20 +1,27 @@
 """Generation benchmark: k5serve's engine vs stock diffusers, same request, same process.
 
-    python bench/generate.py --out results.json [--variants kandinsky5-tiny-t2v,...] [--runs 3]
+    python bench/generate.py --out results.json [--variants ...] [--runs 3]          # tiny, CPU or GPU
+    python bench/generate.py --full --out results.json [--variants lite-distilled,lite-sft,pro-sft]
 
-Stock = the pipeline used as the diffusers docs show: `from_pretrained(folder)` then
-`pipe(prompt=..., ...).frames[0]` and `export_to_video`. k5serve = `Engine.generate` (mp4 included).
-Both get the same prompt, size, frames, steps, guidance and seed; the first run of each is a
-warm-up and is not counted. JSON per variant: stock_s, k5serve_s, speedup (median end-to-end),
-per-stage medians (encode_prompt, denoise, per_step, decode, write), peak memory.
+Stock = the pipeline used as the diffusers docs show: `pipe(prompt=..., ...).frames[0]` and
+`export_to_video` (plus `set_attention_backend("flex")` for nabla configs, which need it to run).
+k5serve = `Engine.generate` (mp4 included). Both get the same prompt, size, frames, steps, guidance
+and seed; the first run of each is a warm-up (compilation for k5serve) and is not counted. JSON per
+variant: stock_s, k5serve_s, speedup (median end-to-end), per-stage medians (encode_prompt,
+denoise, per_step, decode, write), every denoising step's time, peak memory.
 
-This version runs the tiny demo variants (CPU or GPU). The full-size random-weight build
-(Lite 2B / Pro 19B at 768x512, 121 frames) is not implemented yet: see bench/README.md.
+--full (CUDA only): the full-size architectures from their published configs (kandinsky_model.md
+§3) with random weights made on the GPU: Lite 2B / Pro 19B transformers, Qwen2.5-VL-7B, CLIP ViT-L
+text model, HunyuanVideo VAE, at 768x512, 121 frames. Nothing is downloaded. The tokenizers are
+k5serve's tiny ones (ids fit the real vocabularies; prompts come out longer than with real Qwen).
+It also times one bare transformer forward per variant (dense attention) and reports its
+TFLOP/s against the dense bf16 peak.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -25,28 +32,401 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# ---- full-size configs (published values; kandinsky_model.md §3, the models' config.json) -----------
+
+LITE_DIT = dict(
+    in_visual_dim=16,
+    out_visual_dim=16,
+    in_text_dim=3584,
+    in_text_dim2=768,
+    time_dim=512,
+    patch_size=(1, 2, 2),
+    model_dim=1792,
+    ff_dim=7168,
+    num_text_blocks=2,
+    num_visual_blocks=32,
+    axes_dims=(16, 24, 24),
+    visual_cond=True,
+    attention_type="regular",
+)
+PRO_DIT = dict(
+    LITE_DIT,
+    time_dim=1024,
+    model_dim=4096,
+    ff_dim=16384,
+    num_text_blocks=4,
+    num_visual_blocks=60,
+    axes_dims=(32, 48, 48),
+)
+# The T2V-Pro-sft-5s-Diffusers transformer config asks for nabla (P=0.8) even at 5 s SD.
+NABLA = dict(
+    attention_type="nabla",
+    attention_causal=False,
+    attention_local=False,
+    attention_glob=False,
+    attention_window=3,
+    attention_P=0.8,
+    attention_wT=11,
+    attention_wW=3,
+    attention_wH=3,
+    attention_add_sta=True,
+    attention_method="topcdf",
+)
+QWEN_TEXT = dict(
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    max_position_embeddings=128000,
+    rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
+    tie_word_embeddings=False,
+    bos_token_id=151643,
+    eos_token_id=151645,
+)
+QWEN_VISION = dict(
+    depth=32,
+    hidden_act="silu",
+    hidden_size=1280,
+    intermediate_size=3420,
+    num_heads=16,
+    in_chans=3,
+    out_hidden_size=3584,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    window_size=112,
+    fullatt_block_indexes=[7, 15, 23, 31],
+    tokens_per_second=2,
+)
+QWEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+CLIP_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+    bos_token_id=0,
+    eos_token_id=2,
+    pad_token_id=1,
+)
+HUNYUAN_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=16,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    norm_num_groups=32,
+    scaling_factor=0.476986,
+    spatial_compression_ratio=8,
+    temporal_compression_ratio=4,
+    mid_block_add_attention=True,
+)
+
+# bench name -> (catalogue variant, transformer config)
+FULL_VARIANTS: dict[str, tuple[str, dict]] = {
+    "lite-distilled": ("kandinsky5-lite-t2v-distilled-5s", LITE_DIT),
+    "lite-sft": ("kandinsky5-lite-t2v-sft-5s", LITE_DIT),
+    "pro-sft": ("kandinsky5-pro-t2v-sft-5s", dict(PRO_DIT, **NABLA)),
+}
+H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA H100 SXM spec sheet, dense (no sparsity)
+
+
+def build_component(kind: str, dit_config: dict | None = None):
+    """One full-size model, constructed in the current default device/dtype (meta for counting)."""
+    from diffusers import AutoencoderKLHunyuanVideo, Kandinsky5Transformer3DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    if kind == "transformer":
+        return Kandinsky5Transformer3DModel(**(dit_config or LITE_DIT))
+    if kind == "text_encoder":
+        config = Qwen2_5_VLConfig(
+            text_config=QWEN_TEXT, vision_config=QWEN_VISION, tie_word_embeddings=False, **QWEN_IDS
+        )
+        config._attn_implementation = "sdpa"
+        return Qwen2_5_VLForConditionalGeneration(config)
+    if kind == "text_encoder_2":
+        return CLIPTextModel(CLIPTextConfig(**CLIP_TEXT))
+    if kind == "vae":
+        return AutoencoderKLHunyuanVideo(**HUNYUAN_VAE)
+    raise ValueError(kind)
+
+
+def meta_parameter_counts() -> dict[str, int]:
+    """Parameter counts of every full-size model, built on the meta device (no memory allocated)."""
+    import torch
+
+    counts = {}
+    with torch.device("meta"):
+        for name, dit in (("lite_transformer", LITE_DIT), ("pro_transformer", PRO_DIT)):
+            counts[name] = sum(p.numel() for p in build_component("transformer", dit).parameters())
+        for kind in ("text_encoder", "text_encoder_2", "vae"):
+            counts[kind] = sum(p.numel() for p in build_component(kind).parameters())
+    return counts
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_full_pipeline(bench_name: str, device: str = "cuda"):
+    """A full-size random-weight pipeline made directly on `device` in bf16.
+
+    Constructed under `torch.device(device)` rather than meta + `to_empty`: construction runs each
+    module's own init, which also fills the non-persistent RoPE buffers and the time embedding's
+    frequency tensor (to_empty would leave those as garbage). Then: the AdaLN modulations get
+    random weights (they are zero-initialised, which would make every block a no-op) and the
+    modules diffusers keeps in fp32 are cast back to fp32, as `from_pretrained` would load them.
+    """
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, Kandinsky5T2VPipeline
+
+    from pipelines.tiny import build_clip_tokenizer, build_qwen_tokenizer
+
+    name, dit_config = FULL_VARIANTS[bench_name]
+    with torch.device(device), _default_dtype(torch.bfloat16), torch.no_grad():
+        torch.manual_seed(0)
+        transformer = build_component("transformer", dit_config).eval()
+        for module in transformer.modules():
+            if type(module).__name__ == "Kandinsky5Modulation":
+                module.out_layer.weight.normal_(0.0, 0.02)
+                module.out_layer.bias.normal_(0.0, 0.02)
+        for module_name, module in transformer.named_modules():
+            if module_name.split(".")[-1] in transformer._keep_in_fp32_modules:
+                module.float()
+        text_encoder = build_component("text_encoder").eval()
+        text_encoder_2 = build_component("text_encoder_2").eval()
+        vae = build_component("vae").eval()
+    pipe = Kandinsky5T2VPipeline(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_qwen_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=build_clip_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return name, pipe
+
+
+def forward_tflops(dit_config: dict, tokens: int, text_tokens: int) -> float:
+    """Dense-attention TFLOP of one transformer forward (kandinsky_model.md §6)."""
+    d, f, n, L = dit_config["model_dim"], dit_config["ff_dim"], tokens, text_tokens
+    per_block = 12 * n * d * d + 4 * L * d * d + 4 * n * d * f + 4 * n * n * d + 4 * n * L * d
+    return dit_config["num_visual_blocks"] * per_block / 1e12
+
+
+def time_transformer_forward(pipe, dit_config: dict, device: str, iters: int = 3) -> dict:
+    """One bare batch-1 forward at 768x512x121 with dense attention: seconds and TFLOP/s."""
+    import torch
+
+    from pipelines.loader import attention_backend
+
+    tr = pipe.transformer
+    dtype = torch.bfloat16
+    latent = torch.randn(1, 31, 64, 96, 33, device=device, dtype=dtype)
+    text = torch.randn(1, 256, 3584, device=device, dtype=dtype)
+    pooled = torch.randn(1, 768, device=device, dtype=dtype)
+    rope = [torch.arange(31, device=device), torch.arange(32, device=device), torch.arange(48, device=device)]
+    backend = attention_backend(device, nabla=False)
+    tr.set_attention_backend(backend)  # dense: the MFU target is about the dense forward
+    times = []
+    with torch.no_grad():
+        for i in range(iters + 1):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            tr(latent, text, torch.tensor([500.0], device=device), pooled, rope, torch.arange(256, device=device))
+            torch.cuda.synchronize()
+            if i:
+                times.append(time.perf_counter() - t0)
+    seconds = statistics.median(times)
+    tflop = forward_tflops(dit_config, 31 * 32 * 48, 256)
+    return {
+        "attention_backend": backend,
+        "seconds": round(seconds, 4),
+        "tflop": round(tflop, 1),
+        "tflops": round(tflop / seconds, 1),
+        "fraction_of_h100_bf16_dense_peak": round(tflop / seconds / H100_BF16_DENSE_TFLOPS, 3),
+    }
+
+
+# ---- timing both paths ----------------------------------------------------------------------------
+
 
 def _peak_memory(device: str) -> dict:
     import resource
 
     import torch
 
-    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if device.startswith("cuda"):
-        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return out
 
 
-def bench_variant(name: str, weights: Path, args: argparse.Namespace, image: Path | None) -> dict:
+def _reset_peak(device: str) -> None:
     import torch
-    from diffusers import DiffusionPipeline
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _summary(rows: list[dict], steps: int) -> dict:
+    keys = sorted({k for row in rows for k in row if not isinstance(row[k], list)})
+    med = {k: statistics.median(row.get(k, 0.0) for row in rows) for k in keys}
+    if "pipeline" in med:
+        med["denoise"] = med["pipeline"] - med.get("encode_prompt", 0.0) - med.get("decode", 0.0)
+    med["per_step"] = med["denoise"] / steps
+    out = {k: round(v, 4) for k, v in med.items()}
+    out["step_times"] = [round(t, 4) for t in rows[len(rows) // 2].get("step_times", [])]
+    return out
+
+
+def time_stock(stock, resolved, args, device: str, image: Path | None) -> dict:
+    """Stock diffusers as documented: pipe(...).frames[0] + export_to_video; run 0 is a warm-up."""
+    import torch
     from diffusers.utils import export_to_video
 
-    from pipelines.engine import Engine, _stage_timer, load_image
+    from pipelines.engine import _stage_timer, load_image
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+
+    kwargs = dict(
+        prompt=args.prompt,
+        height=resolved.height,
+        width=resolved.width,
+        num_frames=resolved.num_frames,
+        num_inference_steps=resolved.steps,
+        guidance_scale=resolved.guidance,
+    )
+    if image is not None:
+        kwargs["image"] = load_image(str(image), resolved.width, resolved.height)
+    rows, warmup = [], 0.0
+    _reset_peak(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.runs + 1):
+            timings: dict = {"step_times": []}
+            last = [0.0]
+
+            def on_step(_p, _i, _t, _kw, timings=timings, last=last):
+                sync()
+                now = time.perf_counter()
+                timings["step_times"].append(now - last[0])
+                last[0] = now
+                return {}
+
+            def first_call(*_a, last=last, seen=[]):  # noqa: B006 - one list per run
+                if not seen:
+                    seen.append(True)
+                    sync()
+                    last[0] = time.perf_counter()  # step 1 starts at its first transformer call
+
+            sync()
+            t0 = last[0] = time.perf_counter()
+            hook = stock.transformer.register_forward_pre_hook(first_call)
+            try:
+                with _stage_timer(stock, timings, device):
+                    generator = torch.Generator("cpu").manual_seed(0)
+                    frames = stock(**kwargs, generator=generator, callback_on_step_end=on_step).frames[0]
+            finally:
+                hook.remove()
+            t_write = time.perf_counter()
+            export_to_video(list(frames), str(Path(tmp) / "stock.mp4"), fps=24)
+            timings["write"] = time.perf_counter() - t_write
+            timings["total"] = time.perf_counter() - t0
+            spent = timings.get("encode_prompt", 0.0) + timings.get("decode", 0.0) + timings["write"]
+            timings["denoise"] = timings["total"] - spent
+            if i:
+                rows.append(timings)
+            else:
+                warmup = timings["total"]
+    return {"summary": _summary(rows, resolved.steps), "warmup_s": round(warmup, 3), "memory": _peak_memory(device)}
+
+
+def time_engine(engine, resolved, args) -> dict:
+    """k5serve: Engine.generate (mp4 included); run 0 is a warm-up."""
+    import torch
+
+    def sync() -> None:
+        if engine.device.startswith("cuda"):
+            torch.cuda.synchronize(engine.device)
+
+    rows, warmup = [], 0.0
+    _reset_peak(engine.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.runs + 1):
+            sync()
+            t0 = time.perf_counter()
+            result = engine.generate(resolved, Path(tmp) / "k5.mp4")
+            sync()
+            timings = dict(result.timings, total=time.perf_counter() - t0, step_times=result.step_times)
+            if i:
+                rows.append(timings)
+            else:
+                warmup = timings["total"]
+    return {
+        "summary": _summary(rows, resolved.steps),
+        "warmup_s": round(warmup, 3),
+        "memory": _peak_memory(engine.device),
+        "memory_plan": result.memory_plan,
+        "acceleration": result.acceleration,
+        "cached_steps": result.cached_steps,
+    }
+
+
+def combine(resolved, stock: dict | None, k5: dict, runs: int) -> dict:
+    out = {
+        "variant": resolved.variant.name,
+        "request": {
+            "width": resolved.width,
+            "height": resolved.height,
+            "frames": resolved.num_frames,
+            "steps": resolved.steps,
+            "guidance": resolved.guidance,
+            "acceleration": resolved.acceleration,
+        },
+        "k5serve_s": k5["summary"]["total"],
+        "stages": {"k5serve": k5["summary"]},
+        "warmup_s": {"k5serve": k5["warmup_s"]},
+        "memory": {"k5serve": k5["memory"]},
+        "memory_plan": k5["memory_plan"],
+        "acceleration_applied": k5["acceleration"],
+        "cached_steps": k5["cached_steps"],
+        "runs": runs,
+    }
+    if stock is not None:
+        out["stock_s"] = stock["summary"]["total"]
+        out["speedup"] = round(out["stock_s"] / out["k5serve_s"], 3)
+        out["stages"]["stock"] = stock["summary"]
+        out["warmup_s"]["stock"] = stock["warmup_s"]
+        out["memory"]["stock"] = stock["memory"]
+    return out
+
+
+def bench_tiny(name: str, weights: Path, args: argparse.Namespace, image: Path | None) -> dict:
+    from diffusers import DiffusionPipeline
+
+    from pipelines.engine import Engine
     from pipelines.loader import dtype_for
     from pipelines.request import GenerationRequest
 
-    engine = Engine(weights, device=args.device)
+    engine = Engine(weights, device=args.device, compile=False if args.no_compile else None)
     req = GenerationRequest(
         variant=name,
         prompt=args.prompt,
@@ -57,120 +437,141 @@ def bench_variant(name: str, weights: Path, args: argparse.Namespace, image: Pat
         steps=args.steps,
         guidance=args.guidance,
         seed=0,
+        acceleration=args.acceleration,
     )
     resolved = engine.prepare(req)
-    device = engine.device
-
-    stock = DiffusionPipeline.from_pretrained(weights / name, dtype=dtype_for(device)).to(device)
+    stock = DiffusionPipeline.from_pretrained(weights / name, dtype=dtype_for(engine.device)).to(engine.device)
     stock.set_progress_bar_config(disable=True)
-    stock_kwargs = dict(
+    stock_times = time_stock(stock, resolved, args, engine.device, image)
+    return combine(resolved, stock_times, time_engine(engine, resolved, args), args.runs)
+
+
+def bench_full(bench_name: str, args: argparse.Namespace) -> dict:
+    """Full-size random-weight run on CUDA: stock first, then the same modules configured by k5serve."""
+    import dataclasses
+
+    import torch
+
+    from pipelines.engine import Engine
+    from pipelines.loader import configure_pipeline
+    from pipelines.request import GenerationRequest, resolve
+    from pipelines.variants import VARIANTS
+
+    t0 = time.perf_counter()
+    name, pipe = build_full_pipeline(bench_name, args.device)
+    build_s = time.perf_counter() - t0
+    variant = VARIANTS[name]
+    dit_config = FULL_VARIANTS[bench_name][1]
+    with tempfile.TemporaryDirectory() as empty:
+        engine = Engine(Path(empty), device=args.device, compile=False if args.no_compile else None)
+    req = GenerationRequest(
+        variant=name,
         prompt=args.prompt,
-        height=resolved.height,
-        width=resolved.width,
-        num_frames=resolved.num_frames,
-        num_inference_steps=resolved.steps,
-        guidance_scale=resolved.guidance,
+        width=768,
+        height=512,
+        num_frames=121,
+        steps=args.steps_full,
+        seed=0,
+        acceleration=args.acceleration,
     )
-    if image is not None:
-        stock_kwargs["image"] = load_image(str(image), resolved.width, resolved.height)
+    resolved = resolve(req)
+    if variant.attention == "nabla":
+        pipe.transformer.set_attention_backend("flex")  # stock needs it for nabla (diffusers docs)
+    stock = None if args.skip_stock else time_stock(pipe, resolved, args, args.device, None)
+    placement = engine.placement(name)
+    configure_pipeline(pipe, variant, dataclasses.replace(engine.options, memory_mode=placement))
+    engine.adopt(name, pipe)
+    compile_s = 0.0
+    if engine.options.compile:
+        t1 = time.perf_counter()
+        engine.warm_compiled(name)
+        compile_s = time.perf_counter() - t1
+    out = combine(resolved, stock, time_engine(engine, engine.prepare(req), args), args.runs)
+    out["build_s"] = round(build_s, 1)
+    out["compile_warmup_s"] = round(compile_s, 1)
+    out["attention_backend"] = _backend_of(pipe.transformer)
+    out["transformer_forward"] = time_transformer_forward(pipe, dit_config, args.device)
+    del pipe, engine
+    torch.cuda.empty_cache()
+    return out
 
-    def sync() -> None:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize(device)
 
-    runs: dict[str, list[dict]] = {"stock": [], "k5serve": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        for i in range(args.runs + 1):  # run 0 warms up both paths
-            timings: dict[str, float] = {}
-            sync()
-            t0 = time.perf_counter()
-            with _stage_timer(stock, timings, device):
-                frames = stock(**stock_kwargs, generator=torch.Generator("cpu").manual_seed(0)).frames[0]
-            t_write = time.perf_counter()
-            export_to_video(list(frames), str(Path(tmp) / "stock.mp4"), fps=24)
-            timings["write"] = time.perf_counter() - t_write
-            timings["total"] = time.perf_counter() - t0
-            if i:
-                runs["stock"].append(timings)
-
-            sync()
-            t0 = time.perf_counter()
-            result = engine.generate(resolved, Path(tmp) / "k5.mp4")
-            sync()
-            timings = dict(result.timings, total=time.perf_counter() - t0)
-            if i:
-                runs["k5serve"].append(timings)
-
-    def summary(rows: list[dict]) -> dict:
-        keys = sorted({k for row in rows for k in row})
-        med = {k: statistics.median(row.get(k, 0.0) for row in rows) for k in keys}
-        if "pipeline" in med:
-            med["denoise"] = med["pipeline"] - med.get("encode_prompt", 0.0) - med.get("decode", 0.0)
-        if "denoise" not in med:
-            med["denoise"] = med["total"] - med.get("encode_prompt", 0.0) - med.get("decode", 0.0) - med["write"]
-        med["per_step"] = med["denoise"] / resolved.steps
-        return {k: round(v, 4) for k, v in med.items()}
-
-    stock_s, k5_s = summary(runs["stock"]), summary(runs["k5serve"])
-    return {
-        "variant": name,
-        "request": {
-            "width": resolved.width,
-            "height": resolved.height,
-            "frames": resolved.num_frames,
-            "steps": resolved.steps,
-            "guidance": resolved.guidance,
-        },
-        "stock_s": stock_s["total"],
-        "k5serve_s": k5_s["total"],
-        "speedup": round(stock_s["total"] / k5_s["total"], 3),
-        "stages": {"stock": stock_s, "k5serve": k5_s},
-        "memory": _peak_memory(device),
-        "runs": args.runs,
-    }
+def _backend_of(transformer) -> str:
+    for block in transformer.visual_transformer_blocks[:1]:
+        backend = block.self_attention.processor._attention_backend
+        return str(getattr(backend, "value", backend) or "native")
+    return "native"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON results file")
-    parser.add_argument("--variants", default="kandinsky5-tiny-t2v,kandinsky5-tiny-i2v")
-    parser.add_argument("--weights-dir", type=Path, default=None, help="default: a temp dir with tiny builds")
+    parser.add_argument("--full", action="store_true", help="full-size random-weight models (CUDA only)")
+    parser.add_argument("--variants", default=None, help="tiny: variant names; --full: " + ",".join(FULL_VARIANTS))
+    parser.add_argument("--weights-dir", type=Path, default=None, help="tiny: default a temp dir with tiny builds")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--height", type=int, default=128)
-    parser.add_argument("--frames", type=int, default=17)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--runs", type=int, default=None, help="counted runs after one warm-up (tiny 3, --full 1)")
+    parser.add_argument("--width", type=int, default=128, help="tiny only (--full is 768x512)")
+    parser.add_argument("--height", type=int, default=128, help="tiny only")
+    parser.add_argument("--frames", type=int, default=17, help="tiny only (--full is 121)")
+    parser.add_argument("--steps", type=int, default=8, help="tiny only")
+    parser.add_argument("--steps-full", type=int, default=None, help="--full: default each variant's own")
+    parser.add_argument("--guidance", type=float, default=5.0, help="tiny only (--full: the variant's own)")
+    parser.add_argument("--acceleration", default="none", choices=["none", "regular"])
+    parser.add_argument("--no-compile", action="store_true", help="k5serve without torch.compile")
+    parser.add_argument("--skip-stock", action="store_true", help="--full: time only k5serve")
     parser.add_argument("--prompt", default="a red fox running through snow")
     args = parser.parse_args(argv)
 
-    import numpy as np
     import torch
-    from PIL import Image
 
-    from pipelines.tiny import ensure_tiny
+    if args.runs is None:
+        args.runs = 1 if args.full else 3
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.full and not (args.device.startswith("cuda") and torch.cuda.is_available()):
+        print("bench/generate.py: --full needs a CUDA GPU (none here); run without --full for the tiny CPU variants")
+        return 2
 
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = args.weights_dir or Path(tmp) / "weights"
-        image = Path(tmp) / "image.png"
-        Image.fromarray(np.random.default_rng(0).integers(0, 256, (args.height, args.width, 3), np.uint8)).save(image)
-        results = []
-        for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
-            if name.startswith("kandinsky5-tiny-"):
-                ensure_tiny(weights, name)
-            results.append(bench_variant(name, weights, args, image if "i2v" in name else None))
+    results = []
+    if args.full:
+        for name in _names(args.variants, ",".join(FULL_VARIANTS)):
+            if name not in FULL_VARIANTS:
+                parser.error(f"unknown --full variant {name!r}; known: {', '.join(FULL_VARIANTS)}")
+            results.append(bench_full(name, args))
             print(json.dumps(results[-1]), file=sys.stderr)
+    else:
+        import numpy as np
+        from PIL import Image
+
+        from pipelines.tiny import ensure_tiny
+
+        with tempfile.TemporaryDirectory() as tmp:
+            weights = args.weights_dir or Path(tmp) / "weights"
+            image = Path(tmp) / "image.png"
+            pixels = np.random.default_rng(0).integers(0, 256, (args.height, args.width, 3), np.uint8)
+            Image.fromarray(pixels).save(image)
+            for name in _names(args.variants, "kandinsky5-tiny-t2v,kandinsky5-tiny-i2v"):
+                if name.startswith("kandinsky5-tiny-"):
+                    ensure_tiny(weights, name)
+                results.append(bench_tiny(name, weights, args, image if "i2v" in name else None))
+                print(json.dumps(results[-1]), file=sys.stderr)
+
     import diffusers
+    import transformers
 
     report = {
         "benchmark": "generate",
-        "device": args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"),
+        "mode": "full" if args.full else "tiny",
+        "command": " ".join(["python", "bench/generate.py", *(argv if argv is not None else sys.argv[1:])]),
+        "device": args.device,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "cpu": platform.processor() or platform.machine(),
         "versions": {
             "torch": torch.__version__,
+            "cuda": torch.version.cuda,
             "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
             "python": platform.python_version(),
         },
         "results": results,
@@ -178,6 +579,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(args.out)
     return 0
+
+
+def _names(given: str | None, default: str) -> list[str]:
+    return [v.strip() for v in (given or default).split(",") if v.strip()]
 
 
 if __name__ == "__main__":

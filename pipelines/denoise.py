@@ -27,6 +27,7 @@ step the visual blocks are skipped only if both branches would skip, otherwise b
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -275,6 +276,7 @@ class StepRunner:
         self.forwards = 0  # transformer evaluations (a batched cond+uncond counts once)
         self.batched = 0  # of which batched cond+uncond
         self._calls = 0
+        self.started_at: float | None = None
         self._stash: _Stash | None = None
         self._state: TextKeyMask | None = getattr(transformer, "_k5_text_mask", None)
 
@@ -313,6 +315,8 @@ class StepRunner:
     ):
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
+        if self.started_at is None:
+            self.started_at = time.perf_counter()  # step timing starts here, not at prompt encoding
         hook = getattr(self.tr, "_hf_hook", None)  # accelerate model offload: bring the DiT onto the GPU
         if hook is not None:
             hook.pre_forward(self.tr)

@@ -169,6 +169,14 @@ class Engine:
             self._pipes[name] = pipe
         return pipe
 
+    def adopt(self, name: str, pipe) -> None:
+        """Serve variant `name` with an already built and configured pipeline (bench/generate.py --full
+        builds full-size random-weight pipelines in memory; there is no checkpoint folder)."""
+        self._pipes[name] = pipe
+        if name not in self.present:
+            self.present.append(name)
+        self.demo = False
+
     def warmup(self) -> None:
         """Load what will be served: the tiny models in demo mode, else --models (or nothing).
 
@@ -239,6 +247,8 @@ class Engine:
                 # Raising (rather than diffusers' `_interrupt`) skips the VAE decode entirely.
                 self._sync()
                 now = time.perf_counter()
+                if not step_times and runner.started_at is not None:
+                    last[0] = max(last[0], runner.started_at)  # step 1 starts at its first transformer call
                 step_times.append(now - last[0])
                 last[0] = now
                 cancel.raise_if_cancelled()

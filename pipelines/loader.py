@@ -124,9 +124,27 @@ def load_pipeline(variant: Variant, folder: Path, options: LoadOptions):
         tokenizer_2=tokenizer_2,
         scheduler=scheduler,
     )
-    pipe.set_progress_bar_config(disable=True)
+    configure_pipeline(pipe, variant, options)
+    log.info(
+        "loaded %s from %s on %s (%s, %s)",
+        variant.name,
+        folder,
+        options.device,
+        str(dtype).replace("torch.", ""),
+        options.placement,
+    )
+    return pipe
 
+
+def configure_pipeline(pipe, variant: Variant, options: LoadOptions) -> None:
+    """k5serve's set-up of a built pipeline: attention, compilation, tiling, placement on the device.
+
+    Also used by bench/generate.py --full on pipelines built in memory from the published configs.
+    """
     from .denoise import install_masked_text_attention
+
+    transformer, vae = pipe.transformer, pipe.vae
+    pipe.set_progress_bar_config(disable=True)
 
     install_masked_text_attention(transformer)  # before the backend is set: it applies to these too
     backend = attention_backend(options.device, nabla=transformer.config.get("attention_type") == "nabla")
@@ -142,16 +160,7 @@ def load_pipeline(variant: Variant, folder: Path, options: LoadOptions):
         pipe.enable_model_cpu_offload(device=options.device)
     elif placement == "offload_text":
         pipe.to(options.device)
-        text_encoder.to("cpu")  # the engine brings them in for each encode (engine.text_encoders_on)
-        text_encoder_2.to("cpu")
+        pipe.text_encoder.to("cpu")  # the engine brings them in for each encode
+        pipe.text_encoder_2.to("cpu")
     else:
         pipe.to(options.device)
-    log.info(
-        "loaded %s from %s on %s (%s, %s)",
-        variant.name,
-        folder,
-        options.device,
-        str(dtype).replace("torch.", ""),
-        placement,
-    )
-    return pipe

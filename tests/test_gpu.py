@@ -68,3 +68,59 @@ def test_cancel_on_cuda(cuda_engine, tmp_path):
             GenerationRequest(**REQ), tmp_path / "c.mp4", on_step=lambda i, n: token.cancel(), cancel=token
         )
     assert not (tmp_path / "c.mp4").exists()
+
+
+# ---- performance path on CUDA (issue 6) ----------------------------------------------------------
+
+
+def test_batched_cfg_close_to_sequential_in_bf16(tiny_weights_dir):
+    batched = Engine(tiny_weights_dir, device="cuda", compile=False)
+    sequential = Engine(tiny_weights_dir, device="cuda", compile=False, cfg_batch=False)
+    a = batched.generate_frames(GenerationRequest(**REQ))
+    b = sequential.generate_frames(GenerationRequest(**REQ))
+    assert np.abs(a - b).mean() < 0.01  # bf16 noise only
+
+
+def test_compiled_blocks_are_warmed_at_startup_and_reused(tiny_weights_dir):
+    import torch._dynamo
+
+    engine = Engine(tiny_weights_dir, device="cuda", compile=True)
+    torch._dynamo.reset()
+    engine.warmup()  # loads both tiny variants and runs each once (compiles)
+    pipe = engine.pipeline("kandinsky5-tiny-t2v")
+    block = pipe.transformer.visual_transformer_blocks[0]
+    assert block._compiled_call_impl is not None
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    engine.generate_frames(GenerationRequest(**REQ))
+    after_first = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    engine.generate_frames(GenerationRequest(**{**REQ, "seed": 2, "prompt": "a blue whale"}))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == after_first  # same shape: no recompile
+    assert after_first - graphs_before <= 2  # at most the shape change from the warm-up request
+
+
+def test_text_encoders_leave_the_gpu_in_offload_text_mode(tiny_weights_dir):
+    engine = Engine(tiny_weights_dir, device="cuda", compile=False, memory_mode="offload_text")
+    pipe = engine.pipeline("kandinsky5-tiny-t2v")
+    assert pipe.text_encoder.device.type == "cpu" and pipe.transformer.device.type == "cuda"
+    frames = engine.generate_frames(GenerationRequest(**REQ))
+    assert np.isfinite(frames).all()
+    assert pipe.text_encoder.device.type == "cpu" and pipe.text_encoder_2.device.type == "cpu"
+
+
+def test_model_offload_mode_generates(tiny_weights_dir):
+    engine = Engine(tiny_weights_dir, device="cuda", compile=False, memory_mode="offload_model")
+    gpu = engine.generate_frames(GenerationRequest(**REQ))
+    resident = Engine(tiny_weights_dir, device="cuda", compile=False).generate_frames(GenerationRequest(**REQ))
+    assert np.abs(gpu - resident).mean() < 0.01
+
+
+def test_device_capacity_is_read_from_cuda(tiny_weights_dir):
+    engine = Engine(tiny_weights_dir, device="cuda")
+    assert engine.capacity == torch.cuda.get_device_properties(0).total_memory
+
+
+def test_regular_acceleration_on_cuda(tiny_weights_dir):
+    engine = Engine(tiny_weights_dir, device="cuda", compile=False)
+    info: dict = {}
+    frames = engine.generate_frames(GenerationRequest(**{**REQ, "steps": 12, "acceleration": "regular"}), info=info)
+    assert np.isfinite(frames).all() and info["cached_steps"] > 0

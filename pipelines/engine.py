@@ -190,23 +190,38 @@ class Engine:
                 self.warm_compiled(name)
 
     def warm_compiled(self, name: str) -> None:
-        """Run variant `name` once at its default request (2 steps, latents only) to compile it."""
+        """Run variant `name` once at its default request (2 steps, latents only) to compile it.
+
+        If compilation fails here (no Triton, no C compiler, an unsupported op), the blocks go back
+        to eager mode with a warning instead of failing every request.
+        """
+        import shutil
+        import tempfile
+
         v = VARIANTS[name]
-        image = None
-        if v.task == "i2v":
-            import tempfile
+        tmp = Path(tempfile.mkdtemp(prefix="k5warm"))
+        try:
+            image = None
+            if v.task == "i2v":
+                from PIL import Image
 
-            from PIL import Image
-
-            image = str(Path(tempfile.mkdtemp(prefix="k5warm")) / "warm.png")
-            w, h = v.default_size
-            Image.new("RGB", (w, h), (127, 127, 127)).save(image)
-        req = GenerationRequest(variant=name, prompt="warm-up", image=image, steps=2, seed=0)
-        r = resolve(req)
-        t0 = time.perf_counter()
-        info: dict = {}
-        self.generate_frames(r, info=info, output_type="latent")
-        log.info("warmed %s (compiled blocks) in %.1f s", name, time.perf_counter() - t0)
+                image = str(tmp / "warm.png")
+                Image.new("RGB", v.default_size, (127, 127, 127)).save(image)
+            r = resolve(GenerationRequest(variant=name, prompt="warm-up", image=image, steps=2, seed=0))
+            t0 = time.perf_counter()
+            try:
+                self.generate_frames(r, output_type="latent")
+            except (Cancelled, OutOfMemory, DeviceFailure):
+                raise
+            except Exception as exc:  # a compiler failure: serve eagerly rather than not at all
+                log.warning("compiling %s failed (%s); running it without torch.compile", name, exc)
+                for module in self.pipeline(name).transformer.modules():
+                    if getattr(module, "_compiled_call_impl", None) is not None:
+                        module._compiled_call_impl = None
+                return
+            log.info("warmed %s (compiled blocks) in %.1f s", name, time.perf_counter() - t0)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     # ---- generation ------------------------------------------------------------------------
 

@@ -373,3 +373,18 @@ def test_nabla_variant_loads_on_flex_and_matches_full_attention(tiny_weights_dir
     out_nabla = nabla(**args, generator=torch.Generator().manual_seed(0)).frames[0]
     out_regular = regular(**args, generator=torch.Generator().manual_seed(0)).frames[0]
     assert np.abs(out_nabla - out_regular).max() < 1e-3
+
+
+def test_warm_up_falls_back_to_eager_when_compilation_fails(tiny_weights_dir):
+    """Engine.warm_compiled runs the variant once; a compiler failure there (simulated: a compiled
+    block that raises, as torch.compile's wrapper would) leaves the block eager, not broken."""
+    fresh = Engine(tiny_weights_dir, device="cpu")
+    block = fresh.pipeline(T2V).transformer.visual_transformer_blocks[0]
+
+    def broken(*_a, **_kw):
+        raise RuntimeError("simulated inductor failure")
+
+    block._compiled_call_impl = broken
+    fresh.warm_compiled(T2V)
+    assert block._compiled_call_impl is None
+    assert np.isfinite(fresh.generate_frames(t2v(steps=1))).all()

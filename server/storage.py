@@ -59,6 +59,23 @@ class Storage:
             return None
         return path
 
+    def response(self, file_id: str, name: str, **kwargs) -> FileResponse | None:
+        """A FileResponse for a stored file, or None if it is not there (any more). The file is
+        opened here, so a delete or an expiry racing the download answers 404 before it starts
+        or lets it finish; it never cuts a response short (see PinnedFile)."""
+        path = self.find(file_id, name)
+        if path is None:
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        if _PROC_FD.is_dir():
+            return PinnedFile(fd, **kwargs)
+        stat = os.fstat(fd)  # no /proc: a delete between here and the read can still interrupt it
+        os.close(fd)
+        return FileResponse(path, stat_result=stat, **kwargs)
+
     def has_output(self, file_id: str, name: str = OUTPUT_NAME) -> bool:
         return self.find(file_id, name) is not None
 
@@ -97,6 +114,25 @@ class Storage:
         return removed
 
 
+_PROC_FD = Path("/proc/self/fd")
+
+
+class PinnedFile(FileResponse):
+    """Serves a file through a descriptor opened before the response starts (its /proc/self/fd
+    link), so unlinking the file meanwhile cannot cut the download short; Range requests work as
+    with any FileResponse. The descriptor is closed when the response ends, however it ends."""
+
+    def __init__(self, fd: int, **kwargs):
+        self._fd = fd
+        super().__init__(_PROC_FD / str(fd), stat_result=os.fstat(fd), **kwargs)
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            os.close(self._fd)
+
+
 def fsync_file(path: Path) -> None:
     """Flush a finished output (and its folder entry) to disk before the job is marked done."""
     fd = os.open(path, os.O_RDONLY)
@@ -121,10 +157,12 @@ def files_router(storage: Storage) -> APIRouter:
 
     @router.get("/files/{file_id}/{name}", include_in_schema=False)
     async def get_file(file_id: str, name: str) -> FileResponse:
-        path = storage.find(file_id, name)
-        if path is None:
-            raise HTTPException(status_code=404, detail="File not found")
         media_type = VIDEO_CONTENT_TYPE if name.endswith(".mp4") else None
-        return FileResponse(path, media_type=media_type, filename=name, content_disposition_type="inline")
+        response = storage.response(
+            file_id, name, media_type=media_type, filename=name, content_disposition_type="inline"
+        )
+        if response is None:
+            raise HTTPException(status_code=404, detail="File not found")
+        return response
 
     return router

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 from fakes import FakeEngine
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from server_fixtures import ROOT, app_client, server_process, wait_until
 
@@ -30,7 +31,7 @@ from server.events import Succeeded
 from server.jobs import JobOutput, JobStatus
 from server.manager import JobManager
 from server.settings import Settings
-from server.storage import Storage
+from server.storage import Storage, files_router
 from server.store import JobStore, WebhookBody
 
 T2V = "/fal-ai/kandinsky5/text-to-video"
@@ -549,3 +550,24 @@ def test_a_store_that_cannot_record_a_finished_run_fails_it_in_memory_and_reruns
     with app_client(FakeEngine(), tmp_path) as client:
         assert fal_job_status(client, rid) == "COMPLETED"
         assert client.get(f"/fal-ai/kandinsky5/requests/{rid}").status_code == 200
+
+
+def test_a_download_racing_a_delete_finishes_or_is_a_clean_404(tmp_path):
+    """The file is opened before the response starts: unlinking it meanwhile (a DELETE, an expiry)
+    cannot cut the download short; once it is gone, the next request is a plain 404."""
+    storage = Storage(tmp_path)
+    data = bytes(range(256)) * 4096  # 1 MiB: several chunks
+    storage.output_path("F" * 32).write_bytes(data)
+    response = storage.response("F" * 32, "output.mp4", media_type="video/mp4", filename="output.mp4")
+    storage.discard_output("F" * 32)  # gone from disk before a single byte is sent
+    app = FastAPI()
+    app.get("/pinned")(lambda: response)
+    app.include_router(files_router(storage))
+    with TestClient(app) as client:
+        pinned = client.get("/pinned")
+        assert pinned.status_code == 200 and pinned.content == data
+        assert int(pinned.headers["content-length"]) == len(data)
+        assert client.get(f"/files/{'F' * 32}/output.mp4").status_code == 404
+        storage.output_path("G" * 32).write_bytes(data)
+        ranged = client.get(f"/files/{'G' * 32}/output.mp4", headers={"range": "bytes=100-199"})
+        assert ranged.status_code == 206 and ranged.content == data[100:200]

@@ -18,7 +18,7 @@ from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
@@ -367,10 +367,12 @@ def router(services: Services) -> APIRouter:
                 "video_id",
                 "video_not_ready",
             )
-        path = storage.find(job.file_id, job.output.file_name)
-        if path is None:
+        response = storage.response(
+            job.file_id, job.output.file_name, media_type=job.output.content_type, filename=f"{job.id}.mp4"
+        )
+        if response is None:
             raise openai_error(404, f"The content of video '{job.id}' is no longer available.", "video_id", "not_found")
-        return FileResponse(path, media_type=job.output.content_type, filename=f"{job.id}.mp4")
+        return response
 
     @api.delete("/v1/videos/{video_id}")
     async def delete(video_id: str):

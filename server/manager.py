@@ -24,8 +24,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import enum
 import logging
+import secrets
 import sqlite3
 import threading
 import time
@@ -168,7 +170,12 @@ class JobManager:
         job_id: str | None = None,
     ) -> Job:
         """Queue a job. With `error` the job is recorded as already FAILED (input rejected at the
-        edge), so every contract can still report it through its own status/result routes."""
+        edge), so every contract can still report it through its own status/result routes.
+
+        A request without a seed gets one here, stored with the job: a run repeated after a crash or
+        a restart makes the same video, and the seed reported is the one that was used."""
+        if request.seed is None and error is None:
+            request = dataclasses.replace(request, seed=secrets.randbelow(2**31))
         job = Job.new(
             contract=contract,
             model=model,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from typing import ClassVar
 
@@ -269,3 +270,20 @@ def test_wait_for_change_wakes_on_worker_events(manager):
         assert same.version == done.version
 
     asyncio.run(scenario())
+
+
+def test_a_seedless_request_gets_its_seed_at_submit_and_keeps_it_across_a_restart(tmp_path):
+    storage = Storage(tmp_path)
+    first = JobManager(JobStore(storage.database), storage)
+    seeds = {first.submit(contract="fal", model="m", request=REQ).request.seed for _ in range(8)}
+    assert None not in seeds and len(seeds) > 1  # drawn per job, not a constant
+    pinned = first.submit(contract="fal", model="m", request=dataclasses.replace(REQ, seed=7))
+    assert pinned.request.seed == 7
+    run = first.next_job(threading.Event())  # running when the process dies
+    first.store.close()
+
+    again = JobManager(JobStore(storage.database), storage)
+    again.recover()
+    rerun = again.next_job(threading.Event())
+    assert rerun.job.id == run.job.id and rerun.job.request.seed == run.job.request.seed
+    assert again.get(pinned.id).request.seed == 7

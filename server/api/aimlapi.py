@@ -19,13 +19,14 @@ from fastapi.responses import JSONResponse
 
 from pipelines.errors import InvalidRequest, WeightsMissing
 from pipelines.request import GenerationRequest
-from pipelines.variants import VARIANTS, demo_size, resolve_model, size_for_aspect
+from pipelines.variants import VARIANTS, size_for_aspect
 
 from ..jobs import ErrorKind, Job, JobStatus
 from ..manager import QueueFull, Unavailable
 from ..services import Services
 from ..storage import file_url
 from ..web import ResponseError, require_key
+from .shared import t2v_request
 
 CONTRACT = "aimlapi"
 PATH = "/v2/video/generations"
@@ -169,24 +170,21 @@ def parse_body(body: Any) -> tuple[str, GenerationRequest]:
     if "enhance_prompt" in body and not isinstance(body["enhance_prompt"], bool):
         raise BodyInvalid("enhance_prompt", f"Expected boolean, received {_kind(body['enhance_prompt'])}")
     # enhance_prompt is accepted and ignored: k5serve has no prompt-rewriting model.
+    width, height = size_for_aspect(aspect)
     try:
-        variant, public = resolve_model(model, duration)
+        request = t2v_request(
+            model,
+            prompt=prompt,
+            negative_prompt=negative,
+            width=width,
+            height=height,
+            seconds=duration,
+            steps=steps,
+            seed=seed,
+        )
     except ValueError as exc:
         raise BodyInvalid("duration", str(exc)) from exc
-    width, height = size_for_aspect(aspect)
-    if variant.demo:  # the tiny demo variants make at most 256 px: same aspect, demo size
-        width, height = demo_size(width, height)
-    return model, GenerationRequest(
-        variant=variant.name,
-        prompt=prompt,
-        negative_prompt=negative,
-        width=width,
-        height=height,
-        seconds=duration,
-        steps=steps if steps is not None else (public.steps if public else None),
-        guidance=public.guidance if public else None,
-        seed=seed,
-    )
+    return model, request
 
 
 # -- wire bodies ----------------------------------------------------------------------------------

@@ -17,13 +17,14 @@ from fastapi.responses import JSONResponse
 
 from pipelines.errors import InvalidRequest, WeightsMissing
 from pipelines.request import GenerationRequest
-from pipelines.variants import VARIANTS, demo_size, resolve_model
+from pipelines.variants import VARIANTS
 
 from ..jobs import ErrorKind, Job, JobError, JobStatus, short_value
 from ..manager import QueueFull, Unavailable
 from ..services import Services
 from ..storage import file_url
 from ..web import ResponseError, require_key
+from .shared import t2v_request
 
 CONTRACT = "onerouter"
 PATH = "/v1/videos/generations"
@@ -107,25 +108,21 @@ def parse_body(body: Any) -> tuple[str, GenerationRequest]:
     steps = _int(body, "num_inference_steps")
     seed = _int(body, "seed")  # extension: not in OneRouter's schema
     negative = _text(body, "negative_prompt")  # extension
+    width, height = (int(side) for side in resolution.split("x"))
     try:
-        variant, public = resolve_model(model, seconds)
+        request = t2v_request(
+            model,
+            prompt=prompt,
+            negative_prompt=negative,
+            width=width,
+            height=height,
+            seconds=seconds,
+            steps=steps,
+            seed=seed,
+        )
     except ValueError as exc:
         raise ParamInvalid("video_length", str(exc)) from exc
-    width, height = (int(side) for side in resolution.split("x"))
-    if variant.demo:  # the tiny demo variants make at most 256 px: same aspect, demo size
-        width, height = demo_size(width, height)
-    default_steps = public.steps if public else None
-    return model, GenerationRequest(
-        variant=variant.name,
-        prompt=prompt,
-        negative_prompt=negative,
-        width=width,
-        height=height,
-        seconds=seconds,
-        steps=steps if steps is not None else default_steps,
-        guidance=public.guidance if public else None,
-        seed=seed,
-    )
+    return model, request
 
 
 def success_body(job: Job, base: str) -> dict:

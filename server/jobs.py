@@ -98,6 +98,9 @@ class JobOutput:
     variant: str
     demo: bool
     timings: dict[str, float] = field(default_factory=dict)
+    # "regular": MagCache ran (approximate output); cached_steps transformer evaluations were reused
+    acceleration: str = "none"
+    cached_steps: int = 0
 
     @property
     def seconds(self) -> float:

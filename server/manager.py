@@ -38,7 +38,7 @@ from typing import Any
 from pipelines.request import CancelToken, GenerationRequest
 
 from .events import Failed, Interrupted, Progress, RunJob, Succeeded, WorkerEvent
-from .jobs import ErrorKind, Job, JobError, JobStatus
+from .jobs import ErrorKind, Job, JobError, JobOutput, JobStatus
 from .storage import Storage
 from .store import JobStore, WebhookBody
 
@@ -353,7 +353,11 @@ class JobManager:
                 self._publish(job, lambda j: j.requeue())
                 return
             if isinstance(event, Succeeded):
-                change = lambda j: (j.log("video written", now=now), j.succeed(event.output, now=now))  # noqa: E731
+                change = lambda j: (  # noqa: E731
+                    _log_acceleration(j, event.output, now),
+                    j.log("video written", now=now),
+                    j.succeed(event.output, now=now),
+                )
             elif isinstance(event, Failed):
                 change = lambda j: (j.log(event.error.message, "ERROR", now), j.fail(event.error, now=now))  # noqa: E731
             else:
@@ -455,3 +459,13 @@ async def retention_loop(manager: JobManager, hours: float, clock: Callable[[], 
         except Exception:  # a full disk or a locked database: try again next time
             log.exception("retention sweep failed")
         await asyncio.sleep(interval)
+
+
+def _log_acceleration(job: Job, output: JobOutput, now: float) -> None:
+    """Approximate output is labelled where every contract's logs and the job record can show it."""
+    if output.acceleration != "none":
+        job.log(
+            f"acceleration {output.acceleration} (approximate): {output.cached_steps} transformer evaluations "
+            "reused from earlier steps (MagCache)",
+            now=now,
+        )

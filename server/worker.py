@@ -195,6 +195,8 @@ def _output(result: GenerationResult) -> JobOutput:
         variant=result.variant,
         demo=result.demo,
         timings=dict(result.timings),
+        acceleration=result.acceleration,
+        cached_steps=result.cached_steps,
     )
 
 

@@ -120,6 +120,9 @@ class FakeEngine:
             file_size=len(data),
             demo=True,
             timings={"denoise": 0.0},
+            # like the engine: "regular" reuses some transformer evaluations (MagCache)
+            acceleration=r.acceleration,
+            cached_steps=r.steps // 2 if r.acceleration == "regular" else 0,
         )
 
     def _pause(self, point: str, cancel: CancelToken | None) -> None:

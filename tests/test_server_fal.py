@@ -429,3 +429,21 @@ def test_missing_weights_answer_not_available_with_the_fix(tmp_path):
         assert response.status_code == 404
         assert "k5serve weights download kandinsky5-pro-t2v-sft-5s" in response.json()["detail"]
         assert client.post(f"/{DISTILL}", json={"prompt": "x"}).status_code == 200
+
+
+def test_approximate_acceleration_is_labelled_in_logs_and_job_list(tmp_path):
+    """fal's Pro endpoints default to acceleration "regular" (MagCache, approximate): the job's logs
+    and the job list say so; "none" runs exact and says nothing."""
+    with app_client(fakes.FakeEngine(), tmp_path) as client:
+        fast = submit(client, PRO_T2V, {"prompt": "a fox", "num_inference_steps": 4})["request_id"]
+        exact = submit(client, PRO_T2V, {"prompt": "a fox", "num_inference_steps": 4, "acceleration": "none"})
+        for rid in (fast, exact["request_id"]):
+            wait_done(client, PRO_T2V, rid)
+        logs = status(client, PRO_T2V, fast, logs=1).json()["logs"]
+        exact_logs = status(client, PRO_T2V, exact["request_id"], logs=1).json()["logs"]
+        jobs = {j["id"]: j for j in client.get("/api/jobs").json()["jobs"]}
+    labels = [line["message"] for line in logs if "approximate" in line["message"]]
+    label = "acceleration regular (approximate): 2 transformer evaluations reused from earlier steps (MagCache)"
+    assert labels == [label]
+    assert not [line for line in exact_logs if "acceleration" in line["message"]]
+    assert jobs[fast]["acceleration"] == "regular" and jobs[exact["request_id"]]["acceleration"] == "none"

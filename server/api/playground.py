@@ -33,6 +33,7 @@ def job_summary(job: Job, base: str, position: int | None) -> dict:
         "progress": list(job.progress) if job.progress else None,
         "error": job.error.message if job.error else None,
         "video_url": file_url(base, job.file_id, out.file_name) if out else None,
+        "acceleration": out.acceleration if out else None,
     }
 
 

@@ -230,31 +230,38 @@ def forward_tflops(dit_config: dict, tokens: int, text_tokens: int) -> float:
     return dit_config["num_visual_blocks"] * per_block / 1e12
 
 
-def time_transformer_forward(pipe, dit_config: dict, device: str, iters: int = 3) -> dict:
-    """One bare batch-1 forward at 768x512x121 with dense attention: seconds and TFLOP/s."""
+def time_transformer_forward(pipe, dit_config: dict, device: str, frames: int = 121, iters: int = 3) -> dict:
+    """One bare batch-1 forward at 768x512 (121 frames by default) with dense attention: seconds, TFLOP/s."""
     import torch
 
     from pipelines.loader import attention_backend
 
     tr = pipe.transformer
     dtype = torch.bfloat16
-    latent = torch.randn(1, 31, 64, 96, 33, device=device, dtype=dtype)
-    text = torch.randn(1, 256, 3584, device=device, dtype=dtype)
-    pooled = torch.randn(1, 768, device=device, dtype=dtype)
-    rope = [torch.arange(31, device=device), torch.arange(32, device=device), torch.arange(48, device=device)]
+    t, h, w = (frames - 1) // 4 + 1, 512 // 8, 768 // 8  # latent frames and pixels (VAE: 4x time, 8x space)
+    channels = 2 * dit_config["in_visual_dim"] + 1 if dit_config.get("visual_cond") else dit_config["in_visual_dim"]
+    latent = torch.randn(1, t, h, w, channels, device=device, dtype=dtype)
+    text = torch.randn(1, 256, dit_config["in_text_dim"], device=device, dtype=dtype)
+    pooled = torch.randn(1, dit_config["in_text_dim2"], device=device, dtype=dtype)
+    rope = [torch.arange(t, device=device), torch.arange(h // 2, device=device), torch.arange(w // 2, device=device)]
     backend = attention_backend(device, nabla=False)
     tr.set_attention_backend(backend)  # dense: the MFU target is about the dense forward
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+
     times = []
     with torch.no_grad():
         for i in range(iters + 1):
-            torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
             tr(latent, text, torch.tensor([500.0], device=device), pooled, rope, torch.arange(256, device=device))
-            torch.cuda.synchronize()
+            sync()
             if i:
                 times.append(time.perf_counter() - t0)
     seconds = statistics.median(times)
-    tflop = forward_tflops(dit_config, 31 * 32 * 48, 256)
+    tflop = forward_tflops(dit_config, t * (h // 2) * (w // 2), 256)
     return {
         "attention_backend": backend,
         "seconds": round(seconds, 4),
@@ -469,7 +476,7 @@ def bench_full(bench_name: str, args: argparse.Namespace) -> dict:
         prompt=args.prompt,
         width=768,
         height=512,
-        num_frames=121,
+        num_frames=args.frames_full,
         steps=args.steps_full,
         seed=0,
         acceleration=args.acceleration,
@@ -490,9 +497,10 @@ def bench_full(bench_name: str, args: argparse.Namespace) -> dict:
     out["build_s"] = round(build_s, 1)
     out["compile_warmup_s"] = round(compile_s, 1)
     out["attention_backend"] = _backend_of(pipe.transformer)
-    out["transformer_forward"] = time_transformer_forward(pipe, dit_config, args.device)
+    out["transformer_forward"] = time_transformer_forward(pipe, dit_config, args.device, args.frames_full)
     del pipe, engine
-    torch.cuda.empty_cache()
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
     return out
 
 
@@ -516,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=17, help="tiny only (--full is 121)")
     parser.add_argument("--steps", type=int, default=8, help="tiny only")
     parser.add_argument("--steps-full", type=int, default=None, help="--full: default each variant's own")
+    parser.add_argument("--frames-full", type=int, default=121, help="--full: frames at 768x512 (4k+1)")
     parser.add_argument("--guidance", type=float, default=5.0, help="tiny only (--full: the variant's own)")
     parser.add_argument("--acceleration", default="none", choices=["none", "regular"])
     parser.add_argument("--no-compile", action="store_true", help="k5serve without torch.compile")

@@ -85,3 +85,45 @@ def test_tiny_run_writes_the_documented_json(tmp_path):
             "guidance": 5.0,
             "acceleration": "none",
         }
+
+
+def test_full_path_runs_end_to_end_on_cpu_at_toy_width(monkeypatch):
+    """The --full code path (build on the device with random init, stock run, k5serve adopting the
+    same modules, the bare forward timing) runs here with every model narrowed to toy widths and 5
+    frames: the GPU-only part is the device, not untested code. The real widths are checked by the
+    meta-device test above."""
+    import argparse
+
+    toy_dit = dict(
+        bench.LITE_DIT, in_text_dim=32, in_text_dim2=32, time_dim=32, model_dim=48, ff_dim=96,
+        num_text_blocks=1, num_visual_blocks=2, axes_dims=(8, 8, 8),
+    )  # fmt: skip
+    monkeypatch.setitem(bench.FULL_VARIANTS, "lite-sft", ("kandinsky5-lite-t2v-sft-5s", toy_dit))
+    monkeypatch.setattr(
+        bench, "QWEN_TEXT", dict(bench.QWEN_TEXT, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=2,
+                                 rope_parameters=dict(bench.QWEN_TEXT["rope_parameters"], mrope_section=[2, 2, 4])),
+    )  # fmt: skip
+    monkeypatch.setattr(
+        bench, "QWEN_VISION", dict(bench.QWEN_VISION, depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                                   out_hidden_size=32, fullatt_block_indexes=[0]),
+    )  # fmt: skip
+    monkeypatch.setattr(
+        bench, "CLIP_TEXT", dict(bench.CLIP_TEXT, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                 num_attention_heads=4, projection_dim=32),
+    )  # fmt: skip
+    monkeypatch.setattr(bench, "HUNYUAN_VAE", dict(bench.HUNYUAN_VAE, block_out_channels=(8, 8, 8, 8),
+                                                   layers_per_block=1, norm_num_groups=4))  # fmt: skip
+    args = argparse.Namespace(
+        device="cpu", prompt="a fox", steps_full=2, frames_full=5, runs=1, acceleration="none",
+        no_compile=True, skip_stock=False,
+    )  # fmt: skip
+    out = bench.bench_full("lite-sft", args)
+
+    assert out["variant"] == "kandinsky5-lite-t2v-sft-5s"
+    assert out["stock_s"] > 0 and out["k5serve_s"] > 0 and out["speedup"] > 0
+    for path in ("stock", "k5serve"):
+        assert len(out["stages"][path]["step_times"]) == 2
+    forward = out["transformer_forward"]
+    assert forward["seconds"] > 0 and set(forward) >= {"tflop", "tflops", "fraction_of_h100_bf16_dense_peak"}
+    assert out["attention_backend"] == "native"

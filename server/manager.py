@@ -94,6 +94,7 @@ class JobManager:
         self._webhook_formats: dict[str, WebhookFormatter] = {}
         self.on_webhook_queued: Callable[[], None] = lambda: None
         self._listeners: list[JobListener] = []
+        self._delete_listeners: list[Callable[[str], None]] = []
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -107,6 +108,11 @@ class JobManager:
     def add_listener(self, listener: JobListener) -> None:
         """Observe job changes (metrics, structured logs); see JobListener."""
         self._listeners.append(listener)
+
+    def add_delete_listener(self, listener: Callable[[str], None]) -> None:
+        """Called with the job id (under the manager's lock) when a job is deleted or expires: a
+        deleted running job sends no further events, so observers drop what they keep for it."""
+        self._delete_listeners.append(listener)
 
     def recover(self) -> dict[str, int]:
         """Load every job from disk; interrupted runs go back to the queue in submission order.
@@ -266,6 +272,11 @@ class JobManager:
                 self.storage.discard_output(job.file_id)
                 self.storage.remove_inputs(job_id)
             log.info("job %s: deleted (was %s)", job_id, job.status.value)
+            for listener in self._delete_listeners:
+                try:
+                    listener(job_id)
+                except Exception:  # an observer must never break a delete
+                    log.exception("delete listener failed for job %s", job_id)
             self._notify(job_id)
             return True
 

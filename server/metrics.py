@@ -48,6 +48,7 @@ class Metrics:
         self._last_step: dict[str, float] = {}  # job id -> monotonic time of its start / last step
         self._steps: dict[str, list[float]] = {}  # step durations, labelled when the variant is known
         manager.add_listener(self.observe)
+        manager.add_delete_listener(self.forget)
 
     def observe(self, job: Job, previous: JobStatus | None) -> None:
         now = time.monotonic()
@@ -64,6 +65,11 @@ class Metrics:
                 self._forget(job.id)
             else:
                 self._finish(job)
+
+    def forget(self, job_id: str) -> None:
+        """A deleted job (possibly mid-run: no terminal event will come) keeps nothing here."""
+        with self._lock:
+            self._forget(job_id)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -104,3 +104,17 @@ def test_serve_logs_one_json_line_per_job_state_change(tmp_path):
     # uvicorn's access log stays plain text
     access = [line for line in lines if f"/requests/{job_id}/status" in line and not line.startswith("{")]
     assert access and '" 200' in access[-1]
+
+
+def test_deleting_a_running_job_leaves_no_step_timings_behind(tmp_path):
+    """A job deleted mid-run sends no terminal event: the metrics drop its per-job step timings anyway."""
+    engine = FakeEngine(step_time=0.05)
+    with app_client(engine, tmp_path) as client:
+        metrics = client.app.state.metrics
+        vid = client.post("/v1/videos", json={"prompt": "a fox", "num_inference_steps": 50}).json()["id"]
+        wait_until(lambda: metrics._steps.get(vid), what="a few steps timed")
+        assert client.delete(f"/v1/videos/{vid}").status_code == 200
+        wait_until(lambda: engine.steps_run, what="the worker to stop the deleted job")
+        run_fal_job(client)  # the worker goes on
+        assert metrics._steps == {} and metrics._last_step == {}
+    assert engine.steps_run[0] < 50

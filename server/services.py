@@ -65,16 +65,19 @@ class Services:
             guard=guard,
         )
 
-    def prepare(self, greq):
-        """The server's own limits (prompt length), then the engine's validation. Raises InvalidRequest
-        (worded with the setting that sets the limit) or WeightsMissing."""
+    def check_text(self, prompt: object, negative_prompt: object = None) -> None:
+        """The server's own limit on prompt length: cheap, so contracts also call it before fetching
+        an image. Raises InvalidRequest worded with the setting that sets the limit."""
         limit = self.settings.max_prompt_chars
-        for name in ("prompt", "negative_prompt"):
-            value = getattr(greq, name, None)
+        for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
             if isinstance(value, str) and len(value) > limit:
                 raise InvalidRequest(
                     name, value, f"{name} is {len(value)} characters; the limit is {limit} (K5SERVE_MAX_PROMPT_CHARS)"
                 )
+
+    def prepare(self, greq):
+        """The server's own limits, then the engine's validation. Raises InvalidRequest or WeightsMissing."""
+        self.check_text(greq.prompt, greq.negative_prompt)
         return self.engine.prepare(greq)
 
     def base_url(self, request) -> str:

@@ -163,6 +163,20 @@ def test_prompt_length_on_fal_queue_and_run_host(state, field):
     state.assert_earlier_results_served()
 
 
+def test_an_over_long_prompt_is_refused_before_any_image_is_fetched(state):
+    before = state.images.connections
+    url = state.images.url + "/ok.png"
+    fal = state.client.post(f"/{PRO_I2V}", json={"prompt": LONG, "image_url": url})
+    assert fal.status_code == 200  # fal: accepted, the 422 comes on the result route
+    fal_422(state.fal_done(fal.json()["request_id"], "fal-ai/kandinsky5-pro"), "prompt", f"prompt {PROMPT_MESSAGE}")
+    oai = state.client.post("/v1/videos", json={"prompt": "x", "negative_prompt": LONG, "input_reference": url})
+    openai_400(oai, "negative_prompt", PROMPT_MESSAGE)
+    assert state.images.connections == before  # neither contract fetched the image
+    ok = state.client.post(f"/{PRO_I2V}", json={"prompt": "fine", "image_url": url, "num_inference_steps": 1})
+    assert state.fal_done(ok.json()["request_id"], "fal-ai/kandinsky5-pro").status_code == 200
+    assert state.images.connections > before  # the same URL is fetched once the prompt is fine
+
+
 def test_prompt_at_the_limit_is_accepted(state):
     rid = state.client.post(f"/{T2V}", json={"prompt": "a" * 100, "num_inference_steps": 1}).json()["request_id"]
     assert state.fal_done(rid).status_code == 200

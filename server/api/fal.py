@@ -204,6 +204,10 @@ class FalIntake:
         parsed = parse(model_id, body)
         image_path, image_size = None, None
         if parsed.image_url is not None:
+            try:  # an over-long prompt is refused before any image is fetched
+                self.s.check_text(parsed.wire.prompt, getattr(parsed.wire, "negative_prompt", None))
+            except InvalidRequest as exc:
+                raise invalid(exc.field, exc.value, exc.message) from exc
             try:
                 path, image_size = await fetch_image(
                     parsed.image_url, self.s.storage.input_path(job_id, ""), self.s.intake

@@ -268,6 +268,10 @@ def router(services: Services) -> APIRouter:
         model, greq = _pick_model(fields, seconds, source is not None)
         image = None
         if source is not None:
+            try:  # an over-long prompt is refused before any image is fetched
+                services.check_text(prompt, _text(fields, "negative_prompt"))
+            except InvalidRequest as exc:
+                raise invalid(exc.field, exc.message_for(exc.field)) from exc
             try:
                 path, _ = await fetch_image(source, storage.input_path(job_id, ""), services.intake, "input_reference")
             except ImageInputError as exc:

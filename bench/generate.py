@@ -247,17 +247,13 @@ def time_transformer_forward(pipe, dit_config: dict, device: str, frames: int = 
     backend = attention_backend(device, nabla=False)
     tr.set_attention_backend(backend)  # dense: the MFU target is about the dense forward
 
-    def sync() -> None:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize(device)
-
     times = []
     with torch.no_grad():
         for i in range(iters + 1):
-            sync()
+            _sync(device)
             t0 = time.perf_counter()
             tr(latent, text, torch.tensor([500.0], device=device), pooled, rope, torch.arange(256, device=device))
-            sync()
+            _sync(device)
             if i:
                 times.append(time.perf_counter() - t0)
     seconds = statistics.median(times)
@@ -285,6 +281,14 @@ def _peak_memory(device: str) -> dict:
     return out
 
 
+def _sync(device: str) -> None:
+    """Wait for queued GPU work, so a timer reads the work and not its launch (no-op off CUDA)."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
 def _reset_peak(device: str) -> None:
     import torch
 
@@ -310,10 +314,6 @@ def time_stock(stock, resolved, args, device: str, image: Path | None) -> dict:
 
     from pipelines.engine import _stage_timer, load_image
 
-    def sync() -> None:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize(device)
-
     kwargs = dict(
         prompt=args.prompt,
         height=resolved.height,
@@ -332,7 +332,7 @@ def time_stock(stock, resolved, args, device: str, image: Path | None) -> dict:
             last = [0.0]
 
             def on_step(_p, _i, _t, _kw, timings=timings, last=last):
-                sync()
+                _sync(device)
                 now = time.perf_counter()
                 timings["step_times"].append(now - last[0])
                 last[0] = now
@@ -341,10 +341,10 @@ def time_stock(stock, resolved, args, device: str, image: Path | None) -> dict:
             def first_call(*_a, last=last, seen=[]):  # noqa: B006 - one list per run
                 if not seen:
                     seen.append(True)
-                    sync()
+                    _sync(device)
                     last[0] = time.perf_counter()  # step 1 starts at its first transformer call
 
-            sync()
+            _sync(device)
             t0 = last[0] = time.perf_counter()
             hook = stock.transformer.register_forward_pre_hook(first_call)
             try:
@@ -368,20 +368,14 @@ def time_stock(stock, resolved, args, device: str, image: Path | None) -> dict:
 
 def time_engine(engine, resolved, args) -> dict:
     """k5serve: Engine.generate (mp4 included); run 0 is a warm-up."""
-    import torch
-
-    def sync() -> None:
-        if engine.device.startswith("cuda"):
-            torch.cuda.synchronize(engine.device)
-
     rows, warmup = [], 0.0
     _reset_peak(engine.device)
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.runs + 1):
-            sync()
+            _sync(engine.device)
             t0 = time.perf_counter()
             result = engine.generate(resolved, Path(tmp) / "k5.mp4")
-            sync()
+            _sync(engine.device)
             timings = dict(result.timings, total=time.perf_counter() - t0, step_times=result.step_times)
             if i:
                 rows.append(timings)

@@ -266,10 +266,11 @@ def router(services: Services) -> APIRouter:
         seconds, size, source = _seconds(fields), _size(fields), _image_source(fields)
         steps, seed = _int(fields, "num_inference_steps"), _int(fields, "seed")
         model, greq = _pick_model(fields, seconds, source is not None)
+        negative = _text(fields, "negative_prompt")
         image = None
         if source is not None:
             try:  # an over-long prompt is refused before any image is fetched
-                services.check_text(prompt, _text(fields, "negative_prompt"))
+                services.check_text(prompt, negative)
             except InvalidRequest as exc:
                 raise invalid(exc.field, exc.message_for(exc.field)) from exc
             try:
@@ -281,7 +282,7 @@ def router(services: Services) -> APIRouter:
         greq = replace(
             greq,
             prompt=prompt,
-            negative_prompt=_text(fields, "negative_prompt"),
+            negative_prompt=negative,
             image=image,
             width=width,
             height=height,

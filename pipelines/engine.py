@@ -45,11 +45,13 @@ class Engine:
         memory_mode: str = "auto",
         device_memory: int | None = None,
         cfg_batch: bool = True,
+        negative_cache: bool = True,
     ):
         """`memory_mode`: auto (decided per variant from the device memory, pipelines/memory.py) or
         gpu / offload_text / offload_model. `device_memory`: bytes the device has (default: what CUDA
         reports; None on CPU = no limit). `compile`: None = on for CUDA. `cfg_batch`: cond and uncond
-        in one transformer call when memory allows (exact; pipelines/denoise.py)."""
+        in one transformer call when memory allows (exact; pipelines/denoise.py). `negative_cache`: keep
+        encoded negative prompts between jobs (exact; off only to measure it, bench/generate.py --ablate)."""
         from .loader import LoadOptions, pick_device
 
         self.weights_dir = Path(weights_dir)
@@ -59,6 +61,7 @@ class Engine:
         self.memory_mode = "offload_model" if offload else memory_mode
         self.capacity = device_memory if device_memory is not None else _device_capacity(self.device)
         self.cfg_batch = cfg_batch
+        self.negative_cache = negative_cache
         cuda = self.device.startswith("cuda")
         self.options = LoadOptions(
             device=self.device, offload=offload, vae_tiling=vae_tiling, compile=cuda if compile is None else compile
@@ -430,7 +433,9 @@ class Engine:
                 "negative_prompt_embeds_clip": clip,
                 "negative_prompt_cu_seqlens": cu_seqlens,
             }
-            if text == DEFAULT_NEGATIVE_PROMPT or len(self._negative_cache) < NEGATIVE_CACHE_SIZE:
+            if self.negative_cache and (
+                text == DEFAULT_NEGATIVE_PROMPT or len(self._negative_cache) < NEGATIVE_CACHE_SIZE
+            ):
                 self._negative_cache[key] = cached
         return cached
 

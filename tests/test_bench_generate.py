@@ -127,3 +127,34 @@ def test_full_path_runs_end_to_end_on_cpu_at_toy_width(monkeypatch):
     forward = out["transformer_forward"]
     assert forward["seconds"] > 0 and set(forward) >= {"tflop", "tflops", "fraction_of_h100_bf16_dense_peak"}
     assert out["attention_backend"] == "native"
+
+
+def test_negative_cache_off_encodes_the_negative_prompt_every_time_with_the_same_frames(tiny_weights_dir):
+    """Engine(negative_cache=False) is what --ablate's negative_cache row times: the default negative
+    prompt encoded on every generation instead of once, and the frames exactly the same."""
+    import numpy as np
+
+    from pipelines.engine import Engine
+    from pipelines.request import GenerationRequest
+    from pipelines.variants import DEFAULT_NEGATIVE_PROMPT
+
+    req = GenerationRequest(
+        variant="kandinsky5-tiny-t2v", prompt="a fox", width=64, height=64, num_frames=5, steps=2, guidance=5.0, seed=1
+    )
+    frames, encodes = {}, {}
+    for cache in (False, True):
+        engine = Engine(tiny_weights_dir, device="cpu", negative_cache=cache)
+        pipe = engine.pipeline(req.variant)
+        encode, negatives = pipe.encode_prompt, []
+
+        def counting(*args, encode=encode, negatives=negatives, **kwargs):
+            if kwargs.get("prompt", args[0] if args else None) == [DEFAULT_NEGATIVE_PROMPT]:
+                negatives.append(1)
+            return encode(*args, **kwargs)
+
+        pipe.encode_prompt = counting
+        frames[cache] = [engine.generate_frames(req) for _ in range(2)]
+        encodes[cache] = len(negatives)
+    assert encodes == {False: 2, True: 1}
+    first = frames[False][0]
+    assert all(np.array_equal(first, f) for f in [*frames[False], *frames[True]])

@@ -49,7 +49,8 @@ class Engine:
     ):
         """`memory_mode`: auto (decided per variant from the device memory, pipelines/memory.py) or
         gpu / offload_text / offload_model. `device_memory`: bytes the device has (default: what CUDA
-        reports; None on CPU = no limit). `compile`: None = on for CUDA. `cfg_batch`: cond and uncond
+        reports; None on CPU = no limit). `compile`: None = on for CUDA (True also compiles on the CPU,
+        slow to build for small gains: the tests use it). `cfg_batch`: cond and uncond
         in one transformer call when memory allows (exact; pipelines/denoise.py). `negative_cache`: keep
         encoded negative prompts between jobs (exact; off only to measure it, bench/generate.py --ablate)."""
         from .loader import LoadOptions, pick_device
@@ -189,7 +190,7 @@ class Engine:
         names = ["kandinsky5-tiny-t2v", "kandinsky5-tiny-i2v"] if self.demo else self.models
         for name in names:
             self.pipeline(name)
-            if self.options.compile and self.device.startswith("cuda"):
+            if self.options.compile:
                 self.warm_compiled(name)
 
     def warm_compiled(self, name: str) -> None:

@@ -27,7 +27,7 @@ class LoadOptions:
     device: str = "cpu"  # a concrete torch device string: cpu, cuda, cuda:N
     offload: bool = False  # model CPU offload (accelerate): one component on the GPU at a time
     vae_tiling: bool = False
-    compile: bool = False  # torch.compile the repeated transformer blocks (CUDA only)
+    compile: bool = False  # torch.compile the repeated transformer blocks (the Engine turns it on for CUDA)
     # Where the weights live on CUDA (pipelines/memory.py): "gpu" all resident; "offload_text" the
     # text encoders on the CPU except while encoding; "offload_model" one model on the GPU at a time.
     memory_mode: str = "gpu"
@@ -150,7 +150,9 @@ def configure_pipeline(pipe, variant: Variant, options: LoadOptions) -> None:
     backend = attention_backend(options.device, nabla=transformer.config.get("attention_type") == "nabla")
     if backend != "native":
         transformer.set_attention_backend(backend)
-    if options.compile and options.device.startswith("cuda"):
+    if backend == "flex" and options.device.startswith("cuda"):
+        use_fused_flex_attention()  # also when the blocks run eagerly (compile off, or its fallback)
+    if options.compile:
         # Compile the 32/60 identical CrossDiT blocks once (regional compile: seconds, not minutes).
         transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
     if options.vae_tiling:
@@ -164,3 +166,28 @@ def configure_pipeline(pipe, variant: Variant, options: LoadOptions) -> None:
         pipe.text_encoder_2.to("cpu")
     else:
         pipe.to(options.device)
+
+
+def use_fused_flex_attention() -> None:
+    """Route diffusers' flex attention backend through a compiled flex_attention (process-wide, idempotent).
+
+    Called eagerly, FlexAttention runs its reference implementation, which materialises the whole
+    fp32 score matrix: for Pro at 768x512x121 that is 32 heads x 47,616^2 tokens, about 290 GB, so
+    every nabla variant (all of Pro, Lite 10 s) would run out of memory whenever the blocks are not
+    compiled. Compiled, it is the fused block-sparse kernel. diffusers reads `flex_attention` as a
+    module global of attention_dispatch; it gets a copy of torch's module whose `flex_attention` is
+    compiled (a module, not a proxy object, so Dynamo reads it plainly inside compiled blocks).
+    """
+    import types
+
+    import torch
+    from diffusers.models import attention_dispatch
+
+    module = attention_dispatch.flex_attention
+    if module is None or getattr(module, "_k5_fused", False):
+        return
+    fused = types.ModuleType(module.__name__)
+    fused.__dict__.update({k: v for k, v in vars(module).items() if not k.startswith("__")})
+    fused.flex_attention = torch.compile(module.flex_attention, dynamic=True)
+    fused._k5_fused = True
+    attention_dispatch.flex_attention = fused

@@ -168,6 +168,7 @@ def _build_engine(settings: Settings) -> EngineLike:
         settings.models,
         settings.require_weights,
         memory_mode=settings.memory_mode,
+        compile={"auto": None, "on": True, "off": False}[settings.compile],
     )
 
 

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--memory-mode", default=None, choices=["auto", "gpu", "offload_text", "offload_model"], help="default: auto"
     )
+    serve.add_argument(
+        "--compile", default=None, choices=["auto", "on", "off"], help="compile the transformer blocks (auto: on CUDA)"
+    )
 
     gen = sub.add_parser("generate", help="make one video and exit")
     gen.add_argument("prompt")

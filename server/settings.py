@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     require_weights: bool = False
     # Where the weights live on the GPU (pipelines/memory.py): auto decides per variant from the device memory.
     memory_mode: Literal["auto", "gpu", "offload_text", "offload_model"] = "auto"
+    # torch.compile of the repeated transformer blocks: auto = on for CUDA (warmed at start-up), off on the CPU.
+    compile: Literal["auto", "on", "off"] = "auto"
 
     # Not CLI flags: tuning knobs with safe defaults (still settable through K5SERVE_*).
     webhook_timeout: float = Field(15.0, gt=0)  # fal delivery policy: 15 s per attempt

@@ -76,6 +76,33 @@ def tiny_weights_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_nabla_dir(tiny_weights_dir, tmp_path_factory) -> Path:
+    """The tiny t2v checkpoint with a nabla transformer config (as Pro and Lite 10 s have)."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("nabla") / "kandinsky5-tiny-t2v"
+    shutil.copytree(tiny_weights_dir / "kandinsky5-tiny-t2v", folder)
+    config_path = folder / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config.update(
+        attention_type="nabla",
+        attention_causal=False,
+        attention_local=False,
+        attention_glob=False,
+        attention_window=3,
+        attention_P=0.9,
+        attention_wT=11,
+        attention_wW=3,
+        attention_wH=3,
+        attention_add_sta=True,
+        attention_method="topcdf",
+    )
+    config_path.write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="session")
 def engine(tiny_weights_dir):
     """One CPU engine in demo mode for the session (pipelines stay loaded between tests)."""
     from pipelines.engine import Engine

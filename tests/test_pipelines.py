@@ -340,35 +340,14 @@ def test_attention_backend_choice():
     assert attention_backend("cuda", nabla=True) == "flex"
 
 
-def test_nabla_variant_loads_on_flex_and_matches_full_attention(tiny_weights_dir, tmp_path):
+def test_nabla_variant_loads_on_flex_and_matches_full_attention(tiny_weights_dir, tiny_nabla_dir):
     """A nabla config goes through the flex backend (SDPA cannot take its BlockMask). At tiny sizes
     the nabla/STA mask is dense and eager flex ignores block sparsity, so it equals full attention."""
-    import json
-    import shutil
-
     from pipelines.loader import LoadOptions, load_pipeline
     from pipelines.variants import VARIANTS
 
-    nabla_dir = tmp_path / "nabla"
-    shutil.copytree(tiny_weights_dir / T2V, nabla_dir)
-    config_path = nabla_dir / "transformer" / "config.json"
-    config = json.loads(config_path.read_text())
-    config.update(
-        attention_type="nabla",
-        attention_causal=False,
-        attention_local=False,
-        attention_glob=False,
-        attention_window=3,
-        attention_P=0.9,
-        attention_wT=11,
-        attention_wW=3,
-        attention_wH=3,
-        attention_add_sta=True,
-        attention_method="topcdf",
-    )
-    config_path.write_text(json.dumps(config))
     args = dict(prompt="a fox", height=128, width=128, num_frames=9, num_inference_steps=2, output_type="np")
-    nabla = load_pipeline(VARIANTS[T2V], nabla_dir, LoadOptions())
+    nabla = load_pipeline(VARIANTS[T2V], tiny_nabla_dir, LoadOptions())
     regular = load_pipeline(VARIANTS[T2V], tiny_weights_dir / T2V, LoadOptions())
     out_nabla = nabla(**args, generator=torch.Generator().manual_seed(0)).frames[0]
     out_regular = regular(**args, generator=torch.Generator().manual_seed(0)).frames[0]

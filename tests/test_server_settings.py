@@ -129,3 +129,21 @@ def test_public_url_makes_every_url_absolute_on_it(tmp_path):
         wait_until(lambda: client.get(f"/fal-ai/kandinsky5/requests/{rid}/status").status_code == 200)
         url = client.get(f"/fal-ai/kandinsky5/requests/{rid}").json()["video"]["url"]
         assert url.startswith("https://videos.example.com/files/")
+
+
+@pytest.mark.parametrize(("flag", "expected"), [("auto", False), ("on", True), ("off", False)])
+def test_compile_flag_reaches_the_engine(monkeypatch, tmp_path, flag, expected):
+    """--compile auto|on|off (K5SERVE_COMPILE): auto is on for CUDA only, so off on this CPU."""
+    from server.app import _build_engine
+
+    seen = {}
+    monkeypatch.setattr("server.app.run", lambda settings: seen.setdefault("s", settings) and 0)
+    assert cli.main(["serve", "--compile", flag, "--weights-dir", str(tmp_path), "--device", "cpu"]) == 0
+    assert seen["s"].compile == flag
+    assert _build_engine(seen["s"]).options.compile is expected
+
+
+def test_compile_flag_rejects_other_values(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--compile", "yes"])
+    assert "--compile" in capsys.readouterr().err

@@ -16,12 +16,18 @@ text model, HunyuanVideo VAE, at 768x512, 121 frames. Nothing is downloaded. The
 k5serve's tiny ones (ids fit the real vocabularies; prompts come out longer than with real Qwen).
 It also times one bare transformer forward per variant (dense attention) and reports its
 TFLOP/s against the dense bf16 peak.
+
+--ablate: after the normal k5serve timing, each exact speed-up (CFG batching, the negative-prompt
+cache, compile, the attention backend) switched off on its own, to measure each one's share. A path
+that fails (stock Pro's eager FlexAttention cannot fit at 768x512x121) is reported as an error and
+the run goes on; the JSON is rewritten after every variant.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import platform
 import statistics
@@ -391,7 +397,8 @@ def time_engine(engine, resolved, args) -> dict:
     }
 
 
-def combine(resolved, stock: dict | None, k5: dict, runs: int) -> dict:
+def combine(resolved, stock: dict | None, k5: dict | None, runs: int, errors: dict) -> dict:
+    """One variant's JSON. A path that failed has no figures, only its `<path>_error` (from `errors`)."""
     out = {
         "variant": resolved.variant.name,
         "request": {
@@ -402,22 +409,122 @@ def combine(resolved, stock: dict | None, k5: dict, runs: int) -> dict:
             "guidance": resolved.guidance,
             "acceleration": resolved.acceleration,
         },
-        "k5serve_s": k5["summary"]["total"],
-        "stages": {"k5serve": k5["summary"]},
-        "warmup_s": {"k5serve": k5["warmup_s"]},
-        "memory": {"k5serve": k5["memory"]},
-        "memory_plan": k5["memory_plan"],
-        "acceleration_applied": k5["acceleration"],
-        "cached_steps": k5["cached_steps"],
-        "runs": runs,
+        "stages": {},
+        "warmup_s": {},
+        "memory": {},
     }
-    if stock is not None:
-        out["stock_s"] = stock["summary"]["total"]
+    for path, times in (("stock", stock), ("k5serve", k5)):
+        if times is not None:
+            out[f"{path}_s"] = times["summary"]["total"]
+            out["stages"][path] = times["summary"]
+            out["warmup_s"][path] = times["warmup_s"]
+            out["memory"][path] = times["memory"]
+    if stock is not None and k5 is not None:
         out["speedup"] = round(out["stock_s"] / out["k5serve_s"], 3)
-        out["stages"]["stock"] = stock["summary"]
-        out["warmup_s"]["stock"] = stock["warmup_s"]
-        out["memory"]["stock"] = stock["memory"]
+    if k5 is not None:
+        out["memory_plan"] = k5["memory_plan"]
+        out["acceleration_applied"] = k5["acceleration"]
+        out["cached_steps"] = k5["cached_steps"]
+    return {**out, **errors, "runs": runs}
+
+
+def _attempt(errors: dict, key: str, device: str, fn, *args):
+    """fn(*args), or None with errors[key] = "Type: first line of the message".
+
+    A failing path must not end the benchmark: stock diffusers as documented for Pro (flex
+    attention, no compile) runs FlexAttention eagerly, which materialises the full fp32 score
+    matrix (32 heads x 47,616^2 tokens, about 290 GB at 768x512x121) and cannot fit. Memory is
+    freed after the handler, once the traceback no longer holds the failed run's tensors.
+    """
+    try:
+        return fn(*args)
+    except Exception as exc:
+        errors[key] = f"{type(exc).__name__}: {next(iter(str(exc).splitlines()), '')}"
+    _free(device)
+    return None
+
+
+def _free(device: str) -> None:
+    import torch
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def time_ablations(engine, resolved, args, k5: dict) -> dict:
+    """Each exact speed-up switched off on its own (issue 6), after the normal k5serve timing.
+
+    Every row is the same request through a fresh Engine adopting the same pipeline, timed like
+    k5serve (one warm-up, then `--runs`). What lives on the shared modules is undone for its row
+    and put back after it: compile by running the compiled blocks eagerly (`_eager`: simpler than
+    ordering a compile-off row before compilation, and later rows and the bare forward still run
+    compiled), the attention backend by setting torch SDPA and then the auto pick again.
+    """
+    from pipelines.engine import Engine
+    from pipelines.loader import attention_backend
+
+    name = resolved.variant.name
+    pipe = engine.pipeline(name)
+    nabla = pipe.transformer.config.get("attention_type") == "nabla"
+    picked = attention_backend(engine.device, nabla)
+    no_cfg = None if resolved.guidance > 1 else "no CFG at guidance <= 1"
+    no_batch = no_cfg
+    if not no_cfg and k5["memory_plan"].get("cfg_batch") is False:
+        no_batch = "the memory plan already runs cond and uncond in separate calls"
+    no_compile = None
+    if not engine.options.compile:
+        no_compile = "compile is off (--no-compile)" if engine.device.startswith("cuda") else "compile is off on cpu"
+    no_backend = "nabla needs flex" if nabla else "the auto pick is already native" if picked == "native" else None
+    rows = (
+        ("cfg_batch", no_batch, {"cfg_batch": False}, contextlib.nullcontext),
+        ("negative_cache", no_cfg, {"negative_cache": False}, contextlib.nullcontext),
+        ("compile", no_compile, {}, lambda: _eager(pipe.transformer)),
+        ("attention_backend", no_backend, {}, lambda: _attention(pipe.transformer, "native", picked)),
+    )
+    out = {}
+    for row, skipped, overrides, switched_off in rows:
+        if skipped:
+            out[row] = {"skipped": skipped}
+            continue
+        twin = Engine(engine.weights_dir, device=engine.device, compile=engine.options.compile, **overrides)
+        twin.adopt(name, pipe)
+        errors: dict = {}
+        with switched_off():
+            times = _attempt(errors, "error", engine.device, time_engine, twin, resolved, args)
+        if times is None:
+            out[row] = errors
+            continue
+        s = times["summary"]
+        out[row] = {
+            "k5serve_s": s["total"],
+            "per_step": s["per_step"],
+            "encode_prompt": s.get("encode_prompt", 0.0),
+            "slowdown": round(s["total"] / k5["summary"]["total"], 3),
+        }
     return out
+
+
+@contextlib.contextmanager
+def _eager(transformer):
+    """The compiled blocks run eagerly inside (as Engine.warm_compiled's fallback), compiled after."""
+    compiled = [(m, m._compiled_call_impl) for m in transformer.modules() if getattr(m, "_compiled_call_impl", None)]
+    for module, _ in compiled:
+        module._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for module, impl in compiled:
+            module._compiled_call_impl = impl
+
+
+@contextlib.contextmanager
+def _attention(transformer, backend: str, restore: str):
+    transformer.set_attention_backend(backend)
+    try:
+        yield
+    finally:
+        transformer.set_attention_backend(restore)
 
 
 def bench_tiny(name: str, weights: Path, args: argparse.Namespace, image: Path | None) -> dict:
@@ -441,17 +548,24 @@ def bench_tiny(name: str, weights: Path, args: argparse.Namespace, image: Path |
         acceleration=args.acceleration,
     )
     resolved = engine.prepare(req)
-    stock = DiffusionPipeline.from_pretrained(weights / name, dtype=dtype_for(engine.device)).to(engine.device)
-    stock.set_progress_bar_config(disable=True)
-    stock_times = time_stock(stock, resolved, args, engine.device, image)
-    return combine(resolved, stock_times, time_engine(engine, resolved, args), args.runs)
+
+    def stock_path():  # the stock pipeline is freed before k5serve runs
+        stock = DiffusionPipeline.from_pretrained(weights / name, dtype=dtype_for(engine.device)).to(engine.device)
+        stock.set_progress_bar_config(disable=True)
+        return time_stock(stock, resolved, args, engine.device, image)
+
+    errors: dict = {}
+    stock = _attempt(errors, "stock_error", engine.device, stock_path)
+    k5 = _attempt(errors, "k5serve_error", engine.device, time_engine, engine, resolved, args)
+    out = combine(resolved, stock, k5, args.runs, errors)
+    if args.ablate and k5 is not None:
+        out["ablations"] = time_ablations(engine, resolved, args, k5)
+    return out
 
 
 def bench_full(bench_name: str, args: argparse.Namespace) -> dict:
     """Full-size random-weight run on CUDA: stock first, then the same modules configured by k5serve."""
     import dataclasses
-
-    import torch
 
     from pipelines.engine import Engine
     from pipelines.loader import configure_pipeline
@@ -478,23 +592,31 @@ def bench_full(bench_name: str, args: argparse.Namespace) -> dict:
     resolved = resolve(req)
     if variant.attention == "nabla":
         pipe.transformer.set_attention_backend("flex")  # stock needs it for nabla (diffusers docs)
-    stock = None if args.skip_stock else time_stock(pipe, resolved, args, args.device, None)
-    placement = engine.placement(name)
-    configure_pipeline(pipe, variant, dataclasses.replace(engine.options, memory_mode=placement))
-    engine.adopt(name, pipe)
-    compile_s = 0.0
-    if engine.options.compile:
+    errors: dict = {}
+    stock = None
+    if not args.skip_stock:
+        stock = _attempt(errors, "stock_error", args.device, time_stock, pipe, resolved, args, args.device, None)
+    extra = {"build_s": round(build_s, 1)}
+
+    def k5serve_path(engine, pipe):  # arguments, not closed over: both are deleted below
+        placement = engine.placement(name)
+        configure_pipeline(pipe, variant, dataclasses.replace(engine.options, memory_mode=placement))
+        engine.adopt(name, pipe)
         t1 = time.perf_counter()
-        engine.warm_compiled(name)
-        compile_s = time.perf_counter() - t1
-    out = combine(resolved, stock, time_engine(engine, engine.prepare(req), args), args.runs)
-    out["build_s"] = round(build_s, 1)
-    out["compile_warmup_s"] = round(compile_s, 1)
-    out["attention_backend"] = _backend_of(pipe.transformer)
-    out["transformer_forward"] = time_transformer_forward(pipe, dit_config, args.device, args.frames_full)
+        if engine.options.compile:
+            engine.warm_compiled(name)
+        extra["compile_warmup_s"] = round(time.perf_counter() - t1, 1)
+        return time_engine(engine, engine.prepare(req), args)
+
+    k5 = _attempt(errors, "k5serve_error", args.device, k5serve_path, engine, pipe)
+    out = {**combine(resolved, stock, k5, args.runs, errors), **extra}
+    if k5 is not None:
+        if args.ablate:
+            out["ablations"] = time_ablations(engine, resolved, args, k5)
+        out["attention_backend"] = _backend_of(pipe.transformer)
+        out["transformer_forward"] = time_transformer_forward(pipe, dit_config, args.device, args.frames_full)
     del pipe, engine
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    _free(args.device)
     return out
 
 
@@ -523,6 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--acceleration", default="none", choices=["none", "regular"])
     parser.add_argument("--no-compile", action="store_true", help="k5serve without torch.compile")
     parser.add_argument("--skip-stock", action="store_true", help="--full: time only k5serve")
+    parser.add_argument("--ablate", action="store_true", help="also time k5serve with each exact speed-up off")
     parser.add_argument("--prompt", default="a red fox running through snow")
     args = parser.parse_args(argv)
 
@@ -536,33 +659,10 @@ def main(argv: list[str] | None = None) -> int:
         print("bench/generate.py: --full needs a CUDA GPU (none here); run without --full for the tiny CPU variants")
         return 2
 
-    results = []
-    if args.full:
-        for name in _names(args.variants, ",".join(FULL_VARIANTS)):
-            if name not in FULL_VARIANTS:
-                parser.error(f"unknown --full variant {name!r}; known: {', '.join(FULL_VARIANTS)}")
-            results.append(bench_full(name, args))
-            print(json.dumps(results[-1]), file=sys.stderr)
-    else:
-        import numpy as np
-        from PIL import Image
-
-        from pipelines.tiny import ensure_tiny
-
-        with tempfile.TemporaryDirectory() as tmp:
-            weights = args.weights_dir or Path(tmp) / "weights"
-            image = Path(tmp) / "image.png"
-            pixels = np.random.default_rng(0).integers(0, 256, (args.height, args.width, 3), np.uint8)
-            Image.fromarray(pixels).save(image)
-            for name in _names(args.variants, "kandinsky5-tiny-t2v,kandinsky5-tiny-i2v"):
-                if name.startswith("kandinsky5-tiny-"):
-                    ensure_tiny(weights, name)
-                results.append(bench_tiny(name, weights, args, image if "i2v" in name else None))
-                print(json.dumps(results[-1]), file=sys.stderr)
-
     import diffusers
     import transformers
 
+    results: list[dict] = []
     report = {
         "benchmark": "generate",
         "mode": "full" if args.full else "tiny",
@@ -579,7 +679,37 @@ def main(argv: list[str] | None = None) -> int:
         },
         "results": results,
     }
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    def record(result: dict) -> None:
+        """Rewrite the whole report after every variant: a run killed part-way keeps what finished."""
+        results.append(result)
+        print(json.dumps(result), file=sys.stderr)
+        partial = args.out.with_name(args.out.name + ".partial")
+        partial.write_text(json.dumps(report, indent=2) + "\n")
+        partial.replace(args.out)  # never a half-written file, even if killed while writing
+
+    if args.full:
+        names = _names(args.variants, ",".join(FULL_VARIANTS))
+        unknown = [n for n in names if n not in FULL_VARIANTS]
+        if unknown:  # before anything is built, not after the first variant's minutes
+            parser.error(f"unknown --full variant {unknown[0]!r}; known: {', '.join(FULL_VARIANTS)}")
+        for name in names:
+            record(bench_full(name, args))
+    else:
+        import numpy as np
+        from PIL import Image
+
+        from pipelines.tiny import ensure_tiny
+
+        with tempfile.TemporaryDirectory() as tmp:
+            weights = args.weights_dir or Path(tmp) / "weights"
+            image = Path(tmp) / "image.png"
+            pixels = np.random.default_rng(0).integers(0, 256, (args.height, args.width, 3), np.uint8)
+            Image.fromarray(pixels).save(image)
+            for name in _names(args.variants, "kandinsky5-tiny-t2v,kandinsky5-tiny-i2v"):
+                if name.startswith("kandinsky5-tiny-"):
+                    ensure_tiny(weights, name)
+                record(bench_tiny(name, weights, args, image if "i2v" in name else None))
     print(args.out)
     return 0
 

@@ -116,7 +116,7 @@ def test_full_path_runs_end_to_end_on_cpu_at_toy_width(monkeypatch):
                                                    layers_per_block=1, norm_num_groups=4))  # fmt: skip
     args = argparse.Namespace(
         device="cpu", prompt="a fox", steps_full=2, frames_full=5, runs=1, acceleration="none",
-        no_compile=True, skip_stock=False,
+        no_compile=True, skip_stock=False, ablate=True,
     )  # fmt: skip
     out = bench.bench_full("lite-sft", args)
 
@@ -127,6 +127,10 @@ def test_full_path_runs_end_to_end_on_cpu_at_toy_width(monkeypatch):
     forward = out["transformer_forward"]
     assert forward["seconds"] > 0 and set(forward) >= {"tflop", "tflops", "fraction_of_h100_bf16_dense_peak"}
     assert out["attention_backend"] == "native"
+    ablations = out["ablations"]  # on the shared modules, after k5serve and before the bare forward
+    for row in ("cfg_batch", "negative_cache"):
+        assert ablations[row]["k5serve_s"] > 0 and ablations[row]["slowdown"] > 0
+    assert ablations["compile"] == {"skipped": "compile is off on cpu"}
 
 
 def test_negative_cache_off_encodes_the_negative_prompt_every_time_with_the_same_frames(tiny_weights_dir):
@@ -158,3 +162,96 @@ def test_negative_cache_off_encodes_the_negative_prompt_every_time_with_the_same
     assert encodes == {False: 2, True: 1}
     first = frames[False][0]
     assert all(np.array_equal(first, f) for f in [*frames[False], *frames[True]])
+
+
+def _tiny_args(tmp_path, weights, *extra) -> list[str]:
+    sizes = ["--runs", "1", "--steps", "2", "--width", "64", "--height", "64", "--frames", "17"]
+    return ["--out", str(tmp_path / "bench.json"), *sizes, "--weights-dir", str(weights), "--device", "cpu", *extra]
+
+
+def test_ablate_times_each_exact_speed_up_switched_off_on_its_own(tmp_path, tiny_weights_dir):
+    args = _tiny_args(tmp_path, tiny_weights_dir, "--ablate", "--variants", "kandinsky5-tiny-t2v")
+    assert bench.main(args) == 0
+    (result,) = json.loads((tmp_path / "bench.json").read_text())["results"]
+    ablations = result["ablations"]
+    assert list(ablations) == ["cfg_batch", "negative_cache", "compile", "attention_backend"]
+    for row in ("cfg_batch", "negative_cache"):
+        assert set(ablations[row]) == {"k5serve_s", "per_step", "encode_prompt", "slowdown"}
+        assert ablations[row]["k5serve_s"] > 0 and ablations[row]["per_step"] > 0
+        assert ablations[row]["encode_prompt"] > 0
+        assert ablations[row]["slowdown"] == pytest.approx(ablations[row]["k5serve_s"] / result["k5serve_s"], rel=1e-2)
+    assert ablations["compile"] == {"skipped": "compile is off on cpu"}
+    assert ablations["attention_backend"] == {"skipped": "the auto pick is already native"}
+
+
+def test_a_failing_path_is_reported_and_the_report_is_rewritten_after_every_variant(
+    tmp_path, tiny_weights_dir, monkeypatch
+):
+    """Stock out of memory on the first variant (as stock Pro's eager FlexAttention is at full size),
+    k5serve failing on the second: both are recorded, the other path still timed, exit 0, and the
+    report on disk already held the first variant when the second one ran."""
+    time_stock, time_engine, on_disk = bench.time_stock, bench.time_engine, []
+
+    def stock_oom(stock, resolved, *args):
+        if resolved.variant.name == "kandinsky5-tiny-t2v":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 290.00 GiB\nmore detail")
+        return time_stock(stock, resolved, *args)
+
+    def k5serve_fails(engine, resolved, args):
+        if resolved.variant.name == "kandinsky5-tiny-i2v":
+            on_disk.append(json.loads(args.out.read_text()))
+            raise RuntimeError("boom")
+        return time_engine(engine, resolved, args)
+
+    monkeypatch.setattr(bench, "time_stock", stock_oom)
+    monkeypatch.setattr(bench, "time_engine", k5serve_fails)
+    assert bench.main(_tiny_args(tmp_path, tiny_weights_dir)) == 0
+    t2v, i2v = json.loads((tmp_path / "bench.json").read_text())["results"]
+
+    assert t2v["stock_error"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 290.00 GiB"
+    assert "stock_s" not in t2v and "speedup" not in t2v and "stock" not in t2v["stages"]
+    assert t2v["k5serve_s"] > 0 and len(t2v["stages"]["k5serve"]["step_times"]) == 2
+    assert i2v["k5serve_error"] == "RuntimeError: boom"
+    assert "k5serve_s" not in i2v and "speedup" not in i2v and "memory_plan" not in i2v
+    assert i2v["stock_s"] > 0
+    (snapshot,) = on_disk
+    assert snapshot["results"] == [t2v]
+
+
+def test_eager_runs_compiled_blocks_eagerly_and_compiled_again_after():
+    """--ablate's compile row on the shared modules (CUDA only, so checked here without compiling:
+    torch.compile is lazy until the first call)."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[0].compile()
+    impl = model[0]._compiled_call_impl
+    assert impl is not None
+    with bench._eager(model):
+        assert model[0]._compiled_call_impl is None
+        assert torch.equal(model(torch.ones(1, 2)), model[1](model[0].forward(torch.ones(1, 2))))
+    assert model[0]._compiled_call_impl is impl and model[1]._compiled_call_impl is None
+
+
+def test_ablate_attention_row_times_torch_sdpa_and_puts_the_auto_pick_back(tmp_path, tiny_weights_dir, monkeypatch):
+    """On CUDA the auto pick is FlashAttention; here a stand-in pick (SDPA's math kernel) makes the
+    attention_backend row run: "native" for that row only, the pick before and after it."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    import pipelines.loader
+
+    monkeypatch.setattr(pipelines.loader, "attention_backend", lambda device, nabla: "_native_math")
+    # set_attention_backend also sets diffusers' process-wide default: put it back for later tests
+    monkeypatch.setattr(_AttentionBackendRegistry, "_active_backend", _AttentionBackendRegistry._active_backend)
+    time_engine, seen = bench.time_engine, []
+
+    def recording(engine, resolved, args):
+        pipe = engine.pipeline(resolved.variant.name)
+        seen.append((pipe, bench._backend_of(pipe.transformer)))
+        return time_engine(engine, resolved, args)
+
+    monkeypatch.setattr(bench, "time_engine", recording)
+    args = _tiny_args(tmp_path, tiny_weights_dir, "--ablate", "--variants", "kandinsky5-tiny-t2v")
+    assert bench.main(args) == 0
+    (result,) = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert result["ablations"]["attention_backend"]["k5serve_s"] > 0
+    assert [backend for _, backend in seen] == ["_native_math", "_native_math", "_native_math", "native"]
+    assert bench._backend_of(seen[-1][0].transformer) == "_native_math"

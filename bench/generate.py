@@ -590,12 +590,11 @@ def bench_full(bench_name: str, args: argparse.Namespace) -> dict:
         acceleration=args.acceleration,
     )
     resolved = resolve(req)
-    if variant.attention == "nabla":
-        pipe.transformer.set_attention_backend("flex")  # stock needs it for nabla (diffusers docs)
     errors: dict = {}
     stock = None
     if not args.skip_stock:
-        stock = _attempt(errors, "stock_error", args.device, time_stock, pipe, resolved, args, args.device, None)
+        with _as_documented(pipe.transformer, nabla=variant.attention == "nabla"):
+            stock = _attempt(errors, "stock_error", args.device, time_stock, pipe, resolved, args, args.device, None)
     extra = {"build_s": round(build_s, 1)}
 
     def k5serve_path(engine, pipe):  # arguments, not closed over: both are deleted below
@@ -618,6 +617,25 @@ def bench_full(bench_name: str, args: argparse.Namespace) -> dict:
     del pipe, engine
     _free(args.device)
     return out
+
+
+@contextlib.contextmanager
+def _as_documented(transformer, nabla: bool):
+    """Stock diffusers as its docs use it, for this run only: `set_attention_backend("flex")` for a
+    nabla config (which diffusers also makes the process default: put back after) and torch's own
+    flex_attention, not the fused one an earlier variant's k5serve set-up may have installed."""
+    from diffusers.models import attention_dispatch
+
+    default = attention_dispatch._AttentionBackendRegistry.get_active_backend()[0]
+    flex = attention_dispatch.flex_attention
+    attention_dispatch.flex_attention = getattr(flex, "_k5_original", flex)
+    if nabla:
+        transformer.set_attention_backend("flex")  # stock needs it for nabla (diffusers docs)
+    try:
+        yield
+    finally:
+        attention_dispatch.flex_attention = flex
+        attention_dispatch._AttentionBackendRegistry.set_active_backend(default)
 
 
 def _backend_of(transformer) -> str:

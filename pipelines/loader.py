@@ -148,8 +148,7 @@ def configure_pipeline(pipe, variant: Variant, options: LoadOptions) -> None:
 
     install_masked_text_attention(transformer)  # before the backend is set: it applies to these too
     backend = attention_backend(options.device, nabla=transformer.config.get("attention_type") == "nabla")
-    if backend != "native":
-        transformer.set_attention_backend(backend)
+    set_attention_backend(transformer, backend)
     if backend == "flex" and options.device.startswith("cuda"):
         use_fused_flex_attention()  # also when the blocks run eagerly (compile off, or its fallback)
     if options.compile:
@@ -166,6 +165,21 @@ def configure_pipeline(pipe, variant: Variant, options: LoadOptions) -> None:
         pipe.text_encoder_2.to("cpu")
     else:
         pipe.to(options.device)
+
+
+def set_attention_backend(transformer, backend: str) -> None:
+    """Set `backend` on every attention processor of `transformer`, and nowhere else.
+
+    diffusers' `set_attention_backend` also makes the backend the process-wide default, which every
+    processor without one of its own follows: loading a nabla variant (flex) would switch the other
+    loaded variants, and stock pipelines, to flex. So every processor gets its backend explicitly,
+    "native" included, and the process default is put back.
+    """
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    default = _AttentionBackendRegistry.get_active_backend()[0]
+    transformer.set_attention_backend(backend)
+    _AttentionBackendRegistry.set_active_backend(default)
 
 
 def use_fused_flex_attention() -> None:
@@ -190,4 +204,5 @@ def use_fused_flex_attention() -> None:
     fused.__dict__.update({k: v for k, v in vars(module).items() if not k.startswith("__")})
     fused.flex_attention = torch.compile(module.flex_attention, dynamic=True)
     fused._k5_fused = True
+    fused._k5_original = module  # bench/generate.py times stock diffusers with torch's own
     attention_dispatch.flex_attention = fused

@@ -255,3 +255,26 @@ def test_ablate_attention_row_times_torch_sdpa_and_puts_the_auto_pick_back(tmp_p
     assert result["ablations"]["attention_backend"]["k5serve_s"] > 0
     assert [backend for _, backend in seen] == ["_native_math", "_native_math", "_native_math", "native"]
     assert bench._backend_of(seen[-1][0].transformer) == "_native_math"
+
+
+def test_stock_nabla_runs_as_documented_and_leaves_the_process_as_it_was(tiny_nabla_dir, monkeypatch):
+    """--full times stock Pro with diffusers' own (eager) flex_attention and its process-wide flex
+    default, even after k5serve installed the fused one; both are put back after the stock run."""
+    from diffusers import Kandinsky5Transformer3DModel
+    from diffusers.models import attention_dispatch
+
+    from pipelines.loader import use_fused_flex_attention
+
+    registry = attention_dispatch._AttentionBackendRegistry
+    monkeypatch.setattr(attention_dispatch, "flex_attention", attention_dispatch.flex_attention)  # restored after
+    torch_flex = attention_dispatch.flex_attention
+    use_fused_flex_attention()
+    fused = attention_dispatch.flex_attention
+    assert fused is not torch_flex and fused._k5_original is torch_flex
+    default = registry.get_active_backend()[0]
+    transformer = Kandinsky5Transformer3DModel.from_pretrained(tiny_nabla_dir, subfolder="transformer")
+    with bench._as_documented(transformer, nabla=True):
+        assert attention_dispatch.flex_attention is torch_flex
+        assert registry.get_active_backend()[0].value == "flex"
+    assert attention_dispatch.flex_attention is fused
+    assert registry.get_active_backend()[0] == default

@@ -354,6 +354,26 @@ def test_nabla_variant_loads_on_flex_and_matches_full_attention(tiny_weights_dir
     assert np.abs(out_nabla - out_regular).max() < 1e-3
 
 
+def test_a_nabla_variant_leaves_the_other_pipelines_attention_alone(tiny_weights_dir, tiny_nabla_dir):
+    """diffusers' set_attention_backend also sets a process-wide default that processors without a
+    backend follow; loading a nabla (flex) variant must not switch other pipelines to flex."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    from pipelines.loader import LoadOptions, load_pipeline
+    from pipelines.variants import VARIANTS
+
+    default = _AttentionBackendRegistry.get_active_backend()[0]
+    args = dict(prompt="a fox", height=128, width=128, num_frames=9, num_inference_steps=2, output_type="np")
+    regular = load_pipeline(VARIANTS[T2V], tiny_weights_dir / T2V, LoadOptions())
+    before = regular(**args, generator=torch.Generator().manual_seed(0)).frames[0]
+    nabla = load_pipeline(VARIANTS[T2V], tiny_nabla_dir, LoadOptions())
+    assert _AttentionBackendRegistry.get_active_backend()[0] == default
+    after = regular(**args, generator=torch.Generator().manual_seed(0)).frames[0]
+    assert np.array_equal(before, after)
+    backends = {p._attention_backend for p in nabla.transformer.attn_processors.values()}
+    assert {str(getattr(b, "value", b)) for b in backends} == {"flex"}
+
+
 def test_warm_up_falls_back_to_eager_when_compilation_fails(tiny_weights_dir):
     """Engine.warm_compiled runs the variant once; a compiler failure there (simulated: a compiled
     block that raises, as torch.compile's wrapper would) leaves the block eager, not broken."""

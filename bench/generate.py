@@ -520,11 +520,13 @@ def _eager(transformer):
 
 @contextlib.contextmanager
 def _attention(transformer, backend: str, restore: str):
-    transformer.set_attention_backend(backend)
+    from pipelines.loader import set_attention_backend  # per processor; the process default stays
+
+    set_attention_backend(transformer, backend)
     try:
         yield
     finally:
-        transformer.set_attention_backend(restore)
+        set_attention_backend(transformer, restore)
 
 
 def bench_tiny(name: str, weights: Path, args: argparse.Namespace, image: Path | None) -> dict:

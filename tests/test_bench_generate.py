@@ -239,8 +239,9 @@ def test_ablate_attention_row_times_torch_sdpa_and_puts_the_auto_pick_back(tmp_p
     import pipelines.loader
 
     monkeypatch.setattr(pipelines.loader, "attention_backend", lambda device, nabla: "_native_math")
-    # set_attention_backend also sets diffusers' process-wide default: put it back for later tests
-    monkeypatch.setattr(_AttentionBackendRegistry, "_active_backend", _AttentionBackendRegistry._active_backend)
+    default = _AttentionBackendRegistry.get_active_backend()[0]
+    # should the bench leak diffusers' process-wide default, later tests still get it back
+    monkeypatch.setattr(_AttentionBackendRegistry, "_active_backend", default)
     time_engine, seen = bench.time_engine, []
 
     def recording(engine, resolved, args):
@@ -255,6 +256,7 @@ def test_ablate_attention_row_times_torch_sdpa_and_puts_the_auto_pick_back(tmp_p
     assert result["ablations"]["attention_backend"]["k5serve_s"] > 0
     assert [backend for _, backend in seen] == ["_native_math", "_native_math", "_native_math", "native"]
     assert bench._backend_of(seen[-1][0].transformer) == "_native_math"
+    assert _AttentionBackendRegistry.get_active_backend()[0] == default  # set per processor only
 
 
 def test_stock_nabla_runs_as_documented_and_leaves_the_process_as_it_was(tiny_nabla_dir, monkeypatch):

@@ -38,6 +38,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipelines.variants import NABLA_TRANSFORMER_CONFIG  # data only, no torch
+
 # ---- full-size configs (published values; kandinsky_model.md §3, the models' config.json) -----------
 
 LITE_DIT = dict(
@@ -63,20 +65,6 @@ PRO_DIT = dict(
     num_text_blocks=4,
     num_visual_blocks=60,
     axes_dims=(32, 48, 48),
-)
-# The T2V-Pro-sft-5s-Diffusers transformer config asks for nabla (P=0.8) even at 5 s SD.
-NABLA = dict(
-    attention_type="nabla",
-    attention_causal=False,
-    attention_local=False,
-    attention_glob=False,
-    attention_window=3,
-    attention_P=0.8,
-    attention_wT=11,
-    attention_wW=3,
-    attention_wH=3,
-    attention_add_sta=True,
-    attention_method="topcdf",
 )
 QWEN_TEXT = dict(
     vocab_size=152064,
@@ -138,7 +126,8 @@ HUNYUAN_VAE = dict(
 FULL_VARIANTS: dict[str, tuple[str, dict]] = {
     "lite-distilled": ("kandinsky5-lite-t2v-distilled-5s", LITE_DIT),
     "lite-sft": ("kandinsky5-lite-t2v-sft-5s", LITE_DIT),
-    "pro-sft": ("kandinsky5-pro-t2v-sft-5s", dict(PRO_DIT, **NABLA)),
+    # The T2V-Pro-sft-5s-Diffusers transformer config asks for nabla (P=0.8) even at 5 s SD.
+    "pro-sft": ("kandinsky5-pro-t2v-sft-5s", dict(PRO_DIT, **NABLA_TRANSFORMER_CONFIG)),
 }
 H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA H100 SXM spec sheet, dense (no sparsity)
 
@@ -508,9 +497,9 @@ def time_ablations(engine, resolved, args, k5: dict) -> dict:
 @contextlib.contextmanager
 def _eager(transformer):
     """The compiled blocks run eagerly inside (as Engine.warm_compiled's fallback), compiled after."""
-    compiled = [(m, m._compiled_call_impl) for m in transformer.modules() if getattr(m, "_compiled_call_impl", None)]
-    for module, _ in compiled:
-        module._compiled_call_impl = None
+    from pipelines.loader import drop_compiled
+
+    compiled = drop_compiled(transformer)
     try:
         yield
     finally:

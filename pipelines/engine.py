@@ -219,9 +219,9 @@ class Engine:
                 raise
             except Exception as exc:  # a compiler failure: serve eagerly rather than not at all
                 log.warning("compiling %s failed (%s); running it without torch.compile", name, exc)
-                for module in self.pipeline(name).transformer.modules():
-                    if getattr(module, "_compiled_call_impl", None) is not None:
-                        module._compiled_call_impl = None
+                from .loader import drop_compiled
+
+                drop_compiled(self.pipeline(name).transformer)
                 return
             log.info("warmed %s (compiled blocks) in %.1f s", name, time.perf_counter() - t0)
         finally:

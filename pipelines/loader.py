@@ -167,6 +167,15 @@ def configure_pipeline(pipe, variant: Variant, options: LoadOptions) -> None:
         pipe.to(options.device)
 
 
+def drop_compiled(transformer) -> list[tuple]:
+    """Run `transformer`'s compiled blocks eagerly from now on; returns the (module, compiled call)
+    pairs, for a caller that puts them back."""
+    dropped = [(m, m._compiled_call_impl) for m in transformer.modules() if getattr(m, "_compiled_call_impl", None)]
+    for module, _ in dropped:
+        module._compiled_call_impl = None
+    return dropped
+
+
 def set_attention_backend(transformer, backend: str) -> None:
     """Set `backend` on every attention processor of `transformer`, and nowhere else.
 

@@ -34,6 +34,23 @@ def frames_for_seconds(seconds: int) -> int:
     return seconds * FPS + 1
 
 
+# The nabla fields of the T2V-Pro-sft-5s-Diffusers transformer config (kandinsky_model.md §3): sparse
+# attention with threshold P, OR-ed with an STA window of wT x wH x wW blocks.
+NABLA_TRANSFORMER_CONFIG = dict(
+    attention_type="nabla",
+    attention_causal=False,
+    attention_local=False,
+    attention_glob=False,
+    attention_window=3,
+    attention_P=0.8,
+    attention_wT=11,
+    attention_wW=3,
+    attention_wH=3,
+    attention_add_sta=True,
+    attention_method="topcdf",
+)
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
@@ -104,7 +121,8 @@ _CATALOGUE: list[Variant] = [
         seconds=5,
         sizes=SD_SIZES,
     ),
-    # Pro: the diffusers transformer config says attention_type "nabla" (P=0.8) even at 5 s SD.
+    # Pro: the diffusers transformer config says attention_type "nabla" (P=0.8) even at 5 s SD
+    # (NABLA_TRANSFORMER_CONFIG).
     Variant(
         name="kandinsky5-pro-t2v-sft-5s",
         task="t2v",

@@ -81,25 +81,36 @@ def tiny_nabla_dir(tiny_weights_dir, tmp_path_factory) -> Path:
     import json
     import shutil
 
+    from pipelines.variants import NABLA_TRANSFORMER_CONFIG
+
     folder = tmp_path_factory.mktemp("nabla") / "kandinsky5-tiny-t2v"
     shutil.copytree(tiny_weights_dir / "kandinsky5-tiny-t2v", folder)
     config_path = folder / "transformer" / "config.json"
     config = json.loads(config_path.read_text())
-    config.update(
-        attention_type="nabla",
-        attention_causal=False,
-        attention_local=False,
-        attention_glob=False,
-        attention_window=3,
-        attention_P=0.9,
-        attention_wT=11,
-        attention_wW=3,
-        attention_wH=3,
-        attention_add_sta=True,
-        attention_method="topcdf",
-    )
+    config.update(NABLA_TRANSFORMER_CONFIG, attention_P=0.9)
     config_path.write_text(json.dumps(config))
     return folder
+
+
+@pytest.fixture
+def reference_flex_calls(monkeypatch) -> list[int]:
+    """Counts calls of FlexAttention's unfused reference implementation (the one that materialises
+    every score); diffusers' flex module global is put back after the test."""
+    import importlib
+
+    from diffusers.models import attention_dispatch
+
+    monkeypatch.setattr(attention_dispatch, "flex_attention", attention_dispatch.flex_attention)
+    hop = importlib.import_module("torch._higher_order_ops.flex_attention")
+    calls = [0]
+    original = hop.math_attention
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(hop, "math_attention", counting)
+    return calls
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,6 @@ CUDA. Compiling the tiny model takes about 40 s on two cores, hence one module-s
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pytest
 import torch
@@ -59,26 +57,11 @@ def test_requests_of_the_same_shape_reuse_the_compiled_graphs(compiled):
     assert _graphs() == before  # other prompt lengths and negative prompts: no recompilation
 
 
-def _count_reference_flex(monkeypatch) -> list[int]:
-    """Count calls of FlexAttention's unfused reference (the one that materialises all scores)."""
-    hop = importlib.import_module("torch._higher_order_ops.flex_attention")
-    calls = [0]
-    original = hop.math_attention
-
-    def counting(*args, **kwargs):
-        calls[0] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(hop, "math_attention", counting)
-    return calls
-
-
-def test_fused_flex_attention_never_materialises_the_scores(monkeypatch):
+def test_fused_flex_attention_never_materialises_the_scores(reference_flex_calls):
     from diffusers.models import attention_dispatch
     from torch.nn.attention.flex_attention import create_block_mask
 
-    monkeypatch.setattr(attention_dispatch, "flex_attention", attention_dispatch.flex_attention)  # restored after
-    calls = _count_reference_flex(monkeypatch)
+    calls = reference_flex_calls
     q, k, v = (torch.randn(1, 256, 2, 16) for _ in range(3))  # (batch, tokens, heads, head dim)
     mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, 1, 2, 256, 256, device="cpu", BLOCK_SIZE=64)
 

@@ -71,6 +71,17 @@ class ResolvedRequest:
     demo: bool = False
     acceleration: str = "none"
 
+    def to_dict(self) -> dict:
+        """JSON-safe form, stored with the job at admission: the worker runs exactly this."""
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__ if name not in ("variant", "requested")}
+        return {**data, "variant": self.variant.name, "requested": self.requested.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ResolvedRequest:
+        """Inverse of to_dict. Raises KeyError for a variant this version of k5serve does not know."""
+        values = {name: data[name] for name in cls.__dataclass_fields__ if name not in ("variant", "requested")}
+        return cls(**values, variant=VARIANTS[data["variant"]], requested=GenerationRequest.from_dict(data["requested"]))
+
     def as_demo(self) -> ResolvedRequest:
         """The same request on the tiny model at demo size (design.md: demo mode)."""
         if self.variant.demo:

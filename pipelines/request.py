@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .errors import Cancelled, InvalidRequest
 from .variants import (
+    HD_SIZES,
     SD_SIZES,
     TINY_I2V,
     TINY_T2V,
@@ -21,6 +22,7 @@ from .variants import (
     demo_size,
     frames_for_seconds,
     nearest_size,
+    resolve_model,
 )
 
 MAX_STEPS = 100
@@ -44,13 +46,15 @@ class GenerationRequest:
     guidance: float | None = None
     seed: int | None = None
     acceleration: str | None = None  # None -> "none"
+    # image-to-video with no width/height: pick from the variant's HD sizes (fal's 1024P), not SD
+    hd: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> GenerationRequest:
-        return cls(**{k: data.get(k) for k in cls.__dataclass_fields__})
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class ResolvedRequest:
     requested: GenerationRequest = field(compare=False)
     demo: bool = False
     acceleration: str = "none"
+    nominal_size: tuple[int, int] | None = None  # (width, height) asked for, when demo mode shrank it
 
     def to_dict(self) -> dict:
         """JSON-safe form, stored with the job at admission: the worker runs exactly this."""
@@ -80,7 +85,10 @@ class ResolvedRequest:
     def from_dict(cls, data: dict) -> ResolvedRequest:
         """Inverse of to_dict. Raises KeyError for a variant this version of k5serve does not know."""
         values = {name: data[name] for name in cls.__dataclass_fields__ if name not in ("variant", "requested")}
-        return cls(**values, variant=VARIANTS[data["variant"]], requested=GenerationRequest.from_dict(data["requested"]))
+        values["nominal_size"] = tuple(data["nominal_size"]) if data.get("nominal_size") else None
+        return cls(
+            **values, variant=VARIANTS[data["variant"]], requested=GenerationRequest.from_dict(data["requested"])
+        )
 
     def as_demo(self) -> ResolvedRequest:
         """The same request on the tiny model at demo size (design.md: demo mode)."""
@@ -89,7 +97,31 @@ class ResolvedRequest:
         width, height = demo_size(self.width, self.height)
         tiny = VARIANTS[TINY_I2V if self.variant.task == "i2v" else TINY_T2V]
         frames = demo_frames(self.num_frames, tiny.task)
-        return replace(self, variant=tiny, width=width, height=height, num_frames=frames, demo=True)
+        nominal = (self.width, self.height)
+        return replace(
+            self, variant=tiny, width=width, height=height, num_frames=frames, demo=True, nominal_size=nominal
+        )
+
+
+def request_for_model(
+    model: str,
+    prompt: str,
+    *,
+    seconds: int | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    **fields: object,
+) -> GenerationRequest:
+    """The request for a public model id (fal's, AI/ML API's, ...) or a local variant name: the public
+    id's own steps and guidance where the client gave none. The variant's defaults are filled in later,
+    by resolve(). Raises KeyError for an unknown id, ValueError for a clip length the model cannot make."""
+    variant, public = resolve_model(model, seconds)
+    if public is not None:
+        steps = public.steps if steps is None else steps
+        guidance = public.guidance if guidance is None else guidance
+    return GenerationRequest(
+        variant=variant.name, prompt=prompt, seconds=seconds, steps=steps, guidance=guidance, **fields
+    )
 
 
 def _bad(field_name: str, value: object, message: str) -> InvalidRequest:
@@ -198,9 +230,10 @@ def _resolve_size(req: GenerationRequest, variant: Variant) -> tuple[int, int]:
         raise _bad(name, None, "give both width and height, or neither")
     if req.width is None:
         if variant.task == "i2v" and variant.sizes and req.image:
-            # The image's aspect picks the bucket; SD unless a size is asked for (HD is explicit).
-            sd = tuple(s for s in variant.sizes if s in SD_SIZES) or variant.sizes
-            return nearest_size(sd, *_image_size(req.image))
+            # The image's aspect picks the bucket; SD unless HD is asked for (req.hd or an explicit size).
+            tier = HD_SIZES if req.hd else SD_SIZES
+            buckets = tuple(s for s in variant.sizes if s in tier) or variant.sizes
+            return nearest_size(buckets, *_image_size(req.image))
         if variant.task == "i2v" and req.image and variant.demo:
             iw, ih = _image_size(req.image)
             return demo_size(iw, ih)

@@ -16,12 +16,14 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .api import aimlapi, fal, native, onerouter, openai
+from .api import aimlapi, fal, native, onerouter, openai, playground
 from .api.fal_proxy import FalProxyMiddleware
-from .api.playground import router as playground_router
+from .contracts import Contract
+from .engine_protocol import EngineLike
+from .errors import Refused
 from .intake import BodyLimit
 from .logs import log_state_change, use_json_logs
 from .manager import retention_loop
@@ -30,34 +32,40 @@ from .services import Services
 from .settings import Settings
 from .storage import files_router
 from .web import ResponseError
-from .worker import EngineLike
 
 log = logging.getLogger("k5serve")
 
 EXPOSED_HEADERS = ["x-fal-request-id", "x-fal-error-type", "x-fal-retryable"]
 
 
-def create_app(settings: Settings, engine: EngineLike) -> FastAPI:
+# The wire contracts this server speaks (one module each; order does not matter, see contracts.py)
+# and the playground's own JSON routes.
+CONTRACTS: tuple[Contract, ...] = (
+    fal.CONTRACT,
+    aimlapi.CONTRACT,
+    onerouter.CONTRACT,
+    openai.CONTRACT,
+    playground.CONTRACT,
+)
+
+
+def create_app(settings: Settings, engine: EngineLike, contracts: tuple[Contract, ...] = CONTRACTS) -> FastAPI:
     """The main app. `app.state.services` holds the shared objects, `app.state.run_app` the fal
     run-host app (served on --fal-run-port, and reached through the proxy route)."""
-    services = Services.build(settings, engine)
+    services = Services.build(settings, engine, list(contracts))
     app = FastAPI(title="k5serve", version="0.1.0", lifespan=_lifespan(services))
     _common(app, services)
     services.manager.add_listener(log_state_change)
     app.state.metrics = Metrics(services)
     app.include_router(metrics_router(app.state.metrics))
-    app.include_router(playground_router(services))  # GET / and /api/jobs
-    # Contract routers go here, BEFORE fal: fal's POST /{owner}/{alias}[/{path}] is a catch-all.
-    app.include_router(aimlapi.router(services))
-    app.include_router(onerouter.router(services))
-    app.include_router(openai.router(services))
-    app.include_router(fal.queue_router(services))
+    for contract in services.contracts.in_routing_order():
+        app.include_router(contract.router(services))
 
     run_app = create_run_app(services)
     app.state.services = services
     app.state.run_app = run_app
     app.add_middleware(FalProxyMiddleware, run_app=run_app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # 413 in each contract's shape
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, contracts=services.contracts)
     _cors(app)  # added last = outermost: answers preflights for every route, the proxy included
     return app
 
@@ -67,11 +75,16 @@ def create_run_app(services: Services) -> FastAPI:
     run_app = FastAPI(title="k5serve fal run host", openapi_url=None, docs_url=None, redoc_url=None)
     _common(run_app, services)
     run_app.include_router(fal.run_router(services))
-    run_app.add_middleware(BodyLimit, max_bytes=services.settings.max_body_bytes)
+    run_app.add_middleware(BodyLimit, max_bytes=services.settings.max_body_bytes, contracts=services.contracts)
     return run_app
 
 
 def _common(app: FastAPI, services: Services) -> None:
+    async def refused(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, Refused)
+        return services.contracts.refusal(request, exc)
+
+    app.add_exception_handler(Refused, refused)
     app.add_exception_handler(ResponseError, _response_error)
     app.add_exception_handler(Exception, _internal_error)
     app.include_router(native.health_router(services))

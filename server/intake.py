@@ -26,6 +26,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .contracts import Contracts
+from .errors import TooLarge
 from .netguard import UrlGuard, UrlRefused
 from .web import ResponseError
 
@@ -220,33 +222,17 @@ class BodyTooLarge(ResponseError):
     answers with the 413 it carries (the contract's own shape)."""
 
 
-def too_large_response(scope: Scope, message: str) -> Response:
-    """A 413 worded the way the contract that owns `scope['path']` words its errors."""
-    path = scope.get("path", "")
-    if path.startswith("/v1/videos/generations"):
-        from .api.onerouter import error_response
-
-        return error_response(413, message, "invalid_request_error", "")
-    if path.startswith("/v1/"):
-        from .api.openai import openai_error
-
-        return openai_error(413, message, None, "request_too_large").response
-    if path.startswith("/v2/"):
-        from .api.aimlapi import envelope
-
-        return envelope(Request(scope), 413, message)
-    from fastapi.responses import JSONResponse
-
-    return JSONResponse({"detail": message}, status_code=413)  # fal (queue, run host, proxy)
-
-
 class BodyLimit:
-    """Request bodies over `max_bytes` answer 413: by Content-Length before anything is read, and
-    while a chunked (or lying) body streams in."""
+    """Request bodies over `max_bytes` answer 413, worded by the contract owning the path: by
+    Content-Length before anything is read, and while a chunked (or lying) body streams in."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, contracts: Contracts):
         self.app = app
         self.max_bytes = max_bytes
+        self.contracts = contracts
+
+    def _too_large(self, scope: Scope, size: int | None) -> Response:
+        return self.contracts.refusal(Request(scope), TooLarge(self._message(size)))
 
     def _message(self, size: int | None) -> str:
         what = f"is {size} bytes" if size is not None else f"is larger than {self.max_bytes} bytes"
@@ -258,7 +244,7 @@ class BodyLimit:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length", b"").strip()
         if declared.isdigit() and int(declared) > self.max_bytes:
-            await too_large_response(scope, self._message(int(declared)))(scope, receive, send)
+            await self._too_large(scope, int(declared))(scope, receive, send)
             return
         received = 0
         started = False
@@ -269,7 +255,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise BodyTooLarge(too_large_response(scope, self._message(None)))
+                    raise BodyTooLarge(self._too_large(scope, None))
             return message
 
         async def watched_send(message: Message) -> None:

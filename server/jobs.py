@@ -24,7 +24,7 @@ import uuid
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from pipelines.request import GenerationRequest
+from pipelines.request import GenerationRequest, ResolvedRequest
 
 
 class JobStatus(str, enum.Enum):
@@ -128,7 +128,7 @@ class Job:
     id: str
     contract: str  # "fal", "aimlapi", ... : who submitted it (for its webhook/result format)
     model: str  # the public model id as the client sent it
-    request: GenerationRequest
+    request: GenerationRequest | None  # what the client asked for (None: refused at the edge, see fal)
     file_id: str
     status: JobStatus = JobStatus.QUEUED
     created_at: float = 0.0
@@ -143,10 +143,12 @@ class Job:
     error: JobError | None = None
     output: JobOutput | None = None
     version: int = 0  # bumped on every change; waiters compare it (not persisted meaningfully)
+    # what admission resolved and the worker runs as is (the tiny stand-in in demo mode)
+    resolved: ResolvedRequest | None = None
 
     @classmethod
     def new(
-        cls, *, contract: str, model: str, request: GenerationRequest, now: float | None = None, **extra: Any
+        cls, *, contract: str, model: str, request: GenerationRequest | None, now: float | None = None, **extra: Any
     ) -> Job:
         return cls(
             id=new_job_id(),
@@ -206,6 +208,10 @@ class Job:
     # -- views ---------------------------------------------------------------------------------
 
     @property
+    def prompt(self) -> str:
+        return self.request.prompt if self.request is not None else ""
+
+    @property
     def inference_time(self) -> float | None:
         if self.started_at is None or self.completed_at is None or self.status is not JobStatus.SUCCEEDED:
             return None
@@ -220,7 +226,8 @@ class Job:
             "id": self.id,
             "contract": self.contract,
             "model": self.model,
-            "request": self.request.to_dict(),
+            "request": self.request.to_dict() if self.request is not None else None,
+            "resolved": self.resolved.to_dict() if self.resolved is not None else None,
             "file_id": self.file_id,
             "status": self.status.value,
             "created_at": self.created_at,
@@ -242,7 +249,8 @@ class Job:
             id=data["id"],
             contract=data["contract"],
             model=data["model"],
-            request=GenerationRequest.from_dict(data["request"]),
+            request=GenerationRequest.from_dict(data["request"]) if data.get("request") else None,
+            resolved=ResolvedRequest.from_dict(data["resolved"]) if data.get("resolved") else None,
             file_id=data["file_id"],
             status=JobStatus(data["status"]),
             created_at=data["created_at"],

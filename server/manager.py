@@ -35,8 +35,9 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from pipelines.request import CancelToken, GenerationRequest
+from pipelines.request import CancelToken, GenerationRequest, ResolvedRequest
 
+from .errors import QueueFull, Unavailable
 from .events import Failed, Interrupted, Progress, RunJob, Succeeded, WorkerEvent
 from .jobs import ErrorKind, Job, JobError, JobOutput, JobStatus
 from .storage import Storage
@@ -49,17 +50,6 @@ WebhookFormatter = Callable[[Job], WebhookBody | None]
 # and its status before the change: on submit (None), every status change, and each progress step
 # (previous == job.status). Listeners must be quick and must not call back into the manager.
 JobListener = Callable[[Job, JobStatus | None], None]
-
-
-class QueueFull(Exception):
-    def __init__(self, limit: int):
-        super().__init__(f"the queue is full ({limit} jobs waiting); try again later")
-        self.limit = limit
-
-
-class Unavailable(Exception):
-    """No new job can be accepted now: the device is unusable, warm-up failed or the job store
-    cannot write. Every contract answers 503 in its own error shape with this message."""
 
 
 class CancelOutcome(str, enum.Enum):
@@ -168,7 +158,8 @@ class JobManager:
         *,
         contract: str,
         model: str,
-        request: GenerationRequest,
+        request: GenerationRequest | None,
+        resolved: ResolvedRequest | None = None,
         base_url: str | None = None,
         webhook_url: str | None = None,
         meta: dict[str, Any] | None = None,
@@ -180,7 +171,7 @@ class JobManager:
 
         A request without a seed gets one here, stored with the job: a run repeated after a crash or
         a restart makes the same video, and the seed reported is the one that was used."""
-        if request.seed is None and error is None:
+        if request is not None and request.seed is None and error is None:
             request = dataclasses.replace(request, seed=secrets.randbelow(2**31))
         job = Job.new(
             contract=contract,
@@ -190,6 +181,7 @@ class JobManager:
             base_url=base_url,
             webhook_url=webhook_url,
             meta=dict(meta or {}),
+            resolved=resolved,
         )
         if job_id is not None:
             job.id = job_id

@@ -1,13 +1,15 @@
 """Prometheus metrics at GET /metrics, one CollectorRegistry per app (tests build many apps).
 
 Job counters and timing histograms are fed by a JobManager listener; queue depth and GPU memory
-are read when scraped. GPU memory comes from an optional `engine.memory_in_use()` (bytes): this
-module never imports torch, and engines without the method report 0.
+are read when scraped. GPU memory is the engine's `memory_in_use()` (bytes; this module never
+imports torch). Where the device cannot say (the CPU), k5serve_gpu_memory_bytes has no sample
+rather than a made-up 0.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 
@@ -16,9 +18,12 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from .engine_protocol import EngineLike
 from .jobs import Job, JobStatus
 from .manager import JobManager
 from .services import Services
+
+log = logging.getLogger("k5serve.metrics")
 
 GENERATION_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60)
@@ -30,8 +35,7 @@ class Metrics:
         manager, engine = services.manager, services.engine
         queue = Gauge("k5serve_queue_depth", "Jobs waiting in the queue", registry=self.registry)
         queue.set_function(manager.queued_count)
-        memory = Gauge("k5serve_gpu_memory_bytes", "GPU memory in use by the engine", registry=self.registry)
-        memory.set_function(lambda: _memory_in_use(engine))
+        self.registry.register(_DeviceMemory(engine))
         self.registry.register(_JobsByStatus(manager))
         self.finished = Counter(
             "k5serve_jobs_finished", "Jobs that ended, by status and contract", ["status", "contract"],
@@ -76,7 +80,7 @@ class Metrics:
 
     def _finish(self, job: Job) -> None:
         self.finished.labels(job.status.value, job.contract).inc()
-        variant = job.output.variant if job.output else job.request.variant
+        variant = job.output.variant if job.output else (job.request.variant if job.request else "unknown")
         for seconds in self._steps.get(job.id, []):
             self.step.labels(variant).observe(seconds)
         if job.status is JobStatus.SUCCEEDED and job.inference_time is not None:
@@ -106,14 +110,27 @@ class _JobsByStatus:
         yield family
 
 
-def _memory_in_use(engine: object) -> float:
-    read = getattr(engine, "memory_in_use", None)
-    if not callable(read):
-        return 0.0
-    try:
-        return float(read() or 0)
-    except Exception:  # a scrape must not fail because the device is busy or gone
-        return 0.0
+class _DeviceMemory:
+    """k5serve_gpu_memory_bytes, read from the engine at scrape time; no sample when not measurable."""
+
+    def __init__(self, engine: EngineLike):
+        self.engine = engine
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):
+        family = GaugeMetricFamily(
+            "k5serve_gpu_memory_bytes", "Device memory held by the engine (no sample where the device cannot say)"
+        )
+        try:
+            value = self.engine.memory_in_use()
+        except Exception:  # a scrape must not fail because the device is busy or gone
+            log.warning("could not read the engine's memory in use", exc_info=True)
+            value = None
+        if value is not None:
+            family.add_metric([], float(value))
+        yield family
 
 
 def metrics_router(metrics: Metrics) -> APIRouter:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines.errors import InvalidRequest
-
+from .admission import Admission
+from .contracts import Contract, Contracts
+from .engine_protocol import EngineLike
 from .intake import IntakeLimits, allow_decoding
 from .manager import JobManager
 from .netguard import UrlGuard
@@ -14,7 +15,7 @@ from .storage import Storage
 from .store import JobStore
 from .web import ApiKeys, base_url
 from .webhooks import WebhookDispatcher
-from .worker import EngineLike, GpuWorker
+from .worker import GpuWorker
 
 
 @dataclass
@@ -29,14 +30,20 @@ class Services:
     keys: ApiKeys
     intake: IntakeLimits
     guard: UrlGuard
+    contracts: Contracts
+    admission: Admission
 
     @classmethod
-    def build(cls, settings: Settings, engine: EngineLike) -> Services:
+    def build(cls, settings: Settings, engine: EngineLike, contracts: list[Contract]) -> Services:
         guard = UrlGuard(settings.url_allowlist)
         allow_decoding(settings.image_max_pixels)
         storage = Storage(settings.data_dir)
         store = JobStore(storage.database)
+        registry = Contracts(contracts)
         manager = JobManager(store, storage, max_queue=settings.max_queue)
+        for contract in registry.all:  # TODO(merge): inject registry.webhook_body
+            if contract.webhook_body is not None:
+                manager.set_webhook_format(contract.name, contract.webhook_body)
         webhooks = WebhookDispatcher(
             store,
             timeout=settings.webhook_timeout,
@@ -46,6 +53,13 @@ class Services:
             guard=guard,
         )
         manager.on_webhook_queued = webhooks.notify
+        intake = IntakeLimits(
+            timeout=settings.image_fetch_timeout,
+            max_bytes=settings.image_max_bytes,
+            data_uri_max_bytes=settings.data_uri_max_bytes,
+            max_pixels=settings.image_max_pixels,
+            guard=guard,
+        )
         return cls(
             settings=settings,
             engine=engine,
@@ -55,30 +69,11 @@ class Services:
             worker=GpuWorker(engine, manager, storage),
             webhooks=webhooks,
             keys=ApiKeys(settings.api_keys),
-            intake=IntakeLimits(
-                timeout=settings.image_fetch_timeout,
-                max_bytes=settings.image_max_bytes,
-                data_uri_max_bytes=settings.data_uri_max_bytes,
-                max_pixels=settings.image_max_pixels,
-                guard=guard,
-            ),
+            intake=intake,
             guard=guard,
+            contracts=registry,
+            admission=Admission(engine, manager, storage, intake, settings.max_prompt_chars),
         )
-
-    def check_text(self, prompt: object, negative_prompt: object = None) -> None:
-        """The server's own limit on prompt length: cheap, so contracts also call it before fetching
-        an image. Raises InvalidRequest worded with the setting that sets the limit."""
-        limit = self.settings.max_prompt_chars
-        for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-            if isinstance(value, str) and len(value) > limit:
-                raise InvalidRequest(
-                    name, value, f"{name} is {len(value)} characters; the limit is {limit} (K5SERVE_MAX_PROMPT_CHARS)"
-                )
-
-    def prepare(self, greq):
-        """The server's own limits, then the engine's validation. Raises InvalidRequest or WeightsMissing."""
-        self.check_text(greq.prompt, greq.negative_prompt)
-        return self.engine.prepare(greq)
 
     def base_url(self, request) -> str:
         return base_url(request, self.settings.public_url)

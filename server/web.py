@@ -8,6 +8,8 @@ from collections.abc import Callable
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from .errors import Unauthorized
+
 
 class ResponseError(Exception):
     """Raise from a route or dependency to answer with a ready-made response in a contract's shape.
@@ -57,12 +59,13 @@ class ApiKeys:
         return sum(hmac.compare_digest(given_bytes, key) for key in self._keys) > 0
 
 
-def require_key(keys: ApiKeys, reject: Callable[[Request], Response]) -> Callable:
-    """A FastAPI dependency that answers `reject(request)` (the contract's own 401) on a bad key."""
+def require_key(keys: ApiKeys) -> Callable:
+    """A FastAPI dependency raising Unauthorized on a bad key; the contract owning the path words
+    the 401 (contracts.py)."""
 
     async def dependency(request: Request) -> None:
         if not keys.allows(request.headers.get("authorization")):
-            raise ResponseError(reject(request))
+            raise Unauthorized()
 
     return dependency
 

@@ -1,7 +1,7 @@
 """The GPU worker: one thread per device, the only code that calls the engine.
 
 It warms the engine up, then takes jobs from the JobManager one at a time and reports back with
-typed events. The HTTP layer never waits on it. Torch stays behind the `EngineLike` protocol:
+typed events. The HTTP layer never waits on it. Torch stays behind the `EngineLike` protocol (engine_protocol.py):
 this module imports nothing heavier than pipelines.request and pipelines.errors.
 """
 
@@ -13,39 +13,17 @@ import gc
 import logging
 import sys
 import threading
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any, Protocol
 
 from pipelines.errors import Cancelled, DeviceFailure, InvalidRequest, OutOfMemory, WeightsMissing
-from pipelines.request import CancelToken, GenerationRequest, GenerationResult
+from pipelines.request import GenerationResult
 
+from .engine_protocol import EngineLike
 from .events import Canceled, Failed, Interrupted, Progress, RunJob, Succeeded, WorkerEvent
 from .jobs import ErrorKind, JobError, JobOutput, short_value
 from .manager import JobManager
 from .storage import OUTPUT_NAME, VIDEO_CONTENT_TYPE, Storage, fsync_file
 
 log = logging.getLogger("k5serve.worker")
-
-
-class EngineLike(Protocol):
-    """What the server needs from pipelines.engine.Engine (fakes in tests implement the same)."""
-
-    demo: bool
-    device: str
-
-    def prepare(self, req: GenerationRequest) -> Any: ...
-
-    def generate(
-        self,
-        req: GenerationRequest,
-        output: Path,
-        *,
-        on_step: Callable[[int, int], None] | None = None,
-        cancel: CancelToken | None = None,
-    ) -> GenerationResult: ...
-
-    def warmup(self) -> None: ...
 
 
 class Health(str, enum.Enum):
@@ -146,7 +124,9 @@ class GpuWorker:
             self.manager.handle(Progress(job.id, step, total))
 
         try:
-            result = self.engine.generate(job.request, output, on_step=on_step, cancel=run.cancel)
+            # the request as admitted; records from before admission stored it are resolved once here
+            request = job.resolved if job.resolved is not None else self.engine.prepare(job.request)
+            result = self.engine.generate(request, output, on_step=on_step, cancel=run.cancel)
             fsync_file(result.path)
         except Cancelled:
             self.storage.discard_output(job.file_id)

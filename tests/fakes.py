@@ -49,6 +49,7 @@ class FakeEngine:
         self.big_bytes = big_bytes  # a prompt containing "[big]" writes a video this large
         self.pause_dir = pause_dir  # prompts "[pause-step]" / "[pause-write]" stop there (see module doc)
         self.calls: list[GenerationRequest] = []
+        self.runs: list[ResolvedRequest] = []
         self.steps_run: list[int] = []  # steps completed per call
         self.max_parallel = 0
         self._running = 0
@@ -67,11 +68,12 @@ class FakeEngine:
         return resolved if resolved.variant.demo else resolved.as_demo()
 
     def generate(self, req, output: Path, *, on_step=None, cancel: CancelToken | None = None) -> GenerationResult:
-        r = self.prepare(req)
+        r = req if isinstance(req, ResolvedRequest) else self.prepare(req)
         with self._lock:
             self._running += 1
             self.max_parallel = max(self.max_parallel, self._running)
-            self.calls.append(req)
+            self.calls.append(r.requested)  # what the contract asked for (the seed drawn at admission)
+            self.runs.append(r)  # what ran: resolved at admission, the tiny stand-in in demo mode
             failing = self.fail_times is None or len(self.calls) <= self.fail_times
         done = 0
         try:
@@ -202,7 +204,7 @@ class FlakyEngine(FakeEngine):
 
     def generate(self, req, output, *, on_step=None, cancel=None):
         if not self.calls:
-            self.calls.append(req)
+            self.calls.append(req.requested)
             raise OutOfMemory("out of memory (first call)")
         return super().generate(req, output, on_step=on_step, cancel=cancel)
 

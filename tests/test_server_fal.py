@@ -323,8 +323,8 @@ def test_image_to_video_accepts_a_data_uri(tmp_path):
         rid = submit(client, PRO_I2V, {"prompt": "x", "image_url": png_data_uri(), "num_inference_steps": 2})
         done = wait_done(client, PRO_I2V, rid["request_id"])
         assert "error" not in done, done
-    [call] = engine.calls
-    assert call.variant == "kandinsky5-pro-i2v-sft-5s" and (call.width, call.height) == (768, 512)
+    [call], [run] = engine.calls, engine.runs
+    assert call.variant == "kandinsky5-pro-i2v-sft-5s" and run.nominal_size == (768, 512)  # 3:2 image, 512P
     assert not list((tmp_path / "inputs").iterdir())  # the fetched image is removed when the job ends
 
 

@@ -17,18 +17,19 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from pipelines.errors import InvalidRequest, WeightsMissing
 from pipelines.request import GenerationRequest
 from pipelines.variants import VARIANTS, size_for_aspect
 
+from ..admission import Draft
+from ..contracts import Contract, lookup
+from ..errors import BadInput, ModelUnavailable, QueueFull, Refused, TooLarge, Unauthorized, Unavailable
 from ..jobs import ErrorKind, Job, JobStatus
-from ..manager import QueueFull, Unavailable
 from ..services import Services
 from ..storage import file_url
 from ..web import ResponseError, require_key
 from .shared import t2v_request
 
-CONTRACT = "aimlapi"
+NAME = "aimlapi"
 PATH = "/v2/video/generations"
 
 # The two ids AI/ML API lists for Kandinsky 5; local variant names are accepted as well.
@@ -215,12 +216,28 @@ def poll_body(job: Job, base: str) -> dict:
 # -- routes ---------------------------------------------------------------------------------------
 
 
-def _unauthorized(request: Request) -> JSONResponse:
-    return envelope(request, 401, UNAUTHORIZED)
+# server.errors -> (HTTP status, the envelope's message)
+REFUSALS = {
+    BadInput: lambda e: (400, BodyInvalid(_wire(e.field), e.message_for(_wire(e.field))).message),
+    ModelUnavailable: lambda e: (503, f"Service unavailable: {e.message}"),
+    QueueFull: lambda e: (429, f"Too Many Requests: {e.message}"),
+    Unavailable: lambda e: (503, f"Service unavailable: {e.message}"),
+    Unauthorized: lambda e: (401, UNAUTHORIZED),
+    TooLarge: lambda e: (413, e.message),
+}
+
+
+def _wire(engine_field: str) -> str:
+    return ENGINE_FIELDS.get(engine_field, engine_field)
+
+
+def refusal(request: Request, exc: Refused) -> JSONResponse:
+    status, message = lookup(REFUSALS, exc)(exc)
+    return envelope(request, status, message)
 
 
 def router(services: Services) -> APIRouter:
-    api = APIRouter(dependencies=[Depends(require_key(services.keys, _unauthorized))])
+    api = APIRouter(dependencies=[Depends(require_key(services.keys))])
     manager = services.manager
 
     def fail(request: Request, status: int, message: str) -> ResponseError:
@@ -234,20 +251,9 @@ def router(services: Services) -> APIRouter:
             raise fail(request, 400, "Body validation error\nThe request body is not valid JSON") from exc
         try:
             model, greq = parse_body(body)
-            services.prepare(greq)
         except BodyInvalid as exc:
             raise fail(request, 400, exc.message) from exc
-        except InvalidRequest as exc:
-            field = ENGINE_FIELDS.get(exc.field, exc.field)
-            raise fail(request, 400, BodyInvalid(field, exc.message_for(field)).message) from exc
-        except WeightsMissing as exc:
-            raise fail(request, 503, f"Service unavailable: {exc}") from exc
-        try:
-            job = manager.submit(contract=CONTRACT, model=model, request=greq, base_url=services.base_url(request))
-        except QueueFull as exc:
-            raise fail(request, 429, f"Too Many Requests: {exc}") from exc
-        except Unavailable as exc:
-            raise fail(request, 503, f"Service unavailable: {exc}") from exc
+        job = await services.admission.admit(CONTRACT, Draft(model, greq), base_url=services.base_url(request))
         return JSONResponse({"id": wire_id(job), "status": AIML_STATUS[job.status]}, status_code=201)
 
     @api.get(PATH)
@@ -257,8 +263,11 @@ def router(services: Services) -> APIRouter:
             raise fail(request, 400, 'Query validation error\nRequired at "generation_id"')
         job_id, _, model = generation_id.partition(":")
         job = manager.get(job_id)
-        if job is None or job.contract != CONTRACT or (model and model != job.model):
+        if job is None or job.contract != NAME or (model and model != job.model):
             raise fail(request, 404, f"Generation with id '{generation_id[:200]}' not found")
         return JSONResponse(poll_body(job, services.base_url(request)))
 
     return api
+
+
+CONTRACT = Contract(name=NAME, prefixes=("/v2",), router=router, refusal=refusal, fields=ENGINE_FIELDS)

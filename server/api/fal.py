@@ -16,31 +16,21 @@ from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from pipelines.errors import InvalidRequest, WeightsMissing
-from pipelines.request import GenerationRequest
-
-from ..intake import ImageInputError, fetch_image
-from ..jobs import ErrorKind, Job, JobError, JobStatus, LogLine, new_job_id, short_value
-from ..manager import CancelOutcome, QueueFull, Unavailable
+from ..admission import Draft
+from ..contracts import Contract, lookup
+from ..errors import BadInput, ModelUnavailable, QueueFull, Refused, TooLarge, Unauthorized, Unavailable
+from ..jobs import ErrorKind, Job, JobError, JobStatus, LogLine, short_value
+from ..manager import CancelOutcome
 from ..netguard import UrlGuard, UrlRefused
 from ..services import Services
 from ..storage import file_url
 from ..store import WebhookBody
 from ..web import json_error, require_key, truthy
-from .fal_inputs import (
-    ENGINE_FIELDS,
-    InputInvalid,
-    default_variant,
-    invalid,
-    known_ids,
-    parse,
-    schema_for,
-    to_generation_request,
-)
+from .fal_inputs import ENGINE_FIELDS, InputInvalid, invalid, known_ids, parse, schema_for, to_generation_request
 
-CONTRACT = "fal"
+NAME = "fal"
 
 # fal: never report FAILED or CANCELLED — fal_client raises ValueError("Unknown status") on them.
 # A failure is COMPLETED + error/error_type, with the real error on the result route.
@@ -151,8 +141,33 @@ def webhook_body(job: Job) -> WebhookBody | None:
     return WebhookBody(job.webhook_url, json.dumps(body, sort_keys=True).encode(), headers)
 
 
-def _unauthorized(_request: Request) -> JSONResponse:
-    return JSONResponse({"detail": "Invalid or missing API key: send 'Authorization: Key <key>'"}, status_code=401)
+UNAUTHORIZED = "Invalid or missing API key: send 'Authorization: Key <key>'"
+SCHEDULING_FAILURE = "runner_scheduling_failure"
+
+# server.errors -> (HTTP status, body, headers). Invalid input never gets here from a submit (it is
+# recorded as a failed job, see accept); fal: JS retries submit on 503.
+REFUSALS = {
+    BadInput: lambda e: (422, {"detail": _detail(e)}, {}),
+    ModelUnavailable: lambda e: (404, {"detail": e.message}, {}),
+    QueueFull: lambda e: (429, {"detail": e.message}, {}),
+    Unavailable: lambda e: (
+        503,
+        {"detail": e.message, "error_type": SCHEDULING_FAILURE},
+        {"X-Fal-Error-Type": SCHEDULING_FAILURE},
+    ),
+    Unauthorized: lambda e: (401, {"detail": UNAUTHORIZED}, {}),
+    TooLarge: lambda e: (413, {"detail": e.message}, {}),
+}
+
+
+def refusal(_request: Request, exc: Refused) -> Response:
+    status, body, headers = lookup(REFUSALS, exc)(exc)
+    return JSONResponse(body, status_code=status, headers=headers or None)
+
+
+def _detail(exc: BadInput) -> list[dict]:
+    """fal's 422 detail list for an input the engine (or admission) refused."""
+    return invalid(ENGINE_FIELDS.get(exc.field, exc.field), exc.value, exc.message).detail
 
 
 def _model_id(owner: str, alias: str, path: str) -> str:
@@ -177,73 +192,29 @@ def _check_webhook(url: str | None, guard: UrlGuard) -> str | None:
     return url
 
 
-class FalIntake:
+async def accept(services: Services, request: Request, model_id: str, webhook_url: str | None = None) -> Job:
     """Submit path shared by the queue, the run host and the proxy: body -> job (maybe pre-failed)."""
+    base = services.base_url(request)
+    try:
+        draft = _draft(model_id, await _json_body(request))
+        return await services.admission.admit(CONTRACT, draft, base_url=base, webhook_url=webhook_url)
+    except BadInput as exc:
+        detail = _detail(exc)
+    except InputInvalid as exc:
+        detail = exc.detail
+    # fal: invalid input is accepted at submit and reported as a 422 on the result route.
+    first = detail[0]
+    error = BadInput(str(first["loc"][-1]), first.get("input"), first["msg"])
+    meta = {"fal_detail": detail}
+    return await services.admission.reject(CONTRACT, model_id, error, base_url=base, webhook_url=webhook_url, meta=meta)
 
-    def __init__(self, services: Services):
-        self.s = services
 
-    async def accept(self, request: Request, model_id: str, webhook_url: str | None = None) -> Job:
-        job_id = new_job_id()
-        base = self.s.base_url(request)
-        body = await _json_body(request)
-        try:
-            greq = await self._translate(job_id, model_id, body)
-        except InputInvalid as exc:
-            # fal: invalid input is accepted at submit and reported as a 422 on the result route.
-            first = exc.detail[0]
-            error = JobError(ErrorKind.INVALID_INPUT, first["msg"], exc.field, first.get("input"))
-            prompt = _prompt_of(body)[: self.s.settings.max_prompt_chars]  # no oversized prompt on record
-            placeholder = GenerationRequest(variant=default_variant(model_id), prompt=prompt)
-            return self._submit(job_id, model_id, placeholder, base, webhook_url, error, {"fal_detail": exc.detail})
-        return self._submit(job_id, model_id, greq, base, webhook_url)
-
-    async def _translate(self, job_id: str, model_id: str, body: object) -> GenerationRequest:
-        if isinstance(body, InputInvalid):
-            raise body
-        parsed = parse(model_id, body)
-        image_path, image_size = None, None
-        if parsed.image_url is not None:
-            try:  # an over-long prompt is refused before any image is fetched
-                self.s.check_text(parsed.wire.prompt, getattr(parsed.wire, "negative_prompt", None))
-            except InvalidRequest as exc:
-                raise invalid(exc.field, exc.value, exc.message) from exc
-            try:
-                path, image_size = await fetch_image(
-                    parsed.image_url, self.s.storage.input_path(job_id, ""), self.s.intake
-                )
-            except ImageInputError as exc:
-                raise invalid("image_url", parsed.image_url, exc.message) from exc
-            image_path = str(path)
-        greq = to_generation_request(parsed, image_path, image_size)
-        try:
-            self.s.prepare(greq)
-        except InvalidRequest as exc:
-            raise invalid(ENGINE_FIELDS.get(exc.field, exc.field), exc.value, exc.message) from exc
-        except WeightsMissing as exc:
-            self.s.storage.remove_inputs(job_id)
-            raise json_error(404, {"detail": str(exc)}) from exc
-        return greq
-
-    def _submit(self, job_id, model_id, greq, base, webhook_url, error=None, meta=None) -> Job:
-        try:
-            return self.s.manager.submit(
-                contract=CONTRACT,
-                model=model_id,
-                request=greq,
-                base_url=base,
-                webhook_url=webhook_url,
-                error=error,
-                meta=meta,
-                job_id=job_id,
-            )
-        except QueueFull as exc:
-            self.s.storage.remove_inputs(job_id)
-            raise json_error(429, {"detail": str(exc)}) from exc
-        except Unavailable as exc:  # fal: 503 runner_scheduling_failure (JS retries submit on 503)
-            self.s.storage.remove_inputs(job_id)
-            kind = "runner_scheduling_failure"
-            raise json_error(503, {"detail": str(exc), "error_type": kind}, {"X-Fal-Error-Type": kind}) from exc
+def _draft(model_id: str, body: object) -> Draft:
+    """fal input -> the draft to admit. Raises InputInvalid (fal's own schema checks)."""
+    if isinstance(body, InputInvalid):
+        raise body
+    parsed = parse(model_id, body)
+    return Draft(model_id, to_generation_request(parsed), image=parsed.image_url)
 
 
 async def _json_body(request: Request) -> object:
@@ -258,20 +229,14 @@ async def _json_body(request: Request) -> object:
         )
 
 
-def _prompt_of(body: object) -> str:
-    prompt = body.get("prompt") if isinstance(body, dict) else None
-    return prompt if isinstance(prompt, str) else ""
-
-
 def queue_router(services: Services) -> APIRouter:
     """The queue host. Include it after every other contract: its POST routes are catch-alls."""
-    router = APIRouter(dependencies=[Depends(require_key(services.keys, _unauthorized))])
-    manager, intake = services.manager, FalIntake(services)
-    manager.set_webhook_format(CONTRACT, webhook_body)
+    router = APIRouter(dependencies=[Depends(require_key(services.keys))])
+    manager = services.manager
 
     def find(owner: str, alias: str, request_id: str) -> Job:
         job = manager.get(request_id)
-        if job is None or job.contract != CONTRACT or app_path(job.model) != f"{owner}/{alias}":
+        if job is None or job.contract != NAME or app_path(job.model) != f"{owner}/{alias}":
             raise json_error(404, {"detail": "Request not found"})
         return job
 
@@ -305,9 +270,9 @@ def queue_router(services: Services) -> APIRouter:
     @router.put("/{owner}/{alias}/requests/{request_id}/cancel")
     async def cancel(owner: str, alias: str, request_id: str):
         job = manager.get(request_id)
-        if job is None or job.contract != CONTRACT or app_path(job.model) != f"{owner}/{alias}":
+        if job is None or job.contract != NAME or app_path(job.model) != f"{owner}/{alias}":
             return JSONResponse({"status": "NOT_FOUND"}, status_code=404)
-        outcome = manager.cancel(request_id)
+        outcome = await asyncio.to_thread(manager.cancel, request_id)
         if outcome in (CancelOutcome.CANCELED, CancelOutcome.REQUESTED):
             return JSONResponse({"status": "CANCELLATION_REQUESTED"}, status_code=202)
         if outcome is CancelOutcome.ALREADY_DONE:
@@ -316,7 +281,7 @@ def queue_router(services: Services) -> APIRouter:
 
     async def submit(request: Request, owner: str, alias: str, path: str = "", fal_webhook: str | None = None):
         model_id = _model_id(owner, alias, path)
-        job = await intake.accept(request, model_id, _check_webhook(fal_webhook, services.guard))
+        job = await accept(services, request, model_id, _check_webhook(fal_webhook, services.guard))
         base = services.base_url(request)
         body = {
             "status": FAL_STATUS[job.status],
@@ -334,15 +299,15 @@ def queue_router(services: Services) -> APIRouter:
 
 def run_router(services: Services) -> APIRouter:
     """The run host (fal.run, served on --fal-run-port): submit, wait, answer with the result."""
-    router = APIRouter(dependencies=[Depends(require_key(services.keys, _unauthorized))])
-    manager, intake = services.manager, FalIntake(services)
+    router = APIRouter(dependencies=[Depends(require_key(services.keys))])
+    manager = services.manager
 
     async def run(request: Request, owner: str, alias: str, path: str = ""):
-        job = await intake.accept(request, _model_id(owner, alias, path))
+        job = await accept(services, request, _model_id(owner, alias, path))
         while not job.status.terminal:
             job = await manager.wait_for_change(job.id, job.version, timeout=1.0)
             if not job.status.terminal and await request.is_disconnected():
-                manager.cancel(job.id)  # the caller gave up: free the GPU for others
+                await asyncio.to_thread(manager.cancel, job.id)  # the caller gave up: free the GPU for others
         code, body, headers = result_payload(job, services.base_url(request))
         return JSONResponse(body, status_code=code, headers=headers)
 
@@ -377,3 +342,9 @@ async def _sse(services: Services, job_id: str, base: str, with_logs: bool) -> A
         # wake on any change of this job; re-check each second for queue-position moves
         await manager.wait_for_change(job_id, job.version, timeout=min(1.0, keepalive))
         await asyncio.sleep(0)
+
+
+# fal owns every path no other contract claims: its submit route is POST /{owner}/{alias}[/{path}].
+CONTRACT = Contract(
+    name=NAME, prefixes=(), router=queue_router, refusal=refusal, webhook_body=webhook_body, fields=ENGINE_FIELDS
+)

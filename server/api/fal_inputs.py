@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipelines.request import GenerationRequest
-from pipelines.variants import HD_SIZES, SD_SIZES, VARIANTS, nearest_size, resolve_model, size_for_aspect
+from pipelines.request import GenerationRequest, request_for_model
+from pipelines.variants import VARIANTS, size_for_aspect
 
 from ..jobs import short_value
 
@@ -85,12 +85,6 @@ def schema_for(model_id: str) -> type[_Input] | None:
     if owner == LOCAL_OWNER and name in VARIANTS:
         return LocalInput
     return INPUT_SCHEMAS.get(model_id)
-
-
-def default_variant(model_id: str) -> str:
-    """The variant a fal id runs when nothing else is known (e.g. for a job whose input was invalid)."""
-    owner, _, name = model_id.partition("/")
-    return name if owner == LOCAL_OWNER and name in VARIANTS else resolve_model(model_id)[0].name
 
 
 def known_ids() -> list[str]:
@@ -170,41 +164,37 @@ def _seconds(duration: str | int) -> int:
     return int(text)
 
 
-def to_generation_request(
-    parsed: ParsedInput, image_path: str | None = None, image_size: tuple[int, int] | None = None
-) -> GenerationRequest:
-    """fal input -> GenerationRequest (variant picked by model id + duration). Raises InputInvalid."""
+def to_generation_request(parsed: ParsedInput) -> GenerationRequest:
+    """fal input -> GenerationRequest (variant picked by model id + duration), its image still to be
+    fetched (admission fills in `image`). Raises InputInvalid."""
     wire = parsed.wire
     seconds = None if wire.duration is None else _seconds(wire.duration)
     local = isinstance(wire, LocalInput)
+    width, height = _size(wire, image=parsed.image_url is not None)
     try:
-        variant, public = resolve_model(parsed.model_id.partition("/")[2] if local else parsed.model_id, seconds)
+        return request_for_model(
+            parsed.model_id.partition("/")[2] if local else parsed.model_id,
+            wire.prompt,
+            seconds=seconds,
+            steps=getattr(wire, "num_inference_steps", None),
+            guidance=wire.guidance_scale if local else None,
+            negative_prompt=wire.negative_prompt,
+            width=width,
+            height=height,
+            seed=wire.seed,
+            acceleration=getattr(wire, "acceleration", None),  # fal's Pro endpoints default to "regular"
+            hd=getattr(wire, "resolution", None) == "1024P",
+        )
     except ValueError as exc:
         raise invalid("duration", wire.duration, str(exc)) from exc
-    steps = getattr(wire, "num_inference_steps", None)
-    width, height = _size(wire, image_size)
-    return GenerationRequest(
-        variant=variant.name,
-        prompt=wire.prompt,
-        negative_prompt=wire.negative_prompt,
-        image=image_path,
-        width=width,
-        height=height,
-        seconds=seconds,
-        steps=steps if steps is not None else (public.steps if public else None),
-        guidance=wire.guidance_scale if local else (public.guidance if public else None),
-        seed=wire.seed,
-        acceleration=getattr(wire, "acceleration", None),  # fal's Pro endpoints default to "regular"
-    )
 
 
-def _size(wire: _Input, image_size: tuple[int, int] | None) -> tuple[int | None, int | None]:
+def _size(wire: _Input, image: bool) -> tuple[int | None, int | None]:
     resolution = getattr(wire, "resolution", None)
     if resolution in ("512P", "1024P"):
-        hd = resolution == "1024P"
-        if image_size is not None:  # pro i2v: the size follows the image's aspect
-            return nearest_size(HD_SIZES if hd else SD_SIZES, *image_size)
-        return size_for_aspect(wire.aspect_ratio, hd=hd)
+        if image:  # pro i2v: the size follows the image's aspect, among the SD or HD (`hd`) buckets
+            return None, None
+        return size_for_aspect(wire.aspect_ratio, hd=resolution == "1024P")
     if resolution:  # lite: an explicit "768x512" wins over aspect_ratio
         w, _, h = resolution.lower().partition("x")
         if not (w.isdigit() and h.isdigit()):

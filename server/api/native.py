@@ -25,12 +25,11 @@ def health_router(services: Services) -> APIRouter:
     @router.get("/readyz")
     async def readyz() -> JSONResponse:
         worker, engine = services.worker, services.engine
-        available = getattr(engine, "available", None)
         body = {
             "status": worker.health.value,
             "demo": bool(engine.demo),
             "device": str(engine.device),
-            "models": available() if callable(available) else (services.settings.models or []),
+            "models": engine.available(),
             "queued": services.manager.queued_count(),
             "last_error": services.manager.last_error(),
         }

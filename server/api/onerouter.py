@@ -9,24 +9,26 @@ Auth: `Authorization: <key>` (the documented form) or `Bearer <key>`. Errors:
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from pipelines.errors import InvalidRequest, WeightsMissing
 from pipelines.request import GenerationRequest
 from pipelines.variants import VARIANTS
 
+from ..admission import Draft
+from ..contracts import Contract, lookup
+from ..errors import BadInput, ModelUnavailable, QueueFull, Refused, TooLarge, Unauthorized, Unavailable
 from ..jobs import ErrorKind, Job, JobError, JobStatus, short_value
-from ..manager import QueueFull, Unavailable
 from ..services import Services
 from ..storage import file_url
 from ..web import ResponseError, require_key
 from .shared import t2v_request
 
-CONTRACT = "onerouter"
+NAME = "onerouter"
 PATH = "/v1/videos/generations"
 
 # The OneRouter model name and its aliases (design.md); local variant names are accepted too.
@@ -140,12 +142,29 @@ def failure_response(job: Job) -> JSONResponse:
     return error_response(code, error.message, type_, param or "")
 
 
-def _unauthorized(_request: Request) -> JSONResponse:
-    return error_response(401, "Invalid API key: send 'Authorization: <key>' or 'Authorization: Bearer <key>'")
+UNAUTHORIZED = "Invalid API key: send 'Authorization: <key>' or 'Authorization: Bearer <key>'"
+
+# server.errors -> (HTTP status = error.code, message, error.type, error.param)
+REFUSALS = {
+    BadInput: lambda e: (400, e.message_for(_wire(e.field)), "invalid_request_error", _wire(e.field)),
+    ModelUnavailable: lambda e: (503, e.message, "service_unavailable", "model"),
+    QueueFull: lambda e: (429, e.message, "rate_limit_exceeded", ""),
+    Unavailable: lambda e: (503, e.message, "service_unavailable", ""),
+    Unauthorized: lambda e: (401, UNAUTHORIZED, "invalid_request_error", ""),
+    TooLarge: lambda e: (413, e.message, "invalid_request_error", ""),
+}
+
+
+def _wire(engine_field: str) -> str:
+    return ENGINE_FIELDS.get(engine_field, engine_field)
+
+
+def refusal(_request: Request, exc: Refused) -> JSONResponse:
+    return error_response(*lookup(REFUSALS, exc)(exc))
 
 
 def router(services: Services) -> APIRouter:
-    api = APIRouter(dependencies=[Depends(require_key(services.keys, _unauthorized))])
+    api = APIRouter(dependencies=[Depends(require_key(services.keys))])
     manager = services.manager
 
     @api.post(PATH)
@@ -156,30 +175,22 @@ def router(services: Services) -> APIRouter:
             raise ResponseError(error_response(400, "the request body is not valid JSON")) from exc
         try:
             model, greq = parse_body(body)
-            services.prepare(greq)
         except ParamInvalid as exc:
             raise ResponseError(error_response(400, exc.message, param=exc.param)) from exc
-        except InvalidRequest as exc:
-            param = ENGINE_FIELDS.get(exc.field, exc.field)
-            raise ResponseError(error_response(400, exc.message_for(param), param=param)) from exc
-        except WeightsMissing as exc:
-            raise ResponseError(error_response(503, str(exc), "service_unavailable", "model")) from exc
-        try:
-            job = manager.submit(contract=CONTRACT, model=model, request=greq, base_url=services.base_url(request))
-        except QueueFull as exc:
-            raise ResponseError(error_response(429, str(exc), "rate_limit_exceeded")) from exc
-        except Unavailable as exc:
-            raise ResponseError(error_response(503, str(exc), "service_unavailable")) from exc
+        job = await services.admission.admit(CONTRACT, Draft(model, greq), base_url=services.base_url(request))
 
         # Synchronous: hold the connection until the job ends; a hang-up cancels it.
         canceled = False
         while not job.status.terminal:
             job = await manager.wait_for_change(job.id, job.version, timeout=1.0)
             if not canceled and not job.status.terminal and await request.is_disconnected():
-                manager.cancel(job.id)
+                await asyncio.to_thread(manager.cancel, job.id)
                 canceled = True
         if job.status is JobStatus.SUCCEEDED:
             return JSONResponse(success_body(job, services.base_url(request)))
         return failure_response(job)
 
     return api
+
+
+CONTRACT = Contract(name=NAME, prefixes=(PATH,), router=router, refusal=refusal, fields=ENGINE_FIELDS)

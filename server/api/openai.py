@@ -11,10 +11,10 @@ Extensions beyond OpenAI's schema (send them through the SDK's `extra_body`):
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import uuid
-from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -22,17 +22,17 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from pipelines.errors import InvalidRequest, WeightsMissing
-from pipelines.request import GenerationRequest, resolve
-from pipelines.variants import PUBLIC_MODELS, VARIANTS, resolve_model
+from pipelines.request import GenerationRequest, ResolvedRequest, request_for_model
+from pipelines.variants import PUBLIC_MODELS, VARIANTS
 
-from ..intake import ImageInputError, fetch_image
+from ..admission import Draft
+from ..contracts import Contract, lookup
+from ..errors import BadInput, ModelUnavailable, QueueFull, Refused, TooLarge, Unauthorized, Unavailable
 from ..jobs import ErrorKind, Job, JobStatus, short_value
-from ..manager import QueueFull, Unavailable
 from ..services import Services
 from ..web import ResponseError, require_key
 
-CONTRACT = "openai"
+NAME = "openai"
 DEFAULT_T2V = "kandinsky5-lite-t2v-sft-{seconds}s"  # OpenAI's default is sora-2; ours is Lite sft
 DEFAULT_I2V = "kandinsky5-lite-i2v-5s"
 SECONDS = ("5", "10")
@@ -174,8 +174,8 @@ def _image_source(fields: dict) -> str | bytes | None:
     return value
 
 
-def _pick_model(fields: dict, seconds: int | None, has_image: bool) -> tuple[str, GenerationRequest]:
-    """-> (model id to report, a request skeleton with variant and contract defaults)."""
+def _request(fields: dict, seconds: int | None, has_image: bool, **values) -> tuple[str, GenerationRequest]:
+    """-> (model id to report, the request for that model with `values`)."""
     model = _text(fields, "model")
     if model is None:
         model = DEFAULT_I2V if has_image else DEFAULT_T2V.format(seconds=seconds or 5)
@@ -186,17 +186,9 @@ def _pick_model(fields: dict, seconds: int | None, has_image: bool) -> tuple[str
             f"'kandinsky5-lite-t2v-sft-5s' or a public id such as 'kandinsky5-text-to-video' (GET /readyz lists them).",
         )
     try:
-        variant, public = resolve_model(model, seconds)
+        return model, request_for_model(model, seconds=seconds, **values)
     except ValueError as exc:
         raise invalid("seconds", f"Invalid value: '{seconds}'. {exc}.") from exc
-    skeleton = GenerationRequest(
-        variant=variant.name,
-        prompt="",
-        seconds=seconds,
-        steps=public.steps if public else None,
-        guidance=public.guidance if public else None,
-    )
-    return model, skeleton
 
 
 # -- responses ------------------------------------------------------------------------------------
@@ -225,7 +217,7 @@ def video_object(job: Job) -> dict:
         "created_at": int(job.created_at),
         "completed_at": int(job.completed_at) if job.status.terminal and job.completed_at else None,
         "expires_at": None,
-        "prompt": job.request.prompt,
+        "prompt": job.prompt,
         "seconds": job.meta.get("seconds"),
         "size": job.meta.get("size"),
         "remixed_from_video_id": None,
@@ -233,97 +225,72 @@ def video_object(job: Job) -> dict:
     }
 
 
-def _unauthorized(_request: Request) -> JSONResponse:
-    body = {
-        "error": {
-            "message": "Incorrect API key provided. Send 'Authorization: Bearer <key>' with a key given to "
-            "k5serve --api-key.",
-            "type": "invalid_request_error",
-            "param": None,
-            "code": "invalid_api_key",
-        }
-    }
-    return JSONResponse(body, status_code=401)
+UNAUTHORIZED = "Incorrect API key provided. Send 'Authorization: Bearer <key>' with a key given to k5serve --api-key."
+
+# server.errors -> (HTTP status, message, param, code, type)
+REFUSALS = {
+    BadInput: lambda e: (400, e.message_for(_wire(e.field)), _wire(e.field), "invalid_value", "invalid_request_error"),
+    ModelUnavailable: lambda e: (404, e.message, "model", "model_not_found", "invalid_request_error"),
+    QueueFull: lambda e: (429, e.message, None, "rate_limit_exceeded", "requests"),
+    Unavailable: lambda e: (503, e.message, None, "service_unavailable", "server_error"),
+    Unauthorized: lambda e: (401, UNAUTHORIZED, None, "invalid_api_key", "invalid_request_error"),
+    TooLarge: lambda e: (413, e.message, None, "request_too_large", "invalid_request_error"),
+}
+
+
+def _wire(engine_field: str) -> str:
+    return ENGINE_FIELDS.get(engine_field, engine_field)
+
+
+def refusal(_request: Request, exc: Refused) -> JSONResponse:
+    return openai_error(*lookup(REFUSALS, exc)(exc)).response
+
+
+def _new_video_id() -> str:
+    return f"video_{uuid.uuid4().hex}"
 
 
 # -- routes ---------------------------------------------------------------------------------------
 
 
 def router(services: Services) -> APIRouter:
-    api = APIRouter(dependencies=[Depends(require_key(services.keys, _unauthorized))])
+    api = APIRouter(dependencies=[Depends(require_key(services.keys))])
     manager, storage = services.manager, services.storage
 
     def find(video_id: str) -> Job:
         job = manager.get(video_id)
-        if job is None or job.contract != CONTRACT:
+        if job is None or job.contract != NAME:
             raise openai_error(404, f"Video with id '{short_value(video_id, 100)}' not found.", "video_id", "not_found")
         return job
 
-    async def translate(job_id: str, fields: dict) -> tuple[str, GenerationRequest, dict]:
+    def parse(fields: dict) -> tuple[Draft, int | None]:
+        """The create body -> (the draft to admit, the clip length asked for)."""
         prompt = _text(fields, "prompt")
         if prompt is None or not prompt.strip():
             raise invalid("prompt", "Missing required parameter: 'prompt'.", "missing_required_parameter")
         seconds, size, source = _seconds(fields), _size(fields), _image_source(fields)
         steps, seed = _int(fields, "num_inference_steps"), _int(fields, "seed")
-        model, greq = _pick_model(fields, seconds, source is not None)
-        negative = _text(fields, "negative_prompt")
-        image = None
-        if source is not None:
-            try:  # an over-long prompt is refused before any image is fetched
-                services.check_text(prompt, negative)
-            except InvalidRequest as exc:
-                raise invalid(exc.field, exc.message_for(exc.field)) from exc
-            try:
-                path, _ = await fetch_image(source, storage.input_path(job_id, ""), services.intake, "input_reference")
-            except ImageInputError as exc:
-                raise invalid("input_reference", exc.message) from exc
-            image = str(path)
         width, height = size if size is not None else (None, None)
-        greq = replace(
-            greq,
-            prompt=prompt,
-            negative_prompt=negative,
-            image=image,
-            width=width,
-            height=height,
-            steps=steps if steps is not None else greq.steps,
-            seed=seed,
-        )
-        try:
-            nominal = resolve(greq, default_seed=0)  # the size/length asked for (demo mode shrinks later)
-            services.prepare(greq)
-        except InvalidRequest as exc:
-            param = ENGINE_FIELDS.get(exc.field, exc.field)
-            raise invalid(param, exc.message_for(param)) from exc
-        except WeightsMissing as exc:
-            raise openai_error(404, str(exc), "model", "model_not_found") from exc
-        shown_seconds = seconds or nominal.variant.seconds
-        meta = {"size": f"{nominal.width}x{nominal.height}", "seconds": str(shown_seconds)}
-        return model, greq, meta
+        negative = _text(fields, "negative_prompt")
+        model, greq = _request(
+            fields, seconds, source is not None,
+            prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps, seed=seed,
+        )  # fmt: skip
+        return Draft(model, greq, image=source), seconds
 
     @api.post("/v1/videos")
     async def create(request: Request):
-        job_id = f"video_{uuid.uuid4().hex}"
-        try:
-            fields = await read_fields(request, services.intake.max_bytes)
-            model, greq, meta = await translate(job_id, fields)
-            job = manager.submit(
-                contract=CONTRACT,
-                model=model,
-                request=greq,
-                base_url=services.base_url(request),
-                meta=meta,
-                job_id=job_id,
-            )
-        except QueueFull as exc:
-            storage.remove_inputs(job_id)
-            raise openai_error(429, str(exc), None, "rate_limit_exceeded", "requests") from exc
-        except Unavailable as exc:
-            storage.remove_inputs(job_id)
-            raise openai_error(503, str(exc), None, "service_unavailable", "server_error") from exc
-        except ResponseError:
-            storage.remove_inputs(job_id)
-            raise
+        fields = await read_fields(request, services.intake.max_bytes)
+        draft, seconds = parse(fields)
+
+        def shown(resolved: ResolvedRequest) -> dict:  # the size/length asked for (demo mode shrinks it)
+            width, height = resolved.nominal_size or (resolved.width, resolved.height)
+            return {
+                "size": f"{width}x{height}",
+                "seconds": str(seconds or VARIANTS[resolved.requested.variant].seconds),
+            }
+
+        job = await services.admission.admit(CONTRACT, draft, base_url=services.base_url(request), meta=shown)
         return JSONResponse(video_object(job), headers={"openai-poll-after-ms": POLL_AFTER_MS})
 
     @api.get("/v1/videos")
@@ -336,7 +303,7 @@ def router(services: Services) -> APIRouter:
         order = params.get("order", "desc")
         if order not in ("asc", "desc"):
             raise invalid("order", f"Invalid value: {short_value(order)!r}. Supported values are: 'asc' and 'desc'.")
-        jobs = manager.list(contract=CONTRACT)  # newest first
+        jobs = manager.list(contract=NAME)  # newest first
         if order == "asc":
             jobs.reverse()
         after = params.get("after")
@@ -383,7 +350,7 @@ def router(services: Services) -> APIRouter:
     async def delete(video_id: str):
         job = find(video_id)
         # the record, then the file; an unfinished video's generation stops at its next step
-        if not manager.delete(job.id):
+        if not await asyncio.to_thread(manager.delete, job.id):
             raise openai_error(404, f"Video with id '{short_value(video_id, 100)}' not found.", "video_id", "not_found")
         return {"id": job.id, "object": "video.deleted", "deleted": True}
 
@@ -393,3 +360,8 @@ def router(services: Services) -> APIRouter:
         raise invalid("video_id", "Remixing is not supported by k5serve: create a new video instead.", "unsupported")
 
     return api
+
+
+CONTRACT = Contract(
+    name=NAME, prefixes=("/v1",), router=router, refusal=refusal, new_job_id=_new_video_id, fields=ENGINE_FIELDS
+)

@@ -1,4 +1,8 @@
-"""The web playground at GET / (server/static/index.html) and GET /api/jobs, the recent jobs it lists."""
+"""The web playground at GET / (server/static/index.html) and GET /api/jobs, the recent jobs it lists.
+
+Registered like a contract (`CONTRACT`, named "native") so its JSON routes word refusals (401, 413)
+in its own plain shape, {"detail": message}.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 
+from ..contracts import Contract
+from ..errors import Refused, Unauthorized
 from ..jobs import Job
 from ..services import Services
 from ..storage import file_url
@@ -15,8 +21,9 @@ from ..web import require_key
 PAGE = Path(__file__).resolve().parent.parent / "static" / "index.html"
 
 
-def _unauthorized(_request: Request) -> JSONResponse:
-    return JSONResponse({"detail": "missing or invalid API key"}, status_code=401)
+def refusal(_request: Request, exc: Refused) -> JSONResponse:
+    message = "missing or invalid API key" if isinstance(exc, Unauthorized) else exc.message
+    return JSONResponse({"detail": message}, status_code=exc.status)
 
 
 def job_summary(job: Job, base: str, position: int | None) -> dict:
@@ -26,7 +33,7 @@ def job_summary(job: Job, base: str, position: int | None) -> dict:
         "contract": job.contract,
         "model": job.model,
         "status": job.status.value,
-        "prompt": job.request.prompt,
+        "prompt": job.prompt,
         "created_at": job.created_at,
         "completed_at": job.completed_at,
         "queue_position": position,
@@ -50,10 +57,13 @@ def router(services: Services) -> APIRouter:
         """What the page needs before its first call: whether to ask for a key."""
         return {"api_keys": services.keys.enabled, "demo": bool(services.engine.demo)}
 
-    @r.get("/api/jobs", dependencies=[Depends(require_key(services.keys, _unauthorized))])
+    @r.get("/api/jobs", dependencies=[Depends(require_key(services.keys))])
     async def jobs(request: Request, limit: int = Query(20, ge=1, le=200)) -> dict:
         base = services.base_url(request)
         found = manager.list(limit=limit)
         return {"jobs": [job_summary(j, base, manager.queue_position(j.id)) for j in found]}
 
     return r
+
+
+CONTRACT = Contract(name="native", prefixes=("/api/jobs", "/api/config"), router=router, refusal=refusal)

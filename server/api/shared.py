@@ -3,8 +3,10 @@ own parsers have checked the wire fields: the GenerationRequest for a public or 
 
 from __future__ import annotations
 
-from pipelines.request import GenerationRequest
-from pipelines.variants import demo_size, resolve_model
+import dataclasses
+
+from pipelines.request import GenerationRequest, request_for_model
+from pipelines.variants import VARIANTS, demo_size
 
 
 def t2v_request(
@@ -21,17 +23,17 @@ def t2v_request(
     """The request for `model` at `seconds`: the public id's steps and guidance unless `steps` is
     given; the demo variants keep the aspect at their demo size. Raises ValueError (from
     resolve_model) when the model has no variant of that length."""
-    variant, public = resolve_model(model, seconds)
-    if variant.demo:  # the tiny demo variants make at most 256 px: same aspect, demo size
-        width, height = demo_size(width, height)
-    return GenerationRequest(
-        variant=variant.name,
-        prompt=prompt,
+    request = request_for_model(
+        model,
+        prompt,
+        seconds=seconds,
+        steps=steps,
         negative_prompt=negative_prompt,
         width=width,
         height=height,
-        seconds=seconds,
-        steps=steps if steps is not None else (public.steps if public else None),
-        guidance=public.guidance if public else None,
         seed=seed,
     )
+    if VARIANTS[request.variant].demo:  # the tiny demo variants make at most 256 px: same aspect, demo size
+        width, height = demo_size(width, height)
+        request = dataclasses.replace(request, width=width, height=height)
+    return request

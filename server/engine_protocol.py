@@ -1,0 +1,48 @@
+"""What the server needs from an engine: pipelines.engine.Engine, and the fakes in tests.
+
+Every method the server calls is here; nothing reaches past it (no getattr probing). The server
+never imports torch: the real engine is built in app.py's `_build_engine` and only the worker
+thread calls `generate` and `warmup`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from pipelines.request import CancelToken as Cancellation  # TODO(merge): pipelines.cancel.Cancellation
+from pipelines.request import GenerationRequest, GenerationResult, ResolvedRequest
+
+
+class EngineLike(Protocol):
+    demo: bool  # no real checkpoint: every variant is served by the tiny random-weight model
+    device: str  # e.g. "cuda:0", "cpu"
+
+    def available(self) -> list[str]:
+        """Variant names this engine serves (GET /readyz lists them)."""
+        ...
+
+    def prepare(self, req: GenerationRequest) -> ResolvedRequest:
+        """The request as it will run: demo stand-in, weights present, fits the device's memory.
+        Raises pipelines.errors.InvalidRequest or WeightsMissing. Called at admission only."""
+        ...
+
+    def generate(
+        self,
+        req: ResolvedRequest,
+        output: Path,
+        *,
+        on_step: Callable[[int, int], None] | None = None,
+        cancel: Cancellation | None = None,
+    ) -> GenerationResult:
+        """Run an admitted request as it is (never re-resolved) and write the mp4 at `output`."""
+        ...
+
+    def warmup(self) -> None:
+        """Load what will be served before the first job (the worker calls it once)."""
+        ...
+
+    def memory_in_use(self) -> int | None:
+        """Bytes of device memory the engine holds now; None where the device cannot say (CPU)."""
+        ...

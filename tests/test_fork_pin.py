@@ -20,7 +20,7 @@ import torch
 from pipelines import upstream
 from pipelines.upstream import PINNED_DIFFUSERS, PINS, WATCHED, bound_problem, drift, installed_text, normalise
 
-PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+PYPROJECT = next(d / "pyproject.toml" for d in Path(__file__).resolve().parents if (d / "pyproject.toml").is_file())
 FORWARD = "Kandinsky5Transformer3DModel.forward"
 
 

@@ -9,8 +9,9 @@ in PINS, read from the diffusers version in PINNED_DIFFUSERS. tests/test_fork_pi
 of them changes, naming the object and what in k5serve mirrors it.
 
 After an upgrade: read the upstream diff of each object the test names, bring the k5serve code its
-message names in line (tests/test_pipelines.py and tests/test_cfg_batch.py check the output against
-plain diffusers), then re-pin and widen the diffusers bound in pyproject.toml:
+message names in line (tests/test_fork_pin.py and tests/test_pipelines.py compare the fork with plain
+diffusers by value, tests/test_cfg_batch.py batched with sequential), then re-pin and widen the
+diffusers bound in pyproject.toml (docs/performance.md, "The denoising fork"):
 
     python -m pipelines.upstream            # what changed since the pin (exit status 1 if anything)
     python -m pipelines.upstream --update   # rewrite the PINS block below from the installed diffusers

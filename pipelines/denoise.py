@@ -23,6 +23,9 @@ text blocks and the output layer but reuses the previous step's residual of the 
 (nearly all of the compute). Cond and uncond keep separate accumulators as upstream; in a batched
 step the visual blocks are skipped only if both branches would skip, otherwise both are computed
 (more conservative than upstream when they disagree; with the official ratios they rarely do).
+
+Pinned: every diffusers object this module copies or leans on is hashed in pipelines/upstream.py;
+tests/test_fork_pin.py fails, naming it and what here to re-check, when a diffusers upgrade changes one.
 """
 
 from __future__ import annotations

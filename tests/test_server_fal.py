@@ -201,7 +201,7 @@ def test_engine_failures_become_completed_with_error(tmp_path, engine, code, err
 
 
 def test_worker_survives_an_out_of_memory_job(tmp_path):
-    with app_client(fakes.FlakyEngine(), tmp_path) as client:
+    with app_client(fakes.out_of_memory(times=1), tmp_path) as client:
         first, second = (submit(client)["request_id"] for _ in range(2))
         assert wait_done(client, T2V, first)["error_type"] == "runner_server_error"
         assert "error" not in wait_done(client, T2V, second)

@@ -1,7 +1,8 @@
 """`k5serve serve` with a fake engine, as a real process (restart and webhook tests kill it).
 
 Same flags as `k5serve serve`; the fake's speed comes from K5SERVE_FAKE_STEP_TIME (seconds/step),
-its other knobs (kill points, size limits) from the K5SERVE_FAKE_* variables of fakes.engine_from_env.
+its other knobs (kill points and the calls that pause at them, big videos, file size limits, memory)
+from the K5SERVE_FAKE_* variables listed in fakes.engine_from_env.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
-"""Fake engines for server tests: the EngineLike protocol without torch, one behaviour each.
+"""The fake engine for server tests: the engine protocol without torch, every behaviour a parameter.
 
-They validate with the real (torch-free) `pipelines.request.resolve`, report steps, honour the
-cancel token at step boundaries and write their "video" atomically, like the real engine.
+It validates with the real (torch-free) `pipelines.request.resolve`, reports steps, honours the
+cancel token at step boundaries and writes its "video" atomically, like the real engine. Nothing
+it does depends on the prompt: a behaviour that should hit only some jobs names the calls it
+applies to (1-based, in the order `generate` is called).
 
 Crash tests run a FakeEngine in a child server (fake_serve.py -> engine_from_env) with a pause
 folder: the engine (or the submit path) stops at a named point, touches `paused-<point>` there and
@@ -16,15 +18,38 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import replace
 from pathlib import Path
 
-from pipelines.errors import Cancelled, DeviceFailure, OutOfMemory
+from pipelines.errors import DeviceFailure, OutOfMemory
 from pipelines.request import CancelToken, GenerationRequest, GenerationResult, ResolvedRequest, resolve
+
+PAUSE_POINTS = ("step", "write")  # before the second step; with half the video file on disk
 
 
 class FakeEngine:
-    demo = True
-    device = "cpu"
+    """Every behaviour is a keyword argument (all off by default: a fast engine that always works).
+
+    Timing: `step_time` seconds per denoising step, `warmup_time` seconds of warm-up.
+    Failures: `warmup_error` is raised by warmup(); `fail` is raised by a run once `fail_at_step`
+    steps are done (0: before the first step, nothing reported); `write_error` is raised with half
+    the video written to its `.part` file (disk full, EIO, ...). `fail_times`: only the first N calls
+    fail (None: every call); it applies to `fail` and `write_error` alike.
+    Size: `big_bytes` pads the video of each call in `big_calls` (None: every call) to that size.
+    Kill points: each call in `pause_calls` (None: every call) stops at each point of `pause_at`
+    ("step", "write" or both) until `release` appears in `pause_dir` (see `pause`).
+    Identity: `demo` and `device` as the real engine reports them (None: the class default, so a
+    subclass may set them as class attributes); `memory_bytes` is what memory_in_use() reports
+    (None: not measured, like the real engine on the CPU).
+
+    Inspection: `calls` holds each run's request as asked (`ResolvedRequest.requested`, with the seed
+    it ran with), `resolved` exactly what ran, `steps_run` the steps completed per call and
+    `max_parallel` the most runs at once.
+    """
+
+    demo: bool = True
+    device: str = "cpu"
 
     def __init__(
         self,
@@ -37,23 +62,48 @@ class FakeEngine:
         fail_times: int | None = None,
         write_error: OSError | None = None,
         big_bytes: int = 0,
+        big_calls: Collection[int] | None = None,
+        pause_at: str | Collection[str] = (),
+        pause_calls: Collection[int] | None = None,
         pause_dir: Path | None = None,
+        memory_bytes: int | None = None,
+        demo: bool | None = None,
+        device: str | None = None,
     ):
+        points = {pause_at} if isinstance(pause_at, str) else set(pause_at)
+        unknown = sorted(points - set(PAUSE_POINTS))
+        if unknown:
+            raise ValueError(f"pause_at {unknown} not in {PAUSE_POINTS}")
+        if points and pause_dir is None:
+            raise ValueError(f"pause_at {sorted(points)} needs a pause_dir to report in")
+        for name, calls in (("big_calls", big_calls), ("pause_calls", pause_calls)):
+            if calls is not None and any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in calls):
+                raise ValueError(f"{name} must be call numbers from 1, got {sorted(calls)!r}")
         self.step_time = step_time
         self.warmup_time = warmup_time
         self.warmup_error = warmup_error
         self.fail = fail
         self.fail_at_step = fail_at_step
-        self.fail_times = fail_times  # only the first N calls fail (None: every call)
-        self.write_error = write_error  # raised half-way through writing the video (disk full, ...)
-        self.big_bytes = big_bytes  # a prompt containing "[big]" writes a video this large
-        self.pause_dir = pause_dir  # prompts "[pause-step]" / "[pause-write]" stop there (see module doc)
+        self.fail_times = fail_times
+        self.write_error = write_error
+        self.big_bytes = big_bytes
+        self.big_calls = big_calls
+        self.pause_at = frozenset(points)
+        self.pause_calls = pause_calls
+        self.pause_dir = pause_dir
+        self.memory_bytes = memory_bytes
+        if demo is not None:
+            self.demo = demo
+        if device is not None:
+            self.device = device
         self.calls: list[GenerationRequest] = []
-        self.runs: list[ResolvedRequest] = []
-        self.steps_run: list[int] = []  # steps completed per call
+        self.resolved: list[ResolvedRequest] = []
+        self.steps_run: list[int] = []
         self.max_parallel = 0
         self._running = 0
         self._lock = threading.Lock()
+
+    # ---- the engine protocol -----------------------------------------------------------------------
 
     def available(self) -> list[str]:
         return ["kandinsky5-tiny-i2v", "kandinsky5-tiny-t2v"]
@@ -63,18 +113,32 @@ class FakeEngine:
         if self.warmup_error is not None:
             raise self.warmup_error
 
+    def memory_in_use(self) -> int | None:
+        return self.memory_bytes
+
     def prepare(self, req: GenerationRequest) -> ResolvedRequest:
-        resolved = resolve(req, default_seed=42)
+        """Like the real engine in demo mode: validate, then serve every variant by the tiny model."""
+        resolved = resolve(req)
         return resolved if resolved.variant.demo else resolved.as_demo()
 
-    def generate(self, req, output: Path, *, on_step=None, cancel: CancelToken | None = None) -> GenerationResult:
+    def generate(
+        self,
+        req: GenerationRequest | ResolvedRequest,
+        output: Path,
+        *,
+        on_step: Callable[[int, int], None] | None = None,
+        cancel: CancelToken | None = None,
+    ) -> GenerationResult:
+        """Run `req`: a ResolvedRequest exactly as given, a GenerationRequest through prepare()."""
         r = req if isinstance(req, ResolvedRequest) else self.prepare(req)
         with self._lock:
             self._running += 1
             self.max_parallel = max(self.max_parallel, self._running)
-            self.calls.append(r.requested)  # what the contract asked for (the seed drawn at admission)
-            self.runs.append(r)  # what ran: resolved at admission, the tiny stand-in in demo mode
-            failing = self.fail_times is None or len(self.calls) <= self.fail_times
+            self.calls.append(replace(r.requested, seed=r.seed))
+            self.resolved.append(r)
+            n = len(self.calls)
+        failing = self.fail_times is None or n <= self.fail_times
+        pausing = self.pause_at if _chosen(self.pause_calls, n) else frozenset()
         done = 0
         try:
             for step in range(1, r.steps + 1):
@@ -82,7 +146,7 @@ class FakeEngine:
                     cancel.raise_if_cancelled()
                 if failing and self.fail is not None and step > self.fail_at_step:
                     raise self.fail
-                if step == 2 and "[pause-step]" in req.prompt:
+                if step == 2 and "step" in pausing:
                     self._pause("step", cancel)
                 time.sleep(self.step_time)
                 done = step
@@ -90,22 +154,11 @@ class FakeEngine:
                     on_step(step, r.steps)
             if cancel is not None:
                 cancel.raise_if_cancelled()
-            data = fake_video_bytes(req)
-            if "[big]" in req.prompt and len(data) < self.big_bytes:
+            data = fake_video_bytes(r)
+            if _chosen(self.big_calls, n) and len(data) < self.big_bytes:
                 data += b"\x00" * (self.big_bytes - len(data))
-            tmp = Path(str(output) + ".part")
-            with open(tmp, "wb") as fh:
-                if "[pause-write]" in req.prompt or (failing and self.write_error is not None):
-                    fh.write(data[: len(data) // 2])  # half the file on disk, then stop or fail
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                    if failing and self.write_error is not None:
-                        raise self.write_error
-                    self._pause("write", cancel)
-                    fh.write(data[len(data) // 2 :])
-                else:
-                    fh.write(data)
-            os.replace(tmp, output)
+            write_error = self.write_error if failing else None
+            self._write(Path(output), data, write_error, pause="write" in pausing, cancel=cancel)
         finally:
             with self._lock:
                 self._running -= 1
@@ -116,28 +169,58 @@ class FakeEngine:
             width=r.width,
             height=r.height,
             num_frames=r.num_frames,
-            fps=24,
+            fps=r.variant.fps,
             steps=r.steps,
             seed=r.seed,
             file_size=len(data),
-            demo=True,
+            demo=r.demo or r.variant.demo,
             timings={"denoise": 0.0},
             # like the engine: "regular" reuses some transformer evaluations (MagCache)
             acceleration=r.acceleration,
             cached_steps=r.steps // 2 if r.acceleration == "regular" else 0,
         )
 
+    # ---- parts ---------------------------------------------------------------------------------------
+
+    def _write(
+        self, output: Path, data: bytes, error: OSError | None, *, pause: bool, cancel: CancelToken | None
+    ) -> None:
+        """Write atomically through `<output>.part`; an error or a pause strikes with half of it on disk."""
+        tmp = Path(str(output) + ".part")
+        with open(tmp, "wb") as fh:
+            if error is None and not pause:
+                fh.write(data)
+            else:
+                fh.write(data[: len(data) // 2])
+                fh.flush()
+                os.fsync(fh.fileno())
+                if error is not None:
+                    raise error
+                self._pause("write", cancel)
+                fh.write(data[len(data) // 2 :])
+        os.replace(tmp, output)
+
     def _pause(self, point: str, cancel: CancelToken | None) -> None:
-        if self.pause_dir is not None:
-            pause(self.pause_dir, point, cancel)
+        assert self.pause_dir is not None  # the constructor refuses pause_at without one
+        pause(self.pause_dir, point, cancel)
 
 
-def pause(folder: Path, point: str, cancel: CancelToken | None = None) -> None:
-    """Tell the test we reached `point`, then wait for `release` (or a cancel) in `folder`."""
+def _chosen(calls: Collection[int] | None, n: int) -> bool:
+    """Does a behaviour limited to `calls` (None: all of them) apply to call number `n`?"""
+    return calls is None or n in calls
+
+
+def pause(folder: Path, point: str, cancel: CancelToken | None = None, timeout: float = 120.0) -> None:
+    """Tell the test we reached `point`, then wait for `release` (or a cancel) in `folder`.
+
+    A pause nobody releases fails after `timeout` seconds rather than hanging the suite."""
     (folder / f"paused-{point}").touch()
+    deadline = time.monotonic() + timeout
     while not (folder / "release").exists():
         if cancel is not None:
             cancel.raise_if_cancelled()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nobody released pause point {point!r} in {folder} within {timeout:.0f} s")
         time.sleep(0.01)
 
 
@@ -155,12 +238,27 @@ class PauseAfterSubmit(logging.Handler):
             pause(self.folder, "submit")
 
 
-def engine_from_env() -> FakeEngine:
+def engine_from_env(env: Mapping[str, str] | None = None) -> FakeEngine:
     """The child server's engine (tests/fake_serve.py), configured through K5SERVE_FAKE_* variables:
-    STEP_TIME (s/step), BIG_BYTES (size of "[big]" videos), PAUSE_DIR (kill points), and
-    FSIZE_LIMIT (bytes: RLIMIT_FSIZE with SIGXFSZ ignored, so large writes fail with EFBIG)."""
-    env = os.environ
+
+    STEP_TIME     seconds per step (default 0.05)
+    BIG_BYTES     pad videos to this size; BIG_CALLS: which calls, e.g. "1,3" (unset: every call)
+    PAUSE_DIR     the pause folder (kill points, and "arm-submit" for the submit path)
+    PAUSE_AT      "step", "write" or "step,write"; PAUSE_CALLS: which calls (unset: every call)
+    MEMORY_BYTES  what memory_in_use() reports (unset: not measured)
+    FSIZE_LIMIT   bytes: RLIMIT_FSIZE with SIGXFSZ ignored, so large writes fail with EFBIG
+    """
+    env = os.environ if env is None else env
     pause_dir = Path(env["K5SERVE_FAKE_PAUSE_DIR"]) if env.get("K5SERVE_FAKE_PAUSE_DIR") else None
+    engine = FakeEngine(
+        step_time=float(env.get("K5SERVE_FAKE_STEP_TIME", "0.05")),
+        big_bytes=int(env.get("K5SERVE_FAKE_BIG_BYTES", "0")),
+        big_calls=_call_numbers(env.get("K5SERVE_FAKE_BIG_CALLS")),
+        pause_at=[p for p in env.get("K5SERVE_FAKE_PAUSE_AT", "").split(",") if p],
+        pause_calls=_call_numbers(env.get("K5SERVE_FAKE_PAUSE_CALLS")),
+        pause_dir=pause_dir,
+        memory_bytes=int(env["K5SERVE_FAKE_MEMORY_BYTES"]) if env.get("K5SERVE_FAKE_MEMORY_BYTES") else None,
+    )
     if pause_dir is not None:
         logging.getLogger("k5serve.jobs").addHandler(PauseAfterSubmit(pause_dir))
     if env.get("K5SERVE_FAKE_FSIZE_LIMIT"):
@@ -170,17 +268,23 @@ def engine_from_env() -> FakeEngine:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         limit = int(env["K5SERVE_FAKE_FSIZE_LIMIT"])
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return FakeEngine(
-        step_time=float(env.get("K5SERVE_FAKE_STEP_TIME", "0.05")),
-        big_bytes=int(env.get("K5SERVE_FAKE_BIG_BYTES", "0")),
-        pause_dir=pause_dir,
-    )
+    return engine
 
 
-def fake_video_bytes(req: GenerationRequest) -> bytes:
-    """Deterministic per request, so a test can tell outputs apart and compare downloads."""
-    digest = hashlib.sha256(json.dumps(req.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+def _call_numbers(text: str | None) -> frozenset[int] | None:
+    """ "1,3" -> {1, 3}; unset or empty -> None (every call)."""
+    if not text:
+        return None
+    return frozenset(int(part) for part in text.split(","))
+
+
+def fake_video_bytes(r: ResolvedRequest) -> bytes:
+    """Deterministic per resolved request, so a test can tell outputs apart and compare downloads."""
+    digest = hashlib.sha256(json.dumps(r.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
     return b"\x00\x00\x00\x18ftypmp42FAKE" + digest.encode() * 8
+
+
+# ---- one-liners for the common cases -------------------------------------------------------------------
 
 
 def slow(step_time: float = 0.2) -> FakeEngine:
@@ -191,22 +295,14 @@ def raising() -> FakeEngine:
     return FakeEngine(fail=RuntimeError("boom: internal detail that must not leak"), fail_at_step=1)
 
 
-def out_of_memory() -> FakeEngine:
-    return FakeEngine(fail=OutOfMemory("out of GPU memory at 768x512, 121 frames on cuda:0; try a smaller size"))
+def out_of_memory(times: int | None = None) -> FakeEngine:
+    """Every call (or only the first `times`) runs out of memory before its first step."""
+    message = "out of GPU memory at 768x512, 121 frames on cuda:0; try a smaller size"
+    return FakeEngine(fail=OutOfMemory(message), fail_times=times)
 
 
 def device_failure() -> FakeEngine:
     return FakeEngine(fail=DeviceFailure("unrecoverable device error on cuda:0"))
 
 
-class FlakyEngine(FakeEngine):
-    """Fails its first job with OOM, then behaves."""
-
-    def generate(self, req, output, *, on_step=None, cancel=None):
-        if not self.calls:
-            self.calls.append(req.requested)
-            raise OutOfMemory("out of memory (first call)")
-        return super().generate(req, output, on_step=on_step, cancel=cancel)
-
-
-__all__ = ["Cancelled", "FakeEngine", "FlakyEngine"]
+__all__ = ["FakeEngine", "engine_from_env", "fake_video_bytes", "pause"]

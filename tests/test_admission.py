@@ -123,7 +123,7 @@ def test_the_worker_runs_exactly_what_was_admitted(tmp_path):
         wait_until(lambda: client.app.state.services.manager.get(job.id).status.terminal)
         done = client.app.state.services.manager.get(job.id)
     assert done.status.value == "succeeded", done.error
-    assert engine.runs == [job.resolved]
+    assert engine.resolved == [job.resolved]
 
 
 def test_reject_records_a_failed_job_without_a_request(parts):

@@ -59,8 +59,7 @@ def test_metrics_count_queued_and_failed_jobs(tmp_path):
 
 
 def test_gpu_memory_comes_from_the_engine(tmp_path):
-    engine = FakeEngine()
-    engine.memory_in_use = lambda: 123456789
+    engine = FakeEngine(memory_bytes=123456789)
     with app_client(engine, tmp_path) as client:
         assert samples(client)[("k5serve_gpu_memory_bytes",)] == 123456789
 

@@ -147,15 +147,15 @@ def part_files(tmp_path: Path) -> list[Path]:
 
 @pytest.mark.parametrize("point", ["step", "write"])
 def test_kill_9_mid_generation_or_mid_write_reruns_the_job(tmp_path, point):
-    server, pause = crash_server(tmp_path)
+    server, pause = crash_server(tmp_path, K5SERVE_FAKE_PAUSE_AT=point, K5SERVE_FAKE_PAUSE_CALLS="2")
     server.start()
     try:
         with server.client() as client:
             done = client.post(f"/{T2V}", json={"prompt": "before", "num_inference_steps": 2}).json()["request_id"]
             url = wait_completed(client, done)["video"]["url"]
             before = client.get(url).content
-            body = {"prompt": f"[pause-{point}] interrupted", "num_inference_steps": 4}
-            victim = client.post(f"/{T2V}", json=body).json()["request_id"]
+            body = {"prompt": "interrupted", "num_inference_steps": 4}
+            victim = client.post(f"/{T2V}", json=body).json()["request_id"]  # the 2nd call: it pauses
             queued = client.post(f"/{T2V}", json={"prompt": "behind", "num_inference_steps": 2}).json()["request_id"]
         kill_at(server, pause, point)
         if point == "write":

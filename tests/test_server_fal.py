@@ -201,7 +201,7 @@ def test_engine_failures_become_completed_with_error(tmp_path, engine, code, err
 
 
 def test_worker_survives_an_out_of_memory_job(tmp_path):
-    with app_client(fakes.FlakyEngine(), tmp_path) as client:
+    with app_client(fakes.out_of_memory(times=1), tmp_path) as client:
         first, second = (submit(client)["request_id"] for _ in range(2))
         assert wait_done(client, T2V, first)["error_type"] == "runner_server_error"
         assert "error" not in wait_done(client, T2V, second)
@@ -323,7 +323,7 @@ def test_image_to_video_accepts_a_data_uri(tmp_path):
         rid = submit(client, PRO_I2V, {"prompt": "x", "image_url": png_data_uri(), "num_inference_steps": 2})
         done = wait_done(client, PRO_I2V, rid["request_id"])
         assert "error" not in done, done
-    [call], [run] = engine.calls, engine.runs
+    [call], [run] = engine.calls, engine.resolved
     assert call.variant == "kandinsky5-pro-i2v-sft-5s" and run.nominal_size == (768, 512)  # 3:2 image, 512P
     assert not list((tmp_path / "inputs").iterdir())  # the fetched image is removed when the job ends
 

@@ -90,7 +90,7 @@ def test_a_bad_image_names_the_contracts_field(parts):
 
 
 def test_missing_weights_and_a_full_queue_are_their_own_errors(parts):
-    admission, manager, storage, engine = parts
+    admission, manager, _storage, engine = parts
 
     def missing(req):
         from pipelines.errors import WeightsMissing

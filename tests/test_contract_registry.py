@@ -165,7 +165,7 @@ def test_the_import_graph_has_no_cycles_and_shared_modules_import_no_contract():
         state[module] = 1
         for nxt in graph[module]:
             if state.get(nxt) == 1:
-                cycle = path[path.index(nxt) :] + [nxt]
+                cycle = [*path[path.index(nxt) :], nxt]
                 pytest.fail(f"import cycle: {' -> '.join(cycle)}")
             if nxt not in state:
                 visit(nxt, [*path, nxt])

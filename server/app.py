@@ -25,9 +25,8 @@ from .contracts import Contract
 from .engine_protocol import EngineLike
 from .errors import Refused
 from .intake import BodyLimit
-from .logs import log_state_change, use_json_logs
-from .manager import retention_loop
-from .metrics import Metrics, metrics_router
+from .logs import use_json_logs
+from .metrics import metrics_router
 from .services import Services
 from .settings import Settings
 from .storage import files_router
@@ -55,9 +54,8 @@ def create_app(settings: Settings, engine: EngineLike, contracts: tuple[Contract
     services = Services.build(settings, engine, list(contracts))
     app = FastAPI(title="k5serve", version="0.1.0", lifespan=_lifespan(services))
     _common(app, services)
-    services.manager.add_listener(log_state_change)
-    app.state.metrics = Metrics(services)
-    app.include_router(metrics_router(app.state.metrics))
+    app.state.metrics = services.metrics
+    app.include_router(metrics_router(services.metrics))
     for contract in services.contracts.in_routing_order():
         app.include_router(contract.router(services))
 
@@ -121,8 +119,8 @@ def _lifespan(services: Services):
             log.info("jobs on disk: %s", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         services.worker.start()
         services.webhooks.start()
-        hours = services.settings.retention_hours
-        sweeper = asyncio.create_task(retention_loop(services.manager, hours), name="retention") if hours else None
+        retention = services.retention
+        sweeper = asyncio.create_task(retention.run(), name="retention") if retention else None
         try:
             yield
         finally:

@@ -1,16 +1,29 @@
-"""JobManager: the FIFO queue, the live job table and the bridge between HTTP and the worker.
+"""JobManager: the job table and the rules for changing it, between HTTP and the workers.
 
-Contracts call submit/get/cancel/list and await wait_for_change/wait_until_done; the worker
-calls next_job and handle(event). The HTTP side never waits on the GPU: every read is an
-in-memory lookup, every write is a small SQLite transaction.
+Contracts call submit/get/cancel/list and await wait_for_change/wait_until_done; workers call
+next_job and handle(event). The parts it is made of, wired together in Services.build:
+
+  Scheduler   (scheduler.py)  which waiting job runs next, on which worker; queue positions
+  JobStore    (store.py)      the SQLite repository every change is written to
+  ChangeFeed  (feed.py)       listeners (metrics, logs, webhooks) and coroutines waiting for a change
+  retention   (retention.py)  finished jobs expire after a while
+
+Reads never take a lock: the table maps each id to a Job that is never changed once it is in
+the table (a change is made on a copy that replaces it), and the scheduler's queue is a tuple
+swapped whole, so an HTTP handler never waits while a worker thread writes SQLite. The new copy
+goes into the table last, after the queue and the last error are updated: whoever sees a job's
+new state also sees everything that follows from it. Every change
+(submit, cancel, delete, next_job, handle, recover) takes one lock, shared with the scheduler, so
+a job's status and its place in the queue change together; changes are blocking calls (SQLite,
+file deletion): async code runs them in a thread.
 
 Cancellation by state (queue semantics, see ../shared/style.md):
   QUEUED    -> removed from the queue and CANCELED at once
   RUNNING   -> the job's CancelToken is set; the engine stops at the next step boundary
   CANCELED  -> CANCELED again: a repeated cancel (a client retrying) gets the first answer
   SUCCEEDED / FAILED -> ALREADY_DONE (nothing changes)
-A cancel racing the end of a run is decided under the manager's lock: whichever comes first wins,
-and status, result, webhook and file all tell that one story.
+A cancel racing the end of a run is decided under the lock: whichever comes first wins, and
+status, result, webhook and file all tell that one story.
 
 Every change is written to the store before it is published: a change is made on a copy of the
 job, saved, and only then swapped into the table, so a failed write (disk full) changes nothing
@@ -23,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import enum
 import logging
@@ -37,19 +49,21 @@ from typing import Any
 
 from pipelines.request import CancelToken, GenerationRequest, ResolvedRequest
 
+from . import retention
 from .errors import QueueFull, Unavailable
 from .events import Failed, Interrupted, Progress, RunJob, Succeeded, WorkerEvent
+from .feed import ChangeFeed, DeleteListener, JobListener
 from .jobs import ErrorKind, Job, JobError, JobOutput, JobStatus
+from .scheduler import Scheduler
 from .storage import Storage
 from .store import JobStore, WebhookBody
 
+__all__ = ["CancelOutcome", "JobListener", "JobManager", "QueueFull", "Unavailable", "WebhookFormatter"]
+
 log = logging.getLogger("k5serve.jobs")
 
+# How a finished job's webhook is worded (None: no webhook), by its contract.
 WebhookFormatter = Callable[[Job], WebhookBody | None]
-# Called (under the manager's lock, on whichever thread made the change) with a snapshot of the job
-# and its status before the change: on submit (None), every status change, and each progress step
-# (previous == job.status). Listeners must be quick and must not call back into the manager.
-JobListener = Callable[[Job, JobStatus | None], None]
 
 
 class CancelOutcome(str, enum.Enum):
@@ -57,6 +71,11 @@ class CancelOutcome(str, enum.Enum):
     REQUESTED = "requested"  # is running; stops at the next step
     ALREADY_DONE = "already_done"
     NOT_FOUND = "not_found"
+
+
+def any_job(_job: Job) -> bool:
+    """The default `can_run`: a worker that can run every job."""
+    return True
 
 
 class JobManager:
@@ -67,42 +86,42 @@ class JobManager:
         *,
         max_queue: int = 100,
         clock: Callable[[], float] = time.time,
+        scheduler: Scheduler | None = None,
+        feed: ChangeFeed | None = None,
+        webhook_body: WebhookFormatter | None = None,
     ):
         self.store = store
         self.storage = storage
         self.max_queue = max_queue
         self.clock = clock
-        self._lock = threading.RLock()
-        self._work = threading.Condition(self._lock)
-        self._jobs: dict[str, Job] = {}
-        self._queue: collections.deque[str] = collections.deque()
-        self._runs: dict[str, RunJob] = {}  # running job id -> what the worker was handed
+        self.scheduler = scheduler if scheduler is not None else Scheduler()
+        self.feed = feed if feed is not None else ChangeFeed()
+        self._lock = self.scheduler.lock  # one lock: a job's status and its queue place change together
+        self._jobs: dict[str, Job] = {}  # id -> a Job never changed in place (see module docstring)
+        self._runs: dict[str, RunJob] = {}  # running job id -> what its worker was handed
         self._refusal: str | None = None  # why new jobs are refused (None: accepting)
-        self._last_error: dict[str, Any] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._changed: dict[str, asyncio.Event] = {}  # touched on the event loop only
+        self._last_error: dict[str, Any] | None = None  # replaced whole, read without the lock
         self._webhook_formats: dict[str, WebhookFormatter] = {}
-        self.on_webhook_queued: Callable[[], None] = lambda: None
-        self._listeners: list[JobListener] = []
-        self._delete_listeners: list[Callable[[str], None]] = []
+        self._webhook_body = webhook_body  # None: word webhooks by the set_webhook_format registry
 
     # -- setup ---------------------------------------------------------------------------------
 
     def attach_loop(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self.feed.attach_loop(loop)
 
     def set_webhook_format(self, contract: str, formatter: WebhookFormatter) -> None:
         """How `contract` words its webhook body; called once per contract at app creation."""
+        if self._webhook_body is not None:
+            raise RuntimeError("this JobManager was given webhook_body; set_webhook_format would be ignored")
         self._webhook_formats[contract] = formatter
 
     def add_listener(self, listener: JobListener) -> None:
-        """Observe job changes (metrics, structured logs); see JobListener."""
-        self._listeners.append(listener)
+        """Observe job changes (metrics, structured logs); see feed.JobListener."""
+        self.feed.add_listener(listener)
 
-    def add_delete_listener(self, listener: Callable[[str], None]) -> None:
-        """Called with the job id (under the manager's lock) when a job is deleted or expires: a
-        deleted running job sends no further events, so observers drop what they keep for it."""
-        self._delete_listeners.append(listener)
+    def add_delete_listener(self, listener: DeleteListener) -> None:
+        """Called with the job id when a job is deleted or expires (see feed.DeleteListener)."""
+        self.feed.add_delete_listener(listener)
 
     def recover(self) -> dict[str, int]:
         """Load every job from disk; interrupted runs go back to the queue in submission order.
@@ -116,20 +135,19 @@ class JobManager:
                     job.log("server restarted: running again", level="WARN", now=self.clock())
                     self.store.save(job)
                     counts["requeued"] += 1
-                if job.status is JobStatus.QUEUED:
-                    self._queue.append(job.id)
                 elif job.status is JobStatus.SUCCEEDED and not self.storage.has_output(job.file_id):
                     log.error("job %s: finished output %s is missing from disk", job.id, job.file_id)
                 counts[job.status.value] += 1
+                if job.status is JobStatus.QUEUED:
+                    self.scheduler.enqueue(job.id)
                 self._jobs[job.id] = job
             ran_and_failed = [j for j in self._jobs.values() if j.status is JobStatus.FAILED and j.attempts]
             if ran_and_failed:  # for /readyz: the latest failure survives a restart
                 self._last_error = _failure(max(ran_and_failed, key=lambda j: j.completed_at or 0.0))
             finished = [j.file_id for j in self._jobs.values() if j.status is JobStatus.SUCCEEDED]
-            swept = self.storage.sweep(finished, self._queue)
+            swept = self.storage.sweep(finished, self.scheduler.waiting())
             if any(swept.values()):
                 log.warning("start-up clean-up removed %s", ", ".join(f"{n} {k}" for k, n in swept.items() if n))
-            self._work.notify_all()
         return dict(counts)
 
     # -- health --------------------------------------------------------------------------------
@@ -145,11 +163,11 @@ class JobManager:
 
     def last_error(self) -> dict[str, Any] | None:
         """The most recent job that failed while running: {job_id, contract, kind, message, time}."""
-        with self._lock:
-            if self._last_error is None:
-                return None
-            when = datetime.fromtimestamp(self._last_error["time"], tz=timezone.utc)
-            return {**self._last_error, "time": when.isoformat(timespec="seconds").replace("+00:00", "Z")}
+        error = self._last_error
+        if error is None:
+            return None
+        when = datetime.fromtimestamp(error["time"], tz=timezone.utc)
+        return {**error, "time": when.isoformat(timespec="seconds").replace("+00:00", "Z")}
 
     # -- contract side -------------------------------------------------------------------------
 
@@ -186,9 +204,11 @@ class JobManager:
         if job_id is not None:
             job.id = job_id
         with self._lock:
+            if job.id in self._jobs:
+                raise ValueError(f"job id {job.id} is already taken")
             if error is None and self._refusal is not None:
                 raise Unavailable(self._refusal)
-            if error is None and len(self._queue) >= self.max_queue:
+            if error is None and self.scheduler.count() >= self.max_queue:
                 raise QueueFull(self.max_queue)
             if error is not None:
                 job.fail(error, now=self.clock())
@@ -196,36 +216,28 @@ class JobManager:
                 self._save(job)  # accepted only once it is on disk
             except sqlite3.Error as exc:
                 raise Unavailable(f"the job store could not record the request ({exc}); try again later") from exc
-            self._jobs[job.id] = job
             if error is None:
-                self._queue.append(job.id)
-                self._work.notify_all()
+                self.scheduler.enqueue(job.id)
             log.info("job %s: %s %s %s", job.id, contract, model, job.status.value)
-            self._emit(job, None)
+            self._put(job, None)
             return job.snapshot()
 
     def get(self, job_id: str) -> Job | None:
-        with self._lock:
-            job = self._jobs.get(job_id)
-            return job.snapshot() if job else None
+        job = self._jobs.get(job_id)
+        return job.snapshot() if job else None
 
     def queue_position(self, job_id: str) -> int | None:
         """0-based place in the queue (0 = next to run), or None when not queued."""
-        with self._lock:
-            try:
-                return self._queue.index(job_id)
-            except ValueError:
-                return None
+        return self.scheduler.position(job_id)
 
     def queued_count(self) -> int:
-        with self._lock:
-            return len(self._queue)
+        return self.scheduler.count()
 
     def list(self, *, contract: str | None = None, limit: int | None = None) -> list[Job]:
         """Jobs newest first, optionally only one contract's."""
-        with self._lock:
-            jobs = [j for j in reversed(self._jobs.values()) if contract is None or j.contract == contract]
-            return [j.snapshot() for j in jobs[:limit]]
+        table = self._jobs.copy()  # one atomic copy: the table as it is at this moment
+        jobs = [j for j in reversed(table.values()) if contract is None or j.contract == contract]
+        return [j.snapshot() for j in jobs[:limit]]
 
     def cancel(self, job_id: str) -> CancelOutcome:
         with self._lock:
@@ -238,12 +250,12 @@ class JobManager:
                 return CancelOutcome.ALREADY_DONE
             if job.status is JobStatus.QUEUED:
                 job = self._commit(job, lambda j: j.cancel(now=self.clock()))
-                self._queue.remove(job.id)
+                self.scheduler.remove(job.id)
                 log.info("job %s: canceled while queued", job.id)
-                self._emit(job, JobStatus.QUEUED)
+                self._put(job, JobStatus.QUEUED)
                 return CancelOutcome.CANCELED
             self._runs[job.id].cancel.cancel()
-            log.info("job %s: cancel requested while running", job.id)
+            log.info("job %s: cancel requested while running on %s", job.id, self.scheduler.worker_of(job.id))
             return CancelOutcome.REQUESTED
 
     def delete(self, job_id: str) -> bool:
@@ -254,105 +266,76 @@ class JobManager:
             if job is None:
                 return False
             self.store.delete(job_id)
+            if job.status is JobStatus.QUEUED:
+                self.scheduler.remove(job_id)
             del self._jobs[job_id]
             run = self._runs.get(job_id)
             if run is not None:
                 run.cancel.cancel()
             else:
-                if job.status is JobStatus.QUEUED:
-                    self._queue.remove(job_id)
                 self.storage.discard_output(job.file_id)
                 self.storage.remove_inputs(job_id)
             log.info("job %s: deleted (was %s)", job_id, job.status.value)
-            for listener in self._delete_listeners:
-                try:
-                    listener(job_id)
-                except Exception:  # an observer must never break a delete
-                    log.exception("delete listener failed for job %s", job_id)
-            self._notify(job_id)
+            self.feed.deleted(job_id)
             return True
 
     def expire(self, older_than: float) -> list[str]:
-        """Delete finished jobs that ended before `older_than` (retention). A job whose webhook is
-        still being retried is kept until its delivery ends."""
-        with self._lock:
-            old = [
-                j.id for j in self._jobs.values() if j.status.terminal and (j.completed_at or j.created_at) < older_than
-            ]
-        expired = [job_id for job_id in old if not self.store.webhook_pending(job_id) and self.delete(job_id)]
-        if expired:
-            log.info("retention: %d finished job(s) expired with their files", len(expired))
-        return expired
+        """Delete finished jobs that ended before `older_than` (see retention.expire)."""
+        return retention.expire(self, self.store, older_than)
 
     async def wait_for_change(self, job_id: str, version: int, timeout: float | None = None) -> Job | None:
         """Return the job once its version differs from `version` (or at `timeout`)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            job = self.get(job_id)
-            if job is None or job.version != version:
-                return job
-            event = self._changed.setdefault(job_id, asyncio.Event())
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return job
-            try:
-                await asyncio.wait_for(event.wait(), remaining)
-            except asyncio.TimeoutError:
-                return self.get(job_id)
+        return await self.feed.wait_for_change(self.get, job_id, version, timeout)
 
     async def wait_until_done(self, job_id: str, timeout: float | None = None) -> Job | None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        job = self.get(job_id)
-        while job is not None and not job.status.terminal:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                break
-            job = await self.wait_for_change(job_id, job.version, remaining)
-        return job
+        return await self.feed.wait_until_done(self.get, job_id, timeout)
 
     # -- worker side ---------------------------------------------------------------------------
 
-    def next_job(self, stop: threading.Event, poll: float = 0.5) -> RunJob | None:
-        """Block until a job is queued (-> RUNNING, persisted) or `stop` is set (-> None)."""
+    def next_job(
+        self,
+        stop: threading.Event,
+        can_run: Callable[[Job], bool] = any_job,
+        worker: str = "worker",
+        *,
+        poll: float = 0.5,
+    ) -> RunJob | None:
+        """Block until a queued job passes `can_run`, then take the oldest such: it is RUNNING on
+        `worker` (persisted) and returned. Returns None once `stop` is set. Any number of workers
+        may call this at once; each job goes to exactly one."""
         with self._lock:
-            while not self._queue:
-                if stop.is_set():
-                    return None
-                self._work.wait(poll)
-            if stop.is_set():
+            job_id = self.scheduler.wait_for(stop, lambda i: can_run(self._jobs[i].snapshot()), poll)
+            if job_id is None:
                 return None
-            job = self._commit(self._jobs[self._queue[0]], lambda j: j.start(now=self.clock()))
-            self._queue.popleft()
+            job = self._commit(self._jobs[job_id], lambda j: j.start(now=self.clock()))
+            self.scheduler.start(job_id, worker)
             run = RunJob(job.snapshot(), CancelToken())
-            self._runs[job.id] = run
-            log.info("job %s: running (attempt %d)", job.id, job.attempts)
-            self._emit(job, JobStatus.QUEUED)
-            self._notify(job.id)
+            self._runs[job_id] = run
+            log.info("job %s: running on %s (attempt %d)", job_id, worker, job.attempts)
+            self._put(job, JobStatus.QUEUED)
             return run
 
     def wake_workers(self) -> None:
         """Make every worker blocked in next_job re-check its stop flag now (shutdown)."""
-        with self._lock:
-            self._work.notify_all()
+        self.scheduler.wake()
 
     def handle(self, event: WorkerEvent) -> None:
         with self._lock:
             job = self._jobs.get(event.job_id)
             if job is None:  # deleted while it ran: nothing to record, nothing to keep
-                run = self._runs.pop(event.job_id, None)
-                if run is not None and not isinstance(event, Progress):
+                run = None if isinstance(event, Progress) else self._runs.pop(event.job_id, None)
+                if run is not None:
+                    self.scheduler.finish(event.job_id)
                     self.storage.discard_output(run.job.file_id)
                     self.storage.remove_inputs(event.job_id)
                 return
-            if isinstance(event, Progress):
-                job.record_progress(event.step, event.total, now=self.clock())
-                self._notify(job.id)
-                self._emit(job, job.status)
+            if isinstance(event, Progress):  # memory only: a restart runs the job from step 0
+                job = _changed(job, lambda j: j.record_progress(event.step, event.total, now=self.clock()))
+                self._put(job, job.status)
                 return
             self._runs.pop(job.id, None)
             now = self.clock()
             if isinstance(event, Interrupted):
-                self._queue.appendleft(job.id)
                 self._publish(job, lambda j: j.requeue())
                 return
             if isinstance(event, Succeeded):
@@ -366,8 +349,6 @@ class JobManager:
             else:
                 change = lambda j: j.cancel(now=now)  # noqa: E731
             job = self._publish(job, change)
-            if job.status is JobStatus.FAILED and job.error is not None:
-                self._last_error = _failure(job)
             log.info("job %s: %s", job.id, job.status.value)
 
     def _publish(self, job: Job, change: Callable[[Job], object]) -> Job:
@@ -379,65 +360,62 @@ class JobManager:
             job = self._commit(job, change)
         except sqlite3.Error as exc:
             log.error("job %s: could not record the end of its run: %s", job.id, exc)
-            if job.id in self._queue:
-                self._queue.remove(job.id)
+            self.scheduler.finish(job.id)
             self.storage.discard_output(job.file_id)
             message = f"the job store could not record the result ({exc}); the job runs again after a restart"
-            job.fail(JobError(ErrorKind.INTERNAL, message), now=self.clock())
-            self._notify(job.id)
-        self._emit(job, previous)
+            job = _changed(job, lambda j: j.fail(JobError(ErrorKind.INTERNAL, message), now=self.clock()))
+        else:
+            if job.status is JobStatus.QUEUED:  # interrupted: back to its place in the queue
+                self.scheduler.requeue(job.id)
+            else:
+                self.scheduler.finish(job.id)
+        if job.status is JobStatus.FAILED and job.error is not None:
+            self._last_error = _failure(job)
+        self._put(job, previous)
         return job
 
     # -- internals -----------------------------------------------------------------------------
 
     def _commit(self, job: Job, change: Callable[[Job], object]) -> Job:
-        """Apply `change` to a copy of `job`, save the copy, then make it the live job. If the
-        change or the save raises, the live job (memory and disk) is as it was."""
-        draft = job.snapshot()
-        change(draft)
+        """Apply `change` to a copy of `job` and save the copy; the caller then updates what
+        follows from it and `_put`s it. If the change or the save raises, nothing changed."""
+        draft = _changed(job, change)
         self._save(draft)
-        self._jobs[draft.id] = draft
-        self._notify(draft.id)
         return draft
 
+    def _put(self, job: Job, previous: JobStatus | None) -> None:
+        """Make `job` the live one (readers see the old copy or this one, never a half-made
+        change), then tell the feed."""
+        self._jobs[job.id] = job
+        self.feed.changed(job, previous)
+
     def _save(self, job: Job) -> None:
-        """Persist `job`; a terminal state goes to disk together with its webhook delivery."""
+        """Persist `job`; a terminal state goes to disk together with its webhook delivery (the
+        dispatcher hears of it through the feed: see Services.build)."""
         if not job.status.terminal:
             self.store.save(job)
             return
         webhook = None
         if job.webhook_url:
-            formatter = self._webhook_formats.get(job.contract)
             try:
-                webhook = formatter(job) if formatter else None
+                webhook = self._word_webhook(job)
             except Exception:  # a formatting bug must not lose the job's result
                 log.exception("job %s: could not build the webhook body", job.id)
         self.store.save(job, webhook=webhook, now=self.clock())
         self.storage.remove_inputs(job.id)
-        if webhook is not None:
-            self.on_webhook_queued()
 
-    def _emit(self, job: Job, previous: JobStatus | None) -> None:
-        if not self._listeners:
-            return
-        snapshot = job.snapshot()
-        for listener in self._listeners:
-            try:
-                listener(snapshot, previous)
-            except Exception:  # an observer's bug must never break the queue
-                log.exception("job %s: listener %r failed", job.id, listener)
+    def _word_webhook(self, job: Job) -> WebhookBody | None:
+        if self._webhook_body is not None:
+            return self._webhook_body(job)
+        formatter = self._webhook_formats.get(job.contract)
+        return formatter(job) if formatter else None
 
-    def _notify(self, job_id: str) -> None:
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        with contextlib.suppress(RuntimeError):  # the loop is closing during shutdown
-            loop.call_soon_threadsafe(self._wake, job_id)
 
-    def _wake(self, job_id: str) -> None:
-        event = self._changed.pop(job_id, None)
-        if event is not None:
-            event.set()
+def _changed(job: Job, change: Callable[[Job], object]) -> Job:
+    """A changed copy of `job`; the original, which readers may hold, stays as it was."""
+    draft = job.snapshot()
+    change(draft)
+    return draft
 
 
 def _failure(job: Job) -> dict[str, Any]:
@@ -450,18 +428,6 @@ def _failure(job: Job) -> dict[str, Any]:
         "message": job.error.message,
         "time": when,
     }
-
-
-async def retention_loop(manager: JobManager, hours: float, clock: Callable[[], float] = time.time) -> None:
-    """Expire finished jobs older than `hours`, at start and then periodically (cancel to stop)."""
-    keep = hours * 3600.0
-    interval = min(60.0, max(0.2, keep / 4))
-    while True:
-        try:
-            await asyncio.to_thread(manager.expire, clock() - keep)
-        except Exception:  # a full disk or a locked database: try again next time
-            log.exception("retention sweep failed")
-        await asyncio.sleep(interval)
 
 
 def _log_acceleration(job: Job, output: JobOutput, now: float) -> None:

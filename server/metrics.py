@@ -1,6 +1,6 @@
 """Prometheus metrics at GET /metrics, one CollectorRegistry per app (tests build many apps).
 
-Job counters and timing histograms are fed by a JobManager listener; queue depth and GPU memory
+Job counters and timing histograms are fed by a change-feed listener; queue depth and GPU memory
 are read when scraped. GPU memory is the engine's `memory_in_use()` (bytes; this module never
 imports torch). Where the device cannot say (the CPU), k5serve_gpu_memory_bytes has no sample
 rather than a made-up 0.
@@ -21,7 +21,6 @@ from prometheus_client.core import GaugeMetricFamily
 from .engine_protocol import EngineLike
 from .jobs import Job, JobStatus
 from .manager import JobManager
-from .services import Services
 
 log = logging.getLogger("k5serve.metrics")
 
@@ -30,9 +29,8 @@ STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60)
 
 
 class Metrics:
-    def __init__(self, services: Services):
+    def __init__(self, manager: JobManager, engine: EngineLike):
         self.registry = CollectorRegistry(auto_describe=True)
-        manager, engine = services.manager, services.engine
         queue = Gauge("k5serve_queue_depth", "Jobs waiting in the queue", registry=self.registry)
         queue.set_function(manager.queued_count)
         self.registry.register(_DeviceMemory(engine))
@@ -51,8 +49,6 @@ class Metrics:
         self._lock = threading.Lock()
         self._last_step: dict[str, float] = {}  # job id -> monotonic time of its start / last step
         self._steps: dict[str, list[float]] = {}  # step durations, labelled when the variant is known
-        manager.add_listener(self.observe)
-        manager.add_delete_listener(self.forget)
 
     def observe(self, job: Job, previous: JobStatus | None) -> None:
         now = time.monotonic()

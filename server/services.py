@@ -7,9 +7,15 @@ from dataclasses import dataclass
 from .admission import Admission
 from .contracts import Contract, Contracts
 from .engine_protocol import EngineLike
+from .feed import ChangeFeed, JobListener
 from .intake import IntakeLimits, allow_decoding
+from .jobs import Job, JobStatus
+from .logs import log_state_change
 from .manager import JobManager
+from .metrics import Metrics
 from .netguard import UrlGuard
+from .retention import Retention
+from .scheduler import Scheduler
 from .settings import Settings
 from .storage import Storage
 from .store import JobStore
@@ -25,8 +31,11 @@ class Services:
     store: JobStore
     storage: Storage
     manager: JobManager
+    feed: ChangeFeed
+    retention: Retention | None  # None: finished jobs are kept (retention_hours = 0)
     worker: GpuWorker
     webhooks: WebhookDispatcher
+    metrics: Metrics
     keys: ApiKeys
     intake: IntakeLimits
     guard: UrlGuard
@@ -35,15 +44,24 @@ class Services:
 
     @classmethod
     def build(cls, settings: Settings, engine: EngineLike, contracts: list[Contract]) -> Services:
+        """Everything built and wired here, once: the job manager's parts (scheduler, store, change
+        feed, retention) and who listens to its changes (logs, metrics, the webhook dispatcher)."""
         guard = UrlGuard(settings.url_allowlist)
         allow_decoding(settings.image_max_pixels)
         storage = Storage(settings.data_dir)
         store = JobStore(storage.database)
         registry = Contracts(contracts)
-        manager = JobManager(store, storage, max_queue=settings.max_queue)
-        for contract in registry.all:  # TODO(merge): inject registry.webhook_body
-            if contract.webhook_body is not None:
-                manager.set_webhook_format(contract.name, contract.webhook_body)
+        feed = ChangeFeed()
+        manager = JobManager(
+            store,
+            storage,
+            max_queue=settings.max_queue,
+            scheduler=Scheduler(),
+            feed=feed,
+            webhook_body=registry.webhook_body,
+        )
+        hours = settings.retention_hours
+        retention = Retention(manager, store, hours) if hours else None
         webhooks = WebhookDispatcher(
             store,
             timeout=settings.webhook_timeout,
@@ -52,7 +70,11 @@ class Services:
             max_backoff=settings.webhook_max_backoff,
             guard=guard,
         )
-        manager.on_webhook_queued = webhooks.notify
+        metrics = Metrics(manager, engine)
+        feed.add_listener(log_state_change)
+        feed.add_listener(metrics.observe)
+        feed.add_delete_listener(metrics.forget)
+        feed.add_listener(_wake_on_webhook(webhooks))
         intake = IntakeLimits(
             timeout=settings.image_fetch_timeout,
             max_bytes=settings.image_max_bytes,
@@ -66,8 +88,11 @@ class Services:
             store=store,
             storage=storage,
             manager=manager,
+            feed=feed,
+            retention=retention,
             worker=GpuWorker(engine, manager, storage),
             webhooks=webhooks,
+            metrics=metrics,
             keys=ApiKeys(settings.api_keys),
             intake=intake,
             guard=guard,
@@ -77,3 +102,14 @@ class Services:
 
     def base_url(self, request) -> str:
         return base_url(request, self.settings.public_url)
+
+
+def _wake_on_webhook(webhooks: WebhookDispatcher) -> JobListener:
+    """A job that asked for a webhook just ended: its delivery is on disk (saved with the terminal
+    state), so the dispatcher looks now instead of at its next poll."""
+
+    def listener(job: Job, previous: JobStatus | None) -> None:
+        if job.webhook_url and job.status.terminal and previous is not job.status:
+            webhooks.notify()
+
+    return listener

@@ -97,7 +97,7 @@ class GpuWorker:
                 return
 
     def _one_job(self) -> WorkerEvent | None:
-        run = self.manager.next_job(self._stop)
+        run = self.manager.next_job(self._stop, worker=self._thread.name)
         if run is None:
             return None
         self._current = run

@@ -287,3 +287,124 @@ def test_a_seedless_request_gets_its_seed_at_submit_and_keeps_it_across_a_restar
     rerun = again.next_job(threading.Event())
     assert rerun.job.id == run.job.id and rerun.job.request.seed == run.job.request.seed
     assert again.get(pinned.id).request.seed == 7
+
+
+# -- reads never wait for a write ---------------------------------------------------------------
+
+
+class SlowStore(JobStore):
+    """A real JobStore that, once `hold` is set, stops inside its next write transaction (the
+    database locked, the manager's lock held by the writer) until `release` is set."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.hold, self.inside, self.release = threading.Event(), threading.Event(), threading.Event()
+
+    def save(self, job, webhook=None, now=None):
+        if self.hold.is_set():
+            with self._lock:
+                self._db.execute("BEGIN IMMEDIATE")
+                self.inside.set()
+                self.release.wait(30)
+                self._db.execute("ROLLBACK")
+        super().save(job, webhook, now)
+
+
+def test_reads_answer_while_the_worker_thread_is_in_the_middle_of_a_sqlite_write(tmp_path):
+    storage = Storage(tmp_path)
+    store = SlowStore(storage.database)
+    manager = JobManager(store, storage)
+    failed = manager.submit(contract="fal", model="m", request=REQ)
+    manager.next_job(threading.Event())
+    manager.handle(Failed(failed.id, OOM))
+    running = manager.submit(contract="fal", model="m", request=REQ)
+    waiting = manager.submit(contract="fal", model="m", request=REQ)
+    manager.next_job(threading.Event())
+    manager.handle(Progress(running.id, 1, 2))
+
+    store.hold.set()
+    writer = threading.Thread(target=manager.handle, args=(Succeeded(running.id, OUT),))
+    writer.start()
+    assert store.inside.wait(10)  # the worker thread holds the lock, mid-transaction
+    canceler = threading.Thread(target=manager.cancel, args=(waiting.id,))  # a change must wait its turn
+    canceler.start()
+
+    seen = {}
+
+    def read():
+        seen["get"] = manager.get(running.id)
+        seen["position"] = manager.queue_position(waiting.id)
+        seen["count"] = manager.queued_count()
+        seen["list"] = [j.id for j in manager.list()]
+        seen["last_error"] = manager.last_error()
+        seen["refusal"] = manager.refusal
+
+        async def waits():
+            job = manager.get(running.id)
+            changed = await manager.wait_for_change(running.id, job.version, timeout=0.05)
+            done = await manager.wait_until_done(running.id, timeout=0.05)
+            return changed, done
+
+        seen["waits"] = asyncio.run(waits())
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    reader.join(5)
+    try:
+        assert not reader.is_alive(), "a read waited for the write in progress"
+        assert writer.is_alive() and canceler.is_alive()  # the write really was still going on
+        assert seen["get"].status is JobStatus.RUNNING and seen["get"].progress == (1, 2)  # before the write
+        assert (seen["position"], seen["count"]) == (0, 1)
+        assert seen["list"] == [waiting.id, running.id, failed.id]
+        assert seen["last_error"]["job_id"] == failed.id and seen["refusal"] is None
+        assert [j.status for j in seen["waits"]] == [JobStatus.RUNNING, JobStatus.RUNNING]
+    finally:
+        store.hold.clear()
+        store.release.set()
+        writer.join(10)
+        canceler.join(10)
+    assert manager.get(running.id).status is JobStatus.SUCCEEDED
+    assert manager.get(waiting.id).status is JobStatus.CANCELED and manager.queued_count() == 0
+
+
+def test_a_job_in_the_table_is_never_changed_in_place(manager):
+    """A reader holding the job as it was (a listener, a request half-way through rendering) keeps
+    a consistent view: each change, progress included, replaces the job with a changed copy."""
+    job = manager.submit(contract="fal", model="m", request=REQ)
+    manager.next_job(threading.Event())
+    held = manager._jobs[job.id]
+    manager.handle(Progress(job.id, 1, 2))
+    assert held.progress is None and held.logs == [] and held.status is JobStatus.RUNNING
+    assert manager.get(job.id).progress == (1, 2)
+    held = manager._jobs[job.id]
+    manager.handle(Succeeded(job.id, OUT))
+    assert held.status is JobStatus.RUNNING and held.output is None
+
+
+def test_a_deleted_run_that_reports_a_step_and_then_finishes_leaves_no_file(manager):
+    """Regression: a progress step of a deleted run used to drop the manager's record of the run,
+    so its end no longer discarded the finished video (an orphan folder until the next restart)."""
+    job = manager.submit(contract="fal", model="m", request=REQ)
+    manager.next_job(threading.Event())
+    assert manager.delete(job.id)
+    manager.handle(Progress(job.id, 1, 2))
+    manager.storage.output_path(job.file_id).write_bytes(b"mp4!")
+    manager.handle(Succeeded(job.id, OUT))
+    assert not (manager.storage.files / job.file_id).exists()
+    assert manager.scheduler.running() == {}
+
+
+def test_an_injected_webhook_body_words_every_finished_job(tmp_path):
+    storage = Storage(tmp_path)
+    worded = []
+
+    def webhook_body(job):
+        worded.append(job.status)
+        return WebhookBody(job.webhook_url, job.status.value.encode(), {})
+
+    manager = JobManager(JobStore(storage.database), storage, webhook_body=webhook_body)
+    with pytest.raises(RuntimeError, match="webhook_body"):
+        manager.set_webhook_format("fal", lambda job: None)
+    job = manager.submit(contract="openai", model="m", request=REQ, webhook_url="http://127.0.0.1:9/hook")
+    manager.cancel(job.id)
+    assert worded == [JobStatus.CANCELED] and manager.store.webhook(job.id).body == b"canceled"

@@ -85,5 +85,5 @@ def test_i2v_over_http_url_picks_the_size_from_the_image(tmp_path, loopback):
         rid = client.post(f"/{PRO_I2V}", json=body).json()["request_id"]
         wait_until(lambda: client.get(f"/fal-ai/kandinsky5-pro/requests/{rid}/status").status_code == 200)
         assert client.get(f"/fal-ai/kandinsky5-pro/requests/{rid}").status_code == 200
-    [call] = engine.calls
-    assert (call.width, call.height) == (512, 768)  # 2:3 image -> the 2:3 SD bucket
+    [run] = engine.resolved
+    assert run.nominal_size == (512, 768)  # 2:3 image -> the 2:3 SD bucket

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import device as dev
 from . import generation, memory
-from .cancel import CancelToken, Cancellation
+from .cancel import Cancellation, CancelToken
 from .clock import StageClock
 from .errors import WeightsMissing
 from .generation import Frames, StepCallback

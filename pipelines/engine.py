@@ -27,8 +27,6 @@ from .request import GenerationRequest, GenerationResult, ResolvedRequest, resol
 from .sources import LoadedPipelines, PipelineSource, WeightsFolder
 from .variants import VARIANTS
 
-__all__ = ["MEMORY_MODES", "Engine"]
-
 log = logging.getLogger(__name__)
 
 
@@ -65,7 +63,6 @@ class Engine:
             raise ValueError(f"memory mode must be one of {', '.join(MEMORY_MODES)}, got {memory_mode!r}")
         self.memory_mode = "offload_model" if offload else memory_mode
         self.capacity = device_memory if device_memory is not None else dev.capacity(self.device)
-        self.cfg_batch = cfg_batch
         compile = dev.is_cuda(self.device) if compile is None else compile
         self.options = LoadOptions(device=self.device, offload=offload, vae_tiling=vae_tiling, compile=compile)
         self.placements = Placement(self.capacity, self.memory_mode, cfg_batch, vae_tiling)
@@ -164,7 +161,8 @@ class Engine:
         """Generate and write the mp4 at `output` (atomically). Nothing is written on failure.
 
         A ResolvedRequest (from `prepare`) runs exactly as it is; a GenerationRequest is prepared
-        first. Raises Cancelled at a step boundary (never after the decode has begun writing).
+        first. Raises Cancelled (checked before loading, after every step, before the decode and
+        before writing), OutOfMemory or DeviceFailure (device.py).
         """
         from .video import write_mp4
 

@@ -115,7 +115,12 @@ def run(
 
 
 def encode_prompt(pipe, text: str) -> PromptEmbeds:
-    """`text` encoded as the pipelines' own step 3 encodes a prompt (Qwen + CLIP, at most 256 tokens)."""
+    """`text` encoded as the pipelines encode a prompt (Qwen + CLIP, at most 256 tokens).
+
+    The call of diffusers 0.42.1 `Kandinsky5T2VPipeline.__call__`, "# 3. Encode input prompt"
+    (pipelines/kandinsky5/pipeline_kandinsky.py lines 803-831; pipeline_kandinsky_i2v.py from line
+    874 the same), for one prompt or one negative prompt.
+    """
     qwen, clip, cu_seqlens = pipe.encode_prompt(
         prompt=[text],
         max_sequence_length=MAX_SEQUENCE_LENGTH,

@@ -114,6 +114,15 @@ def test_model_offload_mode_generates(tiny_weights_dir):
     assert np.abs(gpu - resident).mean() < 0.01
 
 
+def test_memory_in_use_reports_real_bytes_on_cuda(tiny_weights_dir):
+    """k5serve_gpu_memory_bytes reads this: real bytes (torch's reserved counter), not 0."""
+    engine = Engine(tiny_weights_dir, device="cuda", compile=False)
+    engine.pipeline("kandinsky5-tiny-t2v")  # weights on the GPU
+    in_use = engine.memory_in_use()
+    assert isinstance(in_use, int) and in_use > 0
+    assert in_use == torch.cuda.memory_reserved(0) >= torch.cuda.memory_allocated(0) > 0
+
+
 def test_device_capacity_is_read_from_cuda(tiny_weights_dir):
     engine = Engine(tiny_weights_dir, device="cuda")
     assert engine.capacity == torch.cuda.get_device_properties(0).total_memory

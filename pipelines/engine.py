@@ -152,7 +152,7 @@ class Engine:
 
     def generate(
         self,
-        request: ResolvedRequest | GenerationRequest,
+        req: ResolvedRequest | GenerationRequest,
         output: Path,
         *,
         on_step: StepCallback | None = None,
@@ -167,7 +167,7 @@ class Engine:
         from .video import write_mp4
 
         cancel = cancel if cancel is not None else CancelToken()
-        r = self._resolved(request)
+        r = self._resolved(req)
         self._log_demo(r)
         done = self.generate_frames(r, on_step=on_step, cancel=cancel)
         cancel.raise_if_cancelled()
@@ -195,7 +195,7 @@ class Engine:
 
     def generate_frames(
         self,
-        request: ResolvedRequest | GenerationRequest,
+        req: ResolvedRequest | GenerationRequest,
         *,
         on_step: StepCallback | None = None,
         cancel: Cancellation | None = None,
@@ -206,7 +206,7 @@ class Engine:
         cancel = cancel if cancel is not None else CancelToken()
 
         # 1. resolve (only a raw request: an admitted one is never re-resolved) and load
-        r = self._resolved(request)
+        r = self._resolved(req)
         cancel.raise_if_cancelled()
         clock = StageClock(self.device)
         with self._lock, dev.device_errors(self.device, r.width, r.height, r.num_frames):
@@ -226,8 +226,8 @@ class Engine:
                 decode=decode,
             )
 
-    def _resolved(self, request: ResolvedRequest | GenerationRequest) -> ResolvedRequest:
-        return request if isinstance(request, ResolvedRequest) else self.prepare(request)
+    def _resolved(self, req: ResolvedRequest | GenerationRequest) -> ResolvedRequest:
+        return req if isinstance(req, ResolvedRequest) else self.prepare(req)
 
     @staticmethod
     def _log_demo(r: ResolvedRequest) -> None:

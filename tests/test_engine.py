@@ -35,7 +35,7 @@ def test_engine_has_exactly_what_the_server_calls(engine):
     for name in ("available", "prepare", "generate", "warmup", "memory_in_use"):
         assert callable(getattr(engine, name)), name
     generate = inspect.signature(Engine.generate).parameters
-    assert list(generate)[:3] == ["self", "request", "output"]
+    assert list(generate)[:3] == ["self", "req", "output"]
     assert generate["on_step"].kind is generate["cancel"].kind is inspect.Parameter.KEYWORD_ONLY
 
 

@@ -8,19 +8,29 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from .errors import Cancelled, DeviceFailure, OutOfMemory
-from .request import GenerationRequest, resolve
+from .loader import LoadOptions
+from .request import GenerationRequest, ResolvedRequest, resolve
 from .variants import TINY_I2V, TINY_T2V, VARIANTS
-
-if TYPE_CHECKING:
-    from .engine import Engine
 
 log = logging.getLogger(__name__)
 
 
-def warm_up(engine: Engine) -> None:
+class Warmable(Protocol):
+    """What warm-up uses of an Engine (pipelines/engine.py)."""
+
+    demo: bool
+    models: list[str]
+    options: LoadOptions
+
+    def pipeline(self, name: str) -> Any: ...
+
+    def generate_frames(self, req: ResolvedRequest, *, decode: bool = True) -> Any: ...
+
+
+def warm_up(engine: Warmable) -> None:
     """Load the tiny models in demo mode, else the engine's --models (or nothing); compile each."""
     names = [TINY_T2V, TINY_I2V] if engine.demo else engine.models
     for name in names:
@@ -29,7 +39,7 @@ def warm_up(engine: Engine) -> None:
             warm_compiled(engine, name)
 
 
-def warm_compiled(engine: Engine, name: str) -> None:
+def warm_compiled(engine: Warmable, name: str) -> None:
     """Run variant `name` once at its default request (2 steps, latents only) to compile it.
 
     If compilation fails here (no Triton, no C compiler, an unsupported op), the blocks go back to

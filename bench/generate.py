@@ -294,8 +294,6 @@ def _reset_peak(device: str) -> None:
 def _summary(rows: list[dict], steps: int) -> dict:
     keys = sorted({k for row in rows for k in row if not isinstance(row[k], list)})
     med = {k: statistics.median(row.get(k, 0.0) for row in rows) for k in keys}
-    if "pipeline" in med:
-        med["denoise"] = med["pipeline"] - med.get("encode_prompt", 0.0) - med.get("decode", 0.0)
     med["per_step"] = med["denoise"] / steps
     out = {k: round(v, 4) for k, v in med.items()}
     out["step_times"] = [round(t, 4) for t in rows[len(rows) // 2].get("step_times", [])]
@@ -307,7 +305,7 @@ def time_stock(stock, resolved, args, device: str, image: Path | None) -> dict:
     import torch
     from diffusers.utils import export_to_video
 
-    from pipelines.engine import _stage_timer, load_image
+    from pipelines.images import load_image
 
     kwargs = dict(
         prompt=args.prompt,
@@ -343,7 +341,7 @@ def time_stock(stock, resolved, args, device: str, image: Path | None) -> dict:
             t0 = last[0] = time.perf_counter()
             hook = stock.transformer.register_forward_pre_hook(first_call)
             try:
-                with _stage_timer(stock, timings, device):
+                with _stock_stages(stock, timings, device):
                     generator = torch.Generator("cpu").manual_seed(0)
                     frames = stock(**kwargs, generator=generator, callback_on_step_end=on_step).frames[0]
             finally:
@@ -359,6 +357,31 @@ def time_stock(stock, resolved, args, device: str, image: Path | None) -> dict:
             else:
                 warmup = timings["total"]
     return {"summary": _summary(rows, resolved.steps), "warmup_s": round(warmup, 3), "memory": _peak_memory(device)}
+
+
+@contextlib.contextmanager
+def _stock_stages(stock, timings: dict, device: str):
+    """Time stock diffusers' prompt encoding and VAE decode, which run inside its own `__call__`:
+    `stock.encode_prompt` and `stock.vae.decode` are wrapped for the run (instance attributes,
+    removed after), each call timed by the engine's StageClock. k5serve's own stages need no such
+    wrapping: the engine times them itself."""
+    from pipelines.clock import StageClock
+
+    clock = StageClock(device, timings)
+
+    def timed(stage: str, fn):
+        def wrapper(*args, **kwargs):
+            with clock.stage(stage):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    stock.encode_prompt = timed("encode_prompt", stock.encode_prompt)
+    stock.vae.decode = timed("decode", stock.vae.decode)
+    try:
+        yield
+    finally:
+        del stock.encode_prompt, stock.vae.decode  # the class methods again
 
 
 def time_engine(engine, resolved, args) -> dict:
@@ -444,7 +467,8 @@ def _free(device: str) -> None:
 def time_ablations(engine, resolved, args, k5: dict) -> dict:
     """Each exact speed-up switched off on its own (issue 6), after the normal k5serve timing.
 
-    Every row is the same request through a fresh Engine adopting the same pipeline, timed like
+    Every row is the same request through a fresh Engine serving the same pipeline (an
+    InMemoryPipelines source holding `engine.pipeline(name)`, already configured), timed like
     k5serve (one warm-up, then `--runs`). What lives on the shared modules is undone for its row
     and put back after it: compile by running the compiled blocks eagerly (`_eager`: simpler than
     ordering a compile-off row before compilation, and later rows and the bare forward still run
@@ -452,6 +476,7 @@ def time_ablations(engine, resolved, args, k5: dict) -> dict:
     """
     from pipelines.engine import Engine
     from pipelines.loader import attention_backend
+    from pipelines.sources import InMemoryPipelines
 
     name = resolved.variant.name
     pipe = engine.pipeline(name)
@@ -476,8 +501,8 @@ def time_ablations(engine, resolved, args, k5: dict) -> dict:
         if skipped:
             out[row] = {"skipped": skipped}
             continue
-        twin = Engine(engine.weights_dir, device=engine.device, compile=engine.options.compile, **overrides)
-        twin.adopt(name, pipe)
+        source = InMemoryPipelines({name: pipe}, configured=True)
+        twin = Engine(engine.weights_dir, engine.device, compile=engine.options.compile, source=source, **overrides)
         errors: dict = {}
         with switched_off():
             times = _attempt(errors, "error", engine.device, time_engine, twin, resolved, args)
@@ -496,7 +521,7 @@ def time_ablations(engine, resolved, args, k5: dict) -> dict:
 
 @contextlib.contextmanager
 def _eager(transformer):
-    """The compiled blocks run eagerly inside (as Engine.warm_compiled's fallback), compiled after."""
+    """The compiled blocks run eagerly inside (as warm-up's fallback), compiled after."""
     from pipelines.loader import drop_compiled
 
     compiled = drop_compiled(transformer)
@@ -555,12 +580,10 @@ def bench_tiny(name: str, weights: Path, args: argparse.Namespace, image: Path |
 
 
 def bench_full(bench_name: str, args: argparse.Namespace) -> dict:
-    """Full-size random-weight run on CUDA: stock first, then the same modules configured by k5serve."""
-    import dataclasses
-
+    """Full-size random-weight run on CUDA: stock first, then the same modules served by k5serve."""
     from pipelines.engine import Engine
-    from pipelines.loader import configure_pipeline
     from pipelines.request import GenerationRequest, resolve
+    from pipelines.sources import InMemoryPipelines
     from pipelines.variants import VARIANTS
 
     t0 = time.perf_counter()
@@ -568,8 +591,6 @@ def bench_full(bench_name: str, args: argparse.Namespace) -> dict:
     build_s = time.perf_counter() - t0
     variant = VARIANTS[name]
     dit_config = FULL_VARIANTS[bench_name][1]
-    with tempfile.TemporaryDirectory() as empty:
-        engine = Engine(Path(empty), device=args.device, compile=False if args.no_compile else None)
     req = GenerationRequest(
         variant=name,
         prompt=args.prompt,
@@ -587,18 +608,21 @@ def bench_full(bench_name: str, args: argparse.Namespace) -> dict:
         with _as_documented(pipe.transformer, nabla=variant.attention == "nabla"):
             stock = _attempt(errors, "stock_error", args.device, time_stock, pipe, resolved, args, args.device, None)
     extra = {"build_s": round(build_s, 1)}
+    # The engine configures the stock run's modules when it loads them (warm-up): attention
+    # backend, compile, placement, as it would a checkpoint from disk. No weights folder is read.
+    source = InMemoryPipelines({name: pipe})
+    with tempfile.TemporaryDirectory() as empty:
+        compile = False if args.no_compile else None
+        engine = Engine(Path(empty), args.device, [name], compile=compile, source=source)
+    del source  # the engine holds it; `del pipe, engine` below frees the modules
 
-    def k5serve_path(engine, pipe):  # arguments, not closed over: both are deleted below
-        placement = engine.placement(name)
-        configure_pipeline(pipe, variant, dataclasses.replace(engine.options, memory_mode=placement))
-        engine.adopt(name, pipe)
+    def k5serve_path(engine):  # an argument, not closed over: it is deleted below
         t1 = time.perf_counter()
-        if engine.options.compile:
-            engine.warm_compiled(name)
+        engine.warmup()  # loads (configures) the pipeline and, with compile on, builds the compiled blocks
         extra["compile_warmup_s"] = round(time.perf_counter() - t1, 1)
         return time_engine(engine, engine.prepare(req), args)
 
-    k5 = _attempt(errors, "k5serve_error", args.device, k5serve_path, engine, pipe)
+    k5 = _attempt(errors, "k5serve_error", args.device, k5serve_path, engine)
     out = {**combine(resolved, stock, k5, args.runs, errors), **extra}
     if k5 is not None:
         if args.ablate:
@@ -617,16 +641,16 @@ def _as_documented(transformer, nabla: bool):
     flex_attention, not the fused one an earlier variant's k5serve set-up may have installed."""
     from diffusers.models import attention_dispatch
 
+    from pipelines.loader import stock_flex_attention
+
     default = attention_dispatch._AttentionBackendRegistry.get_active_backend()[0]
-    flex = attention_dispatch.flex_attention
-    attention_dispatch.flex_attention = getattr(flex, "_k5_original", flex)
-    if nabla:
-        transformer.set_attention_backend("flex")  # stock needs it for nabla (diffusers docs)
-    try:
-        yield
-    finally:
-        attention_dispatch.flex_attention = flex
-        attention_dispatch._AttentionBackendRegistry.set_active_backend(default)
+    with stock_flex_attention():
+        if nabla:
+            transformer.set_attention_backend("flex")  # stock needs it for nabla (diffusers docs)
+        try:
+            yield
+        finally:
+            attention_dispatch._AttentionBackendRegistry.set_active_backend(default)
 
 
 def _backend_of(transformer) -> str:

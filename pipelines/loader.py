@@ -7,8 +7,10 @@ torchvision (tiny_pipeline.md pitfall 1), and the pipelines only ever call the t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,5 +215,20 @@ def use_fused_flex_attention() -> None:
     fused.__dict__.update({k: v for k, v in vars(module).items() if not k.startswith("__")})
     fused.flex_attention = torch.compile(module.flex_attention, dynamic=True)
     fused._k5_fused = True
-    fused._k5_original = module  # bench/generate.py times stock diffusers with torch's own
+    fused._k5_original = module  # for stock_flex_attention
     attention_dispatch.flex_attention = fused
+
+
+@contextlib.contextmanager
+def stock_flex_attention() -> Iterator[None]:
+    """diffusers' flex backend on torch's own (eager) flex_attention inside, as stock diffusers runs
+    it; the fused one again after, if `use_fused_flex_attention` had installed it (bench/generate.py
+    times stock diffusers this way)."""
+    from diffusers.models import attention_dispatch
+
+    module = attention_dispatch.flex_attention
+    attention_dispatch.flex_attention = getattr(module, "_k5_original", module)
+    try:
+        yield
+    finally:
+        attention_dispatch.flex_attention = module

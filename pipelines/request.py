@@ -6,11 +6,11 @@ Validation names the bad value and never rounds silently.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .errors import Cancelled, InvalidRequest
+from .cancel import CancelToken  # noqa: F401 - re-exported: the server imports it from here
+from .errors import InvalidRequest
 from .variants import (
     HD_SIZES,
     SD_SIZES,
@@ -263,24 +263,6 @@ def _resolve_size(req: GenerationRequest, variant: Variant) -> tuple[int, int]:
             f"{variant.name} uses sparse (nabla) attention, which needs sides divisible by 128",
         )
     return width, height
-
-
-class CancelToken:
-    """Set from any thread; the engine checks it at every denoising step boundary."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-
-    def cancel(self) -> None:
-        self._event.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._event.is_set()
-
-    def raise_if_cancelled(self) -> None:
-        if self._event.is_set():
-            raise Cancelled("cancelled")
 
 
 @dataclass(frozen=True)

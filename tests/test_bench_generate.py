@@ -157,7 +157,7 @@ def test_negative_cache_off_encodes_the_negative_prompt_every_time_with_the_same
             return encode(*args, **kwargs)
 
         pipe.encode_prompt = counting
-        frames[cache] = [engine.generate_frames(req) for _ in range(2)]
+        frames[cache] = [engine.generate_frames(req).frames for _ in range(2)]
         encodes[cache] = len(negatives)
     assert encodes == {False: 2, True: 1}
     first = frames[False][0]

@@ -67,10 +67,9 @@ class ForwardCounter:
 
 
 def run(engine, req, name=T2V):
-    info: dict = {}
     with ForwardCounter(engine.pipeline(name)) as counter:
-        frames = engine.generate_frames(req, info=info)
-    return frames, counter, info
+        done = engine.generate_frames(req)
+    return done.frames, counter, done
 
 
 def test_same_length_prompts_batched_is_bit_identical_and_one_call_per_step(batched, sequential):
@@ -81,8 +80,8 @@ def test_same_length_prompts_batched_is_bit_identical_and_one_call_per_step(batc
     a, count_a, info_a = run(batched, req)
     b, count_b, info_b = run(sequential, req)
     assert np.array_equal(a, b)
-    assert count_a.batches == [2] * 4 and info_a["batched_steps"] == 4  # one call of batch 2 per step
-    assert count_b.batches == [1] * 8 and info_b["batched_steps"] == 0  # stock: two calls per step
+    assert count_a.batches == [2] * 4 and info_a.batched_steps == 4  # one call of batch 2 per step
+    assert count_b.batches == [1] * 8 and info_b.batched_steps == 0  # stock: two calls per step
 
 
 @pytest.mark.parametrize("negative", [None, "blurry", "bright colours, sunshine, a very long negative prompt"])
@@ -104,7 +103,7 @@ def test_i2v_batched_equals_sequential(batched, sequential, test_image):
 
 def test_guidance_one_is_one_call_per_step_unbatched(batched):
     _, counter, info = run(batched, t2v(guidance=1.0))
-    assert counter.batches == [1] * 4 and info["batched_steps"] == 0
+    assert counter.batches == [1] * 4 and info.batched_steps == 0
 
 
 def test_transformer_level_batched_output_matches_each_single_call(batched):
@@ -242,14 +241,14 @@ def test_regular_skips_visual_blocks_and_none_is_unchanged(batched, tmp_path):
     none, count_explicit, _ = run(batched, t2v(steps=steps, acceleration="none"))
     fast, count_regular, info_regular = run(batched, t2v(steps=steps, acceleration="regular"))
     assert np.array_equal(base, none)  # "none" is the default path, bit for bit
-    assert info_none["acceleration"] == "none" and info_none["cached_steps"] == 0
+    assert info_none.acceleration == "none" and info_none.cached_steps == 0
     assert count_none.visual_blocks == count_explicit.visual_blocks == steps  # batched: once per step
-    assert info_regular["acceleration"] == "regular" and info_regular["cached_steps"] > 0
+    assert info_regular.acceleration == "regular" and info_regular.cached_steps > 0
     assert count_regular.visual_blocks < count_none.visual_blocks
-    assert count_regular.visual_blocks == steps - info_regular["cached_steps"] // 2
+    assert count_regular.visual_blocks == steps - info_regular.cached_steps // 2
     assert np.isfinite(fast).all() and 0 < np.abs(fast - base).max() < 0.5  # approximate, same video
     result = batched.generate(t2v(steps=steps, acceleration="regular"), tmp_path / "r.mp4")
-    assert result.acceleration == "regular" and result.cached_steps == info_regular["cached_steps"]
+    assert result.acceleration == "regular" and result.cached_steps == info_regular.cached_steps
     assert len(result.step_times) == steps
 
 
@@ -257,7 +256,7 @@ def test_regular_sequential_cfg_also_skips(sequential):
     _, count_none, _ = run(sequential, t2v(steps=12))
     _, count_regular, info = run(sequential, t2v(steps=12, acceleration="regular"))
     assert count_none.visual_blocks == 24
-    assert count_regular.visual_blocks == 24 - info["cached_steps"] < 24
+    assert count_regular.visual_blocks == 24 - info.cached_steps < 24
 
 
 def test_bad_acceleration_is_rejected(batched):

@@ -43,21 +43,21 @@ def test_t2v_on_cuda_writes_the_requested_video(cuda_engine, tmp_path):
 
 def test_i2v_on_cuda(cuda_engine, tmp_path, test_image):
     req = GenerationRequest(**{**REQ, "variant": "kandinsky5-tiny-i2v", "image": str(test_image)})
-    frames = cuda_engine.generate_frames(req)
+    frames = cuda_engine.generate_frames(req).frames
     assert frames.shape == (17, 128, 128, 3) and np.isfinite(frames).all()
 
 
 def test_same_seed_same_frames_and_prompt_matters_on_cuda(cuda_engine):
-    a = cuda_engine.generate_frames(GenerationRequest(**REQ))
-    b = cuda_engine.generate_frames(GenerationRequest(**REQ))
-    c = cuda_engine.generate_frames(GenerationRequest(**{**REQ, "prompt": "a blue whale"}))
+    a = cuda_engine.generate_frames(GenerationRequest(**REQ)).frames
+    b = cuda_engine.generate_frames(GenerationRequest(**REQ)).frames
+    c = cuda_engine.generate_frames(GenerationRequest(**{**REQ, "prompt": "a blue whale"})).frames
     assert np.array_equal(a, b)
     assert np.abs(a - c).max() > 1e-3
 
 
 def test_close_to_fp32_cpu(cuda_engine, engine):
-    gpu = cuda_engine.generate_frames(GenerationRequest(**REQ))
-    cpu = engine.generate_frames(GenerationRequest(**REQ))
+    gpu = cuda_engine.generate_frames(GenerationRequest(**REQ)).frames
+    cpu = engine.generate_frames(GenerationRequest(**REQ)).frames
     assert np.abs(gpu - cpu).mean() < 0.05  # bf16 noise, not a different video
 
 
@@ -76,8 +76,8 @@ def test_cancel_on_cuda(cuda_engine, tmp_path):
 def test_batched_cfg_close_to_sequential_in_bf16(tiny_weights_dir):
     batched = Engine(tiny_weights_dir, device="cuda", compile=False)
     sequential = Engine(tiny_weights_dir, device="cuda", compile=False, cfg_batch=False)
-    a = batched.generate_frames(GenerationRequest(**REQ))
-    b = sequential.generate_frames(GenerationRequest(**REQ))
+    a = batched.generate_frames(GenerationRequest(**REQ)).frames
+    b = sequential.generate_frames(GenerationRequest(**REQ)).frames
     assert np.abs(a - b).mean() < 0.01  # bf16 noise only
 
 
@@ -102,16 +102,25 @@ def test_text_encoders_leave_the_gpu_in_offload_text_mode(tiny_weights_dir):
     engine = Engine(tiny_weights_dir, device="cuda", compile=False, memory_mode="offload_text")
     pipe = engine.pipeline("kandinsky5-tiny-t2v")
     assert pipe.text_encoder.device.type == "cpu" and pipe.transformer.device.type == "cuda"
-    frames = engine.generate_frames(GenerationRequest(**REQ))
+    frames = engine.generate_frames(GenerationRequest(**REQ)).frames
     assert np.isfinite(frames).all()
     assert pipe.text_encoder.device.type == "cpu" and pipe.text_encoder_2.device.type == "cpu"
 
 
 def test_model_offload_mode_generates(tiny_weights_dir):
     engine = Engine(tiny_weights_dir, device="cuda", compile=False, memory_mode="offload_model")
-    gpu = engine.generate_frames(GenerationRequest(**REQ))
-    resident = Engine(tiny_weights_dir, device="cuda", compile=False).generate_frames(GenerationRequest(**REQ))
+    gpu = engine.generate_frames(GenerationRequest(**REQ)).frames
+    resident = Engine(tiny_weights_dir, device="cuda", compile=False).generate_frames(GenerationRequest(**REQ)).frames
     assert np.abs(gpu - resident).mean() < 0.01
+
+
+def test_memory_in_use_reports_real_bytes_on_cuda(tiny_weights_dir):
+    """k5serve_gpu_memory_bytes reads this: real bytes (torch's reserved counter), not 0."""
+    engine = Engine(tiny_weights_dir, device="cuda", compile=False)
+    engine.pipeline("kandinsky5-tiny-t2v")  # weights on the GPU
+    in_use = engine.memory_in_use()
+    assert isinstance(in_use, int) and in_use > 0
+    assert in_use == torch.cuda.memory_reserved(0) >= torch.cuda.memory_allocated(0) > 0
 
 
 def test_device_capacity_is_read_from_cuda(tiny_weights_dir):
@@ -121,9 +130,8 @@ def test_device_capacity_is_read_from_cuda(tiny_weights_dir):
 
 def test_regular_acceleration_on_cuda(tiny_weights_dir):
     engine = Engine(tiny_weights_dir, device="cuda", compile=False)
-    info: dict = {}
-    frames = engine.generate_frames(GenerationRequest(**{**REQ, "steps": 12, "acceleration": "regular"}), info=info)
-    assert np.isfinite(frames).all() and info["cached_steps"] > 0
+    done = engine.generate_frames(GenerationRequest(**{**REQ, "steps": 12, "acceleration": "regular"}))
+    assert np.isfinite(done.frames).all() and done.cached_steps > 0
 
 
 def test_nabla_with_eager_blocks_still_runs_the_fused_flex_kernel(tiny_nabla_dir, reference_flex_calls):

@@ -108,7 +108,7 @@ def test_pro_on_a_24_gib_gpu_is_refused_naming_size_frames_and_memory(real_layou
     assert info.value.field == "width"  # not even one frame fits: the size/model is the problem
     assert re.search(r"768x512, 121 frames needs about \d+ GiB on this 24 GiB GPU even with offload", message)
     assert "smaller" in message
-    assert engine._pipes == {}  # refused before any model work
+    assert engine.loaded() == []  # refused before any model work
 
 
 def test_too_many_frames_is_refused_with_the_largest_count_that_fits(real_layout):

@@ -12,6 +12,7 @@ from pipelines.engine import Engine
 from pipelines.errors import Cancelled, InvalidRequest
 from pipelines.request import CancelToken, GenerationRequest
 from pipelines.video import read_mp4
+from pipelines.warmup import warm_compiled
 
 T2V = "kandinsky5-tiny-t2v"
 I2V = "kandinsky5-tiny-i2v"
@@ -66,7 +67,7 @@ def test_mp4_is_h264_yuv420p_faststart(engine, tmp_path):
 
 
 def frames(engine, req):
-    return engine.generate_frames(req)
+    return engine.generate_frames(req).frames
 
 
 def test_same_seed_same_frames(engine):
@@ -238,7 +239,7 @@ def test_validation_names_the_bad_value_before_model_work(tiny_weights_dir, tmp_
         fresh.generate(t2v(**change), tmp_path / "never.mp4")
     assert info.value.field == field
     assert named in str(info.value)
-    assert fresh._pipes == {}  # nothing was loaded
+    assert fresh.loaded() == []  # nothing was loaded
     assert not list(tmp_path.iterdir())
 
 
@@ -323,8 +324,8 @@ def test_default_negative_prompt_is_encoded_once_per_variant(tiny_weights_dir):
     encode = pipe.encode_prompt
     pipe.encode_prompt = lambda *a, **kw: calls.append(kw.get("prompt")) or encode(*a, **kw)
     try:
-        first = fresh.generate_frames(t2v(negative_prompt=None))
-        second = fresh.generate_frames(t2v(negative_prompt=None))
+        first = fresh.generate_frames(t2v(negative_prompt=None)).frames
+        second = fresh.generate_frames(t2v(negative_prompt=None)).frames
     finally:
         del pipe.encode_prompt
     # 1st job: the negative prompt (cached) and the prompt; 2nd job: only the prompt.
@@ -375,7 +376,7 @@ def test_a_nabla_variant_leaves_the_other_pipelines_attention_alone(tiny_weights
 
 
 def test_warm_up_falls_back_to_eager_when_compilation_fails(tiny_weights_dir):
-    """Engine.warm_compiled runs the variant once; a compiler failure there (simulated: a compiled
+    """warm_compiled runs the variant once; a compiler failure there (simulated: a compiled
     block that raises, as torch.compile's wrapper would) leaves the block eager, not broken."""
     fresh = Engine(tiny_weights_dir, device="cpu")
     block = fresh.pipeline(T2V).transformer.visual_transformer_blocks[0]
@@ -384,6 +385,6 @@ def test_warm_up_falls_back_to_eager_when_compilation_fails(tiny_weights_dir):
         raise RuntimeError("simulated inductor failure")
 
     block._compiled_call_impl = broken
-    fresh.warm_compiled(T2V)
+    warm_compiled(fresh, T2V)
     assert block._compiled_call_impl is None
-    assert np.isfinite(fresh.generate_frames(t2v(steps=1))).all()
+    assert np.isfinite(fresh.generate_frames(t2v(steps=1)).frames).all()

@@ -1,0 +1,210 @@
+"""Stages 2-4 of a generation on a loaded pipeline: encode prompt -> denoise -> decode.
+
+Engine.generate runs the whole sequence (1. resolve and load, 2-4 here, 5. write the mp4). The
+stages call the stock diffusers pipeline, not a copy of it: k5serve encodes the prompts itself (to
+keep the negative one between jobs and to time the stage), runs the pipeline on the embeddings with
+`output_type="latent"` (its own timesteps, latents, I2V conditioning and loop, with denoise.py's
+StepRunner as the transformer's forward), and decodes the latents as the pipeline would have. Each
+stage is timed by the StageClock; cancellation is checked after every step and before the decode.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import memory
+from .cancel import Cancellation
+from .clock import StageClock
+from .images import load_image
+from .negatives import NegativePromptCache, PromptEmbeds
+from .placement import plan_dict, text_encoders_on
+from .request import ResolvedRequest
+from .variants import HD_SIZES
+
+StepCallback = Callable[[int, int], None]
+MAX_SEQUENCE_LENGTH = 256  # Qwen tokens per prompt, as the official pipelines (diffusers defaults to 512)
+
+
+@dataclass
+class Frames:
+    """What stages 2-4 produced, and how."""
+
+    frames: Any  # (F, H, W, 3) float frames in [0, 1]; the latents (1, T, H/8, W/8, C) if not decoded
+    timings: dict[str, float]  # seconds: load, encode_prompt, denoise, decode (as far as it got)
+    step_times: list[float] = field(default_factory=list)  # seconds of each denoising step
+    acceleration: str = "none"  # what ran: "regular" only when a MagCache calibration exists
+    cached_steps: int = 0  # transformer evaluations answered from the MagCache
+    forwards: int = 0  # real transformer evaluations (a batched cond+uncond counts once)
+    batched_steps: int = 0  # of which batched cond+uncond
+    memory_plan: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The engine's choices that shape a run."""
+
+    device: str
+    cfg_batch: bool = True  # cond and uncond in one transformer call when the plan allows (exact)
+    vae_tiling: bool = False  # forced on; else the memory plan decides per request
+
+
+def run(
+    pipe,
+    r: ResolvedRequest,
+    *,
+    settings: Settings,
+    plan: memory.Footprint | None,
+    negatives: NegativePromptCache,
+    clock: StageClock,
+    cancel: Cancellation,
+    on_step: StepCallback | None = None,
+    decode: bool = True,
+) -> Frames:
+    """Stages 2-4 for `r` on `pipe` (loaded; `clock` has timed the load). `decode=False` stops after
+    the denoising loop and returns the latents (warm-up)."""
+    import torch
+
+    from .denoise import StepRunner, magcache_for
+
+    cfg = r.guidance > 1.0
+    cache = None
+    if r.acceleration == "regular":
+        cache = magcache_for(r.variant.name, r.steps, cfg=cfg, hd=(r.width, r.height) in HD_SIZES)
+    pipe.vae.use_tiling = bool(settings.vae_tiling or (plan is not None and plan.vae_tiling))
+    try:
+        with torch.no_grad():
+            # 2. encode prompt (the negative one comes from the cache after its first job)
+            with clock.stage("encode_prompt"), text_encoders_on(pipe, settings.device):
+                prompt = encode_prompt(pipe, r.prompt)
+                negative = None
+                if cfg:
+                    negative = negatives.get(r.variant.name, r.negative_prompt, lambda text: encode_prompt(pipe, text))
+
+            # 3. denoise
+            pair = (negative.qwen, negative.clip) if negative is not None else None
+            batch = settings.cfg_batch and (plan is None or plan.cfg_batch)
+            runner = StepRunner(pipe.transformer, pair, batch_cfg=batch, magcache=cache)
+            steps = StepMonitor(runner, clock, r.steps, on_step, cancel)
+            with clock.stage("denoise"), runner.install():
+                image = load_image(r.image, r.width, r.height) if r.variant.task == "i2v" else None
+                steps.start()
+                latents = denoise(pipe, r, prompt, negative, image, steps)
+            done = Frames(
+                frames=latents,
+                timings=clock.timings,
+                step_times=steps.step_times,
+                acceleration="regular" if cache is not None else "none",
+                cached_steps=cache.skipped if cache is not None else 0,
+                forwards=runner.forwards,
+                batched_steps=runner.batched,
+                memory_plan=plan_dict(plan),
+            )
+            if not decode:
+                return done
+            cancel.raise_if_cancelled()  # the last chance to skip the VAE
+
+            # 4. decode
+            with clock.stage("decode"):
+                done.frames = decode_latents(pipe, latents)[0]
+            return done
+    finally:
+        pipe.maybe_free_model_hooks()  # model offload: every model back off the GPU, also on failure
+
+
+def encode_prompt(pipe, text: str) -> PromptEmbeds:
+    """`text` encoded as the pipelines encode a prompt (Qwen + CLIP, at most 256 tokens).
+
+    The call of diffusers 0.42.1 `Kandinsky5T2VPipeline.__call__`, "# 3. Encode input prompt"
+    (pipelines/kandinsky5/pipeline_kandinsky.py lines 803-831; pipeline_kandinsky_i2v.py from line
+    874 the same), for one prompt or one negative prompt.
+    """
+    qwen, clip, cu_seqlens = pipe.encode_prompt(
+        prompt=[text],
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+        device=pipe._execution_device,
+        dtype=pipe.transformer.dtype,
+    )
+    return PromptEmbeds(qwen, clip, cu_seqlens)
+
+
+def denoise(pipe, r: ResolvedRequest, prompt: PromptEmbeds, negative: PromptEmbeds | None, image, steps) -> Any:
+    """The stock pipeline on the encoded prompts up to its latents (B, T, H/8, W/8, C): timesteps,
+    noise from the request's seed, I2V conditioning, the denoising loop (calling `steps` after each
+    step) and, for I2V, its first-frame normalisation."""
+    import torch
+
+    kwargs = dict(
+        prompt_embeds_qwen=prompt.qwen,
+        prompt_embeds_clip=prompt.clip,
+        prompt_cu_seqlens=prompt.cu_seqlens,
+        height=r.height,
+        width=r.width,
+        num_frames=r.num_frames,
+        num_inference_steps=r.steps,
+        guidance_scale=r.guidance,
+        generator=torch.Generator(device="cpu").manual_seed(r.seed),
+        output_type="latent",
+        callback_on_step_end=steps,
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+    )
+    if negative is not None:
+        kwargs.update(
+            negative_prompt_embeds_qwen=negative.qwen,
+            negative_prompt_embeds_clip=negative.clip,
+            negative_prompt_cu_seqlens=negative.cu_seqlens,
+        )
+    if image is not None:
+        kwargs["image"] = image
+    return pipe(**kwargs).frames
+
+
+def decode_latents(pipe, latents) -> Any:
+    """Latents (B, T, H/8, W/8, C) -> float frames (B, F, H, W, 3) in [0, 1], exactly as the pipeline.
+
+    Mirrors diffusers 0.42.1 `Kandinsky5T2VPipeline.__call__`, "# 11. Decode latents to video"
+    (pipelines/kandinsky5/pipeline_kandinsky.py lines 941-965), which `Kandinsky5I2VPipeline.__call__`
+    repeats (pipeline_kandinsky_i2v.py lines 1018-1042), with num_videos_per_prompt=1 and
+    output_type="np". tests/test_pipelines.py checks the frames equal stock diffusers' bit for bit.
+    """
+    batch, frames, height, width, channels = latents.shape
+    latents = latents.to(pipe.vae.dtype)
+    video = latents.reshape(batch, 1, frames, height, width, channels)
+    video = video.permute(0, 1, 5, 2, 3, 4)  # [batch, num_videos, channels, frames, height, width]
+    video = video.reshape(batch, channels, frames, height, width)
+    video = video / pipe.vae.config.scaling_factor
+    video = pipe.vae.decode(video).sample
+    return pipe.video_processor.postprocess_video(video, output_type="np")
+
+
+class StepMonitor:
+    """diffusers' `callback_on_step_end` for one run: times each step, reports progress, and stops
+    the run on cancel. Raising Cancelled (rather than diffusers' `_interrupt`) leaves the pipeline
+    at once: no further step and no decode."""
+
+    def __init__(self, runner, clock: StageClock, total: int, on_step: StepCallback | None, cancel: Cancellation):
+        self.runner = runner  # its first transformer call is where step 1 starts
+        self.clock = clock
+        self.total = total
+        self.on_step = on_step
+        self.cancel = cancel
+        self.step_times: list[float] = []
+        self._last = 0.0
+
+    def start(self) -> None:
+        """Call just before the pipeline runs."""
+        self._last = self.clock.now()
+
+    def __call__(self, _pipe, i: int, _t, _kwargs: dict) -> dict:
+        now = self.clock.now()
+        if not self.step_times and self.runner.started_at is not None:
+            self._last = max(self._last, self.runner.started_at)  # not the latents' or the image's set-up
+        self.step_times.append(now - self._last)
+        self.cancel.raise_if_cancelled()
+        if self.on_step is not None:
+            self.on_step(i + 1, self.total)
+            self.cancel.raise_if_cancelled()  # a cancel from the progress listener stops here
+        self._last = time.perf_counter()  # the progress listeners' time is not step time
+        return {}

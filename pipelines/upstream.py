@@ -35,6 +35,10 @@ _LOOP = (
     "StepRunner.__call__ and ._same_step (they expect, per step, a conditional call and then one with the "
     "negative embeddings on the same latents and timestep, by keyword)"
 )
+_STAGES = (
+    "; pipelines/generation.py copies its '# 3. Encode input prompt' (encode_prompt) and '# 11. Decode' "
+    "(decode_latents) blocks"
+)
 _SAMPLE = "batched CFG assumes it computes each sample alone"
 _TOKEN = "batched CFG's exactness (module docstring) assumes it is per token"
 
@@ -100,8 +104,21 @@ WATCHED: tuple[Watched, ...] = (
         part="signature",
     ),
     # The denoising loops StepRunner stands inside.
-    Watched(f"{_K5}.pipeline_kandinsky", "Kandinsky5T2VPipeline.__call__", _LOOP),
-    Watched(f"{_K5}.pipeline_kandinsky_i2v", "Kandinsky5I2VPipeline.__call__", _LOOP),
+    Watched(f"{_K5}.pipeline_kandinsky", "Kandinsky5T2VPipeline.__call__", _LOOP + _STAGES),
+    Watched(f"{_K5}.pipeline_kandinsky_i2v", "Kandinsky5I2VPipeline.__call__", _LOOP + _STAGES),
+    # Called by the engine's stages (pipelines/generation.py, negatives.py) with these parameters.
+    Watched(
+        f"{_K5}.pipeline_kandinsky",
+        "Kandinsky5T2VPipeline.encode_prompt",
+        "generation.encode_prompt (calls it by keyword)",
+        part="signature",
+    ),
+    Watched(
+        f"{_K5}.pipeline_kandinsky_i2v",
+        "Kandinsky5I2VPipeline.encode_prompt",
+        "generation.encode_prompt (calls it by keyword)",
+        part="signature",
+    ),
 )
 
 # BEGIN PINS: written by `python -m pipelines.upstream --update`; edit WATCHED, not this block.
@@ -126,6 +143,8 @@ PINS = {
     "AttentionModuleMixin.set_processor": "46dd92c6ba76d0a2",
     "Kandinsky5T2VPipeline.__call__": "ccfb5a66cf574c62",
     "Kandinsky5I2VPipeline.__call__": "6454324b95606bff",
+    "Kandinsky5T2VPipeline.encode_prompt": "3e1d9ddabbae6fe8",
+    "Kandinsky5I2VPipeline.encode_prompt": "3e1d9ddabbae6fe8",
 }
 # END PINS
 

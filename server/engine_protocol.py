@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from pipelines.request import CancelToken as Cancellation  # TODO(merge): pipelines.cancel.Cancellation
+from pipelines.cancel import Cancellation
 from pipelines.request import GenerationRequest, GenerationResult, ResolvedRequest
 
 

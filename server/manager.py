@@ -101,19 +101,12 @@ class JobManager:
         self._runs: dict[str, RunJob] = {}  # running job id -> what its worker was handed
         self._refusal: str | None = None  # why new jobs are refused (None: accepting)
         self._last_error: dict[str, Any] | None = None  # replaced whole, read without the lock
-        self._webhook_formats: dict[str, WebhookFormatter] = {}
-        self._webhook_body = webhook_body  # None: word webhooks by the set_webhook_format registry
+        self._webhook_body = webhook_body  # the contract registry's: a finished job's webhook, if any
 
     # -- setup ---------------------------------------------------------------------------------
 
     def attach_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self.feed.attach_loop(loop)
-
-    def set_webhook_format(self, contract: str, formatter: WebhookFormatter) -> None:
-        """How `contract` words its webhook body; called once per contract at app creation."""
-        if self._webhook_body is not None:
-            raise RuntimeError("this JobManager was given webhook_body; set_webhook_format would be ignored")
-        self._webhook_formats[contract] = formatter
 
     def add_listener(self, listener: JobListener) -> None:
         """Observe job changes (metrics, structured logs); see feed.JobListener."""
@@ -405,10 +398,7 @@ class JobManager:
         self.storage.remove_inputs(job.id)
 
     def _word_webhook(self, job: Job) -> WebhookBody | None:
-        if self._webhook_body is not None:
-            return self._webhook_body(job)
-        formatter = self._webhook_formats.get(job.contract)
-        return formatter(job) if formatter else None
+        return self._webhook_body(job) if self._webhook_body is not None else None
 
 
 def _changed(job: Job, change: Callable[[Job], object]) -> Job:

@@ -435,8 +435,8 @@ def test_retention_expires_records_and_files_together(tmp_path):
 def test_retention_keeps_unfinished_jobs_and_pending_webhooks(tmp_path):
     now = [1000.0]
     storage = Storage(tmp_path)
-    manager = JobManager(JobStore(storage.database), storage, clock=lambda: now[0])
-    manager.set_webhook_format("fal", lambda job: WebhookBody(job.webhook_url, b"{}", {}))
+    webhook = lambda job: WebhookBody(job.webhook_url, b"{}", {}) if job.webhook_url else None  # noqa: E731
+    manager = JobManager(JobStore(storage.database), storage, clock=lambda: now[0], webhook_body=webhook)
     req = GenerationRequest(variant="kandinsky5-tiny-t2v", prompt="x", steps=1)
     done = manager.submit(contract="fal", model="m", request=req)
     hooked = manager.submit(contract="fal", model="m", request=req, webhook_url="http://127.0.0.1:9/hook")

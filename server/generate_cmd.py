@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import tempfile
 from pathlib import Path
 
 from pipelines.errors import EngineError, InvalidRequest, WeightsMissing
-from pipelines.request import GenerationRequest
-from pipelines.variants import VARIANTS, resolve_model, size_for_aspect
+from pipelines.request import GenerationRequest, request_for_model
+from pipelines.variants import VARIANTS, size_for_aspect
 
 log = logging.getLogger("k5serve.generate")
 
@@ -23,12 +24,23 @@ def build_request(args: argparse.Namespace, image_path: str | None) -> Generatio
         sibling = model.rsplit("-", 1)[0] + f"-{args.duration}s"
         model = sibling if sibling in VARIANTS else model
     try:
-        variant, public = resolve_model(model, args.duration)
+        request = request_for_model(
+            model,
+            args.prompt,
+            seconds=args.duration,
+            steps=args.steps,
+            guidance=args.guidance,
+            negative_prompt=args.negative_prompt,
+            image=image_path,
+            num_frames=args.frames,
+            seed=args.seed,
+        )
     except KeyError:
         raise InvalidRequest("model", args.model, f"unknown model {args.model!r} (see: k5serve weights list)") from None
     except ValueError as exc:
         raise InvalidRequest("duration", args.duration, str(exc)) from None
-    width = height = None
+    if args.frames is not None or VARIANTS[request.variant].demo:
+        request = dataclasses.replace(request, seconds=None)  # an explicit frame count; demo: its own length
     if args.resolution:
         try:
             width, height = (int(x) for x in args.resolution.lower().split("x"))
@@ -36,21 +48,11 @@ def build_request(args: argparse.Namespace, image_path: str | None) -> Generatio
             raise InvalidRequest(
                 "resolution", args.resolution, f"resolution must be WxH, got {args.resolution!r}"
             ) from None
+        request = dataclasses.replace(request, width=width, height=height)
     elif args.aspect_ratio:
         width, height = size_for_aspect(args.aspect_ratio)
-    return GenerationRequest(
-        variant=variant.name,
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        image=image_path,
-        width=width,
-        height=height,
-        num_frames=args.frames,
-        seconds=args.duration if args.frames is None and not variant.demo else None,
-        steps=args.steps if args.steps is not None else (public.steps if public else None),
-        guidance=args.guidance if args.guidance is not None else (public.guidance if public else None),
-        seed=args.seed,
-    )
+        request = dataclasses.replace(request, width=width, height=height)
+    return request
 
 
 def _fetch_image(url: str, folder: Path) -> str:

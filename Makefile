@@ -28,7 +28,7 @@ demo: $(BIN)/.installed
 	$(BIN)/k5serve generate "a red fox running through snow" -o demo.mp4 $(ARGS)
 
 # aimlapi-sdk-python vendors its own copy of the `openai` package: kept out of the venv's
-# site-packages (it would overwrite the official SDK), run by tests/test_aimlapi.py in a child process.
+# site-packages (it would overwrite the official SDK), run by tests/contracts/test_aimlapi.py in a child process.
 $(VENV)/aimlapi-sdk/.installed: $(BIN)/.installed
 	$(BIN)/pip install -q --no-deps --target $(VENV)/aimlapi-sdk 'aimlapi-sdk-python>=2.24.0rc1' 'distro>=1.7'
 	touch $@

@@ -27,6 +27,13 @@ class Cancellation(Protocol):
     def raise_if_cancelled(self) -> None: ...
 
 
+@runtime_checkable
+class CancelSwitch(Cancellation, Protocol):
+    """Both sides: whoever owns a run (the job manager) calls `cancel()`; the engine reads it."""
+
+    def cancel(self) -> None: ...
+
+
 class _Token:
     """`raise_if_cancelled` in terms of `cancelled`, shared by the tokens below."""
 

@@ -14,7 +14,7 @@ key in the text self-attention and the cross-attention (`MaskedAttnProcessor`). 
 every other text op is per token (projection, LayerNorm, FFN, modulation), the text RoPE positions
 of the real tokens are unchanged (0..n-1), padded rows are never a key that is attended to, and the
 visual tokens only see the text through the (masked) cross-attention. With equal lengths no mask is
-used at all. tests/test_cfg_batch.py checks batched == sequential in fp32.
+used at all. tests/pipelines/test_cfg_batch.py checks batched == sequential in fp32.
 
 MagCache ("regular" acceleration, approximate): kandinsky-5's own `magcache_utils.py` semantics,
 threshold 0.12, at most K=2 consecutive skips, the first 20 % of steps always computed, with the
@@ -25,7 +25,7 @@ step the visual blocks are skipped only if both branches would skip, otherwise b
 (more conservative than upstream when they disagree; with the official ratios they rarely do).
 
 Pinned: every diffusers object this module copies or leans on is hashed in pipelines/upstream.py;
-tests/test_fork_pin.py fails, naming it and what here to re-check, when a diffusers upgrade changes one.
+tests/pipelines/test_fork_pin.py fails, naming it and what here to re-check, when a diffusers upgrade changes one.
 """
 
 from __future__ import annotations

@@ -18,9 +18,14 @@ class InvalidRequest(EngineError, ValueError):
 
     def message_for(self, field: str) -> str:
         """The message worded with the client's field name ("steps must…" -> "num_inference_steps must…")."""
-        if field != self.field and self.message.startswith(self.field + " "):
-            return field + self.message[len(self.field) :]
-        return self.message
+        return reword(self.message, self.field, field)
+
+
+def reword(message: str, field: str, wire_field: str) -> str:
+    """`message` about `field`, worded with the name the client used for it, when it starts with it."""
+    if wire_field != field and message.startswith(field + " "):
+        return wire_field + message[len(field) :]
+    return message
 
 
 class WeightsMissing(EngineError):

@@ -167,7 +167,7 @@ def decode_latents(pipe, latents) -> Any:
     Mirrors diffusers 0.42.1 `Kandinsky5T2VPipeline.__call__`, "# 11. Decode latents to video"
     (pipelines/kandinsky5/pipeline_kandinsky.py lines 941-965), which `Kandinsky5I2VPipeline.__call__`
     repeats (pipeline_kandinsky_i2v.py lines 1018-1042), with num_videos_per_prompt=1 and
-    output_type="np". tests/test_pipelines.py checks the frames equal stock diffusers' bit for bit.
+    output_type="np". tests/pipelines/test_pipelines.py checks the frames equal stock diffusers' bit for bit.
     """
     batch, frames, height, width, channels = latents.shape
     latents = latents.to(pipe.vae.dtype)

@@ -3,7 +3,7 @@
 Torch-free arithmetic (the server calls it at submit time through Engine.prepare). Basis:
 
 * Weights: exact parameter counts of the diffusers/transformers models built from the published
-  configs (tests/test_bench_generate.py builds them on the meta device and checks these numbers).
+  configs (tests/pipelines/test_bench_generate.py builds them on the meta device and checks these numbers).
   bf16 on CUDA, except what diffusers keeps in fp32 (`_keep_in_fp32_modules`: time embeddings and
   modulations, 0.28 B params in Lite, 2.38 B in Pro).
 * Denoising activations, per visual token and per batch element, inside one CrossDiT block in eager

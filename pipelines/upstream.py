@@ -5,13 +5,13 @@ denoise.py re-implements `Kandinsky5Transformer3DModel.forward` and the cross-at
 inside the stock pipelines' denoising loop. A diffusers upgrade can change any of these without an
 error; then the fork would silently compute something other than stock diffusers. So each object
 in WATCHED has a hash of its normalised source (or, for `part="signature"`, of its parameter list)
-in PINS, read from the diffusers version in PINNED_DIFFUSERS. tests/test_fork_pin.py fails when one
+in PINS, read from the diffusers version in PINNED_DIFFUSERS. tests/pipelines/test_fork_pin.py fails when one
 of them changes, naming the object and what in k5serve mirrors it.
 
 After an upgrade: read the upstream diff of each object the test names, bring the k5serve code its
-message names in line (tests/test_fork_pin.py and tests/test_pipelines.py compare the fork with plain
-diffusers by value, tests/test_cfg_batch.py batched with sequential), then re-pin and widen the
-diffusers bound in pyproject.toml (docs/performance.md, "The denoising fork"):
+message names in line (tests/pipelines/test_fork_pin.py and tests/pipelines/test_pipelines.py
+compare the fork with plain diffusers by value, tests/pipelines/test_cfg_batch.py batched with
+sequential), then re-pin and widen the diffusers bound in pyproject.toml (docs/performance.md, "The denoising fork"):
 
     python -m pipelines.upstream            # what changed since the pin (exit status 1 if anything)
     python -m pipelines.upstream --update   # rewrite the PINS block below from the installed diffusers

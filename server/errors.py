@@ -9,6 +9,8 @@ Unauthorized, ModelUnavailable) are kept apart from capacity and infrastructure 
 
 from __future__ import annotations
 
+from pipelines.errors import reword
+
 
 class Refused(Exception):
     """Base: the request is refused before any job exists (or, for fal, is recorded as failed)."""
@@ -31,9 +33,7 @@ class BadInput(Refused):
 
     def message_for(self, field: str) -> str:
         """The message worded with the client's field name ("steps must…" -> "num_inference_steps must…")."""
-        if field != self.field and self.message.startswith(self.field + " "):
-            return field + self.message[len(self.field) :]
-        return self.message
+        return reword(self.message, self.field, field)
 
 
 class ModelUnavailable(Refused):

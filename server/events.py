@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines.request import CancelToken
+from pipelines.cancel import CancelSwitch
 
 from .jobs import Job, JobError, JobOutput
 
 
 @dataclass(frozen=True)
 class RunJob:
-    """Manager -> worker: run this job (already marked RUNNING); `cancel` stops it at a step."""
+    """Manager -> worker: run this job (already marked RUNNING); `cancel` stops it at a step. The
+    token is an interface (pipelines/cancel.py): a thread's today, one that crosses into a worker
+    process or a Ray actor where the worker runs there."""
 
     job: Job
-    cancel: CancelToken
+    cancel: CancelSwitch
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ file deletion): async code runs them in a thread.
 
 Cancellation by state (queue semantics, see ../shared/style.md):
   QUEUED    -> removed from the queue and CANCELED at once
-  RUNNING   -> the job's CancelToken is set; the engine stops at the next step boundary
+  RUNNING   -> the run's cancel switch is set; the engine stops at the next step boundary
   CANCELED  -> CANCELED again: a repeated cancel (a client retrying) gets the first answer
   SUCCEEDED / FAILED -> ALREADY_DONE (nothing changes)
 A cancel racing the end of a run is decided under the lock: whichever comes first wins, and
@@ -47,7 +47,8 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from pipelines.request import CancelToken, GenerationRequest, ResolvedRequest
+from pipelines.cancel import CancelSwitch, CancelToken
+from pipelines.request import GenerationRequest, ResolvedRequest
 
 from . import retention
 from .errors import QueueFull, Unavailable
@@ -89,7 +90,10 @@ class JobManager:
         scheduler: Scheduler | None = None,
         feed: ChangeFeed | None = None,
         webhook_body: WebhookFormatter | None = None,
+        cancel_switch: Callable[[], CancelSwitch] = CancelToken,
     ):
+        """`cancel_switch` makes the token each run is handed (RunJob.cancel): an in-process one by
+        default; a worker in another process needs one that crosses (pipelines/cancel.py)."""
         self.store = store
         self.storage = storage
         self.max_queue = max_queue
@@ -102,6 +106,7 @@ class JobManager:
         self._refusal: str | None = None  # why new jobs are refused (None: accepting)
         self._last_error: dict[str, Any] | None = None  # replaced whole, read without the lock
         self._webhook_body = webhook_body  # the contract registry's: a finished job's webhook, if any
+        self._cancel_switch = cancel_switch
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -302,7 +307,7 @@ class JobManager:
                 return None
             job = self._commit(self._jobs[job_id], lambda j: j.start(now=self.clock()))
             self.scheduler.start(job_id, worker)
-            run = RunJob(job.snapshot(), CancelToken())
+            run = RunJob(job.snapshot(), self._cancel_switch())
             self._runs[job_id] = run
             log.info("job %s: running on %s (attempt %d)", job_id, worker, job.attempts)
             self._put(job, JobStatus.QUEUED)

@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import contextlib
+import http.server
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -257,3 +259,94 @@ def loopback() -> Iterator[Loopback]:
     server = Loopback()
     yield server
     server.close()
+
+
+class ImageServer:
+    """HTTP/1.0 server on 127.0.0.1 counting connections and requests; `routes` maps a path to a
+    function of the request handler."""
+
+    def __init__(self, tls=None):
+        self.connections = 0
+        self.requests: list[tuple[str, dict]] = []
+        self.routes: dict[str, Callable] = {}
+        self.sent = 0
+        self.done = threading.Event()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                outer.requests.append((self.path, dict(self.headers)))
+                route = outer.routes.get(self.path)
+                if route is None:
+                    self.send_error(404)
+                    return
+                route(self)
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def process_request(self, request, client_address):
+                outer.connections += 1
+                super().process_request(request, client_address)
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        if tls is not None:  # an ssl.SSLContext for the server side
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def file(self, path: str, data: bytes, content_type: str = "image/png") -> None:
+        def send(handler):
+            handler.send_response(200)
+            handler.send_header("content-type", content_type)
+            handler.send_header("content-length", str(len(data)))
+            handler.end_headers()
+            handler.wfile.write(data)
+
+        self.routes[path] = send
+
+    def redirect(self, path: str, location: str, status: int = 302) -> None:
+        def send(handler):
+            handler.send_response(status)
+            handler.send_header("location", location)
+            handler.send_header("content-length", "0")
+            handler.end_headers()
+
+        self.routes[path] = send
+
+    def stream(self, path: str, total: int, chunk: int = 65536, declare: bool = False, delay: float = 0.0):
+        """Up to `total` bytes, `chunk` at a time (after `delay` s each), until the client hangs up."""
+
+        def send(handler):
+            handler.send_response(200)
+            handler.send_header("content-type", "image/png")
+            if declare:
+                handler.send_header("content-length", str(total))
+            handler.end_headers()
+            try:
+                while self.sent < total:
+                    time.sleep(delay)
+                    handler.wfile.write(b"\0" * chunk)
+                    handler.wfile.flush()
+                    self.sent += chunk
+            except OSError:
+                pass
+            finally:
+                self.done.set()
+
+        self.routes[path] = send
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

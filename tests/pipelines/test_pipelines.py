@@ -105,7 +105,7 @@ def test_i2v_image_changes_the_frames(engine, tmp_path, test_image):
 # prompts of different token counts the shorter text is zero-padded and masked in the
 # cross-attention; the masked softmax sums over more (zero) terms, so the last bits of fp32 differ
 # (measured ~2e-5 on frames in [0, 1]; bf16 noise is ~3e-2). The sequential path (cfg_batch=False)
-# is bit-identical to plain diffusers; tests/test_cfg_batch.py covers both in detail.
+# is bit-identical to plain diffusers; tests/pipelines/test_cfg_batch.py covers both in detail.
 BATCHED_ATOL = 1e-4
 
 

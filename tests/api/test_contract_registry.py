@@ -23,7 +23,7 @@ from server.errors import BadInput, Refused, TooLarge, Unauthorized
 from server.settings import Settings
 from server.web import require_key
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # -- a fifth contract: one value --------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-JS = Path(__file__).with_name("js")
+JS = Path(__file__).parents[1] / "js"
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("js_client_installed")]
 

@@ -1,7 +1,7 @@
 """Image intake for image-to-video: data: URIs and http(s) URLs, with a timeout and a size cap.
 
 The loopback image server is reached because these tests allow-list 127.0.0.1 (K5SERVE_URL_ALLOWLIST);
-without it the guard refuses loopback (tests/test_netguard.py)."""
+without it the guard refuses loopback (tests/unit/test_netguard.py)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 torch.compile traces the same graphs on the CPU as on CUDA (inductor then emits C++ instead of
 Triton): with `fullgraph=True` any graph break in k5serve's attention processors, the per-sample
-layers or the batched CFG step fails here. tests/test_gpu.py repeats the compile checks in bf16 on
+layers or the batched CFG step fails here. tests/gpu/test_gpu.py repeats the compile checks in bf16 on
 CUDA. Compiling the tiny model takes about 40 s on two cores, hence one module-scoped engine.
 """
 

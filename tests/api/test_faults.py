@@ -214,7 +214,7 @@ def test_the_server_never_imports_torch_itself(tmp_path):
     """Freeing memory after a failure must not pull torch in (a fresh process: this one may have it)."""
     script = f"""
 import sys
-sys.path[:0] = [{str(ROOT / "tests")!r}, {str(ROOT)!r}]
+sys.path[:0] = [{str(ROOT / "tests")!r}, {str(ROOT / "tests" / "api")!r}, {str(ROOT)!r}]
 from fakes import FakeEngine
 from pipelines.errors import OutOfMemory
 from server_fixtures import app_client

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-SCENARIOS = Path(__file__).with_name("fal_py_scenarios.py")
+SCENARIOS = Path(__file__).parents[1] / "fal_py_scenarios.py"
 
 pytestmark = pytest.mark.slow
 

@@ -30,7 +30,7 @@ from pipelines import weights
 from pipelines.variants import VARIANTS
 from server.cli import main as cli
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 NAME = "kandinsky5-lite-t2v-distilled-5s"
 REPO = VARIANTS[NAME].repo_id
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -13,8 +13,7 @@ import fakes
 import httpx
 import pytest
 from contract_fixtures import threaded_server
-from server_fixtures import app_client, wait_until
-from test_netguard import ImageServer
+from server_fixtures import ImageServer, app_client, wait_until
 
 T2V = "fal-ai/kandinsky5/text-to-video"
 PRO_I2V = "fal-ai/kandinsky5-pro/image-to-video"

@@ -406,3 +406,17 @@ def test_an_injected_webhook_body_words_every_finished_job(tmp_path):
     job = manager.submit(contract="openai", model="m", request=REQ, webhook_url="http://127.0.0.1:9/hook")
     manager.cancel(job.id)
     assert worded == [JobStatus.CANCELED] and manager.store.webhook(job.id).body == b"canceled"
+
+
+def test_each_run_gets_a_token_from_the_injected_cancel_switch(tmp_path):
+    """Cancellation is an interface: a worker in another process gets a token that crosses there."""
+    from pipelines.cancel import ProcessCancelToken
+
+    storage = Storage(tmp_path)
+    manager = JobManager(JobStore(storage.database), storage, cancel_switch=ProcessCancelToken)
+    job = manager.submit(contract="fal", model="m", request=REQ)
+    run = manager.next_job(threading.Event())
+    assert isinstance(run.cancel, ProcessCancelToken) and not run.cancel.cancelled
+    assert manager.cancel(job.id) is CancelOutcome.REQUESTED
+    assert run.cancel.cancelled
+    manager.store.close()

@@ -64,10 +64,12 @@ class Admission:
         base_url: str | None = None,
         webhook_url: str | None = None,
         meta: Meta | None = None,
+        waits: bool | None = None,
     ) -> Job:
         """Queue `draft` for `contract`. Raises BadInput, ModelUnavailable, QueueFull or Unavailable;
         nothing of a refused request stays on disk. `meta` (or a function of the resolved request)
-        is kept with the job for the contract."""
+        is kept with the job for the contract. `waits`: the caller holds the connection for the
+        result (default: the contract's `synchronous`); recorded on the job (Job.waits)."""
         request = draft.request
         self.check_text(request.prompt, request.negative_prompt)  # 1
         job_id = contract.new_job_id()  # 2
@@ -88,6 +90,7 @@ class Admission:
                 webhook_url=webhook_url,
                 meta=extras,
                 job_id=job_id,
+                waits=contract.synchronous if waits is None else waits,
             )
         except BaseException:
             self.storage.remove_inputs(job_id)

@@ -41,6 +41,10 @@ class Contract:
     new_job_id: Callable[[], str] = new_job_id
     # engine field -> the field the client sent (steps -> num_inference_steps): names in errors
     fields: dict[str, str] = field(default_factory=dict)
+    # its callers hold the connection until the job ends (OneRouter): admission marks each job
+    # `waits`, so a job whose caller is gone is cancelled, also across a restart (manager.recover).
+    # A contract with one synchronous route among asynchronous ones (fal's run host) says so per job.
+    synchronous: bool = False
 
     @property
     def catch_all(self) -> bool:

@@ -6,7 +6,9 @@
       └──fail / cancel──▶ FAILED / CANCELED
 
 Status only changes through the methods below; an illegal transition raises InvalidTransition.
-`requeue` exists for crash recovery and graceful shutdown: an interrupted job runs again.
+`requeue` exists for crash recovery and graceful shutdown: an interrupted job runs again, unless
+its caller held the connection for the result (`waits`): that caller is gone after a restart, so
+recovery cancels it instead (manager.recover).
 Nothing here knows any contract: a job records its contract name and public model id, and
 contracts keep their own extras in the opaque `meta` dict.
 
@@ -114,6 +116,12 @@ class LogLine:
     timestamp: float = 0.0
 
 
+# Why a job was cancelled: its error message (every contract's record of it, /api/jobs' `error`).
+CANCELLED_BY_CLIENT = "cancelled by the client"  # a cancel route (fal, OpenAI has none: delete)
+CLIENT_DISCONNECTED = "client disconnected"  # a synchronous caller hung up while it waited
+RESTARTED_WHILE_WAITING = "client disconnected (the server restarted while the caller waited)"
+
+
 def new_job_id() -> str:
     return str(uuid.uuid4())
 
@@ -145,6 +153,9 @@ class Job:
     version: int = 0  # bumped on every change; waiters compare it (not persisted meaningfully)
     # what admission resolved and the worker runs as is (the tiny stand-in in demo mode)
     resolved: ResolvedRequest | None = None
+    # a caller holds the connection for the result (OneRouter, fal's run host): once that connection
+    # is gone nobody can fetch it, so the job is cancelled rather than run (see manager.recover)
+    waits: bool = False
 
     @classmethod
     def new(
@@ -184,9 +195,10 @@ class Job:
         self.error = error
         self.completed_at = time.time() if now is None else now
 
-    def cancel(self, now: float | None = None) -> None:
+    def cancel(self, now: float | None = None, reason: str = CANCELLED_BY_CLIENT) -> None:
+        """-> CANCELED; `reason` is recorded as the error message (CLIENT_DISCONNECTED, ...)."""
         self._move(JobStatus.CANCELED)
-        self.error = JobError(ErrorKind.CANCELED, "cancelled by the client")
+        self.error = JobError(ErrorKind.CANCELED, reason)
         self.completed_at = time.time() if now is None else now
 
     def requeue(self) -> None:
@@ -228,6 +240,7 @@ class Job:
             "model": self.model,
             "request": self.request.to_dict() if self.request is not None else None,
             "resolved": self.resolved.to_dict() if self.resolved is not None else None,
+            "waits": self.waits,
             "file_id": self.file_id,
             "status": self.status.value,
             "created_at": self.created_at,
@@ -251,6 +264,7 @@ class Job:
             model=data["model"],
             request=GenerationRequest.from_dict(data["request"]) if data.get("request") else None,
             resolved=ResolvedRequest.from_dict(data["resolved"]) if data.get("resolved") else None,
+            waits=bool(data.get("waits", False)),  # records older than the field: as before, run again
             file_id=data["file_id"],
             status=JobStatus(data["status"]),
             created_at=data["created_at"],

@@ -17,6 +17,10 @@ new state also sees everything that follows from it. Every change
 a job's status and its place in the queue change together; changes are blocking calls (SQLite,
 file deletion): async code runs them in a thread.
 
+A restart runs interrupted jobs again, except those whose caller held the connection for the result
+(`Job.waits`: OneRouter, fal's run host): that connection died with the process and nobody can
+fetch the result, so recovery cancels them (RESTARTED_WHILE_WAITING) instead of spending the GPU.
+
 Cancellation by state (queue semantics, see ../shared/style.md):
   QUEUED    -> removed from the queue and CANCELED at once
   RUNNING   -> the run's cancel switch is set; the engine stops at the next step boundary
@@ -54,7 +58,7 @@ from . import retention
 from .errors import QueueFull, Unavailable
 from .events import Failed, Interrupted, Progress, RunJob, Succeeded, WorkerEvent
 from .feed import ChangeFeed, DeleteListener, JobListener
-from .jobs import ErrorKind, Job, JobError, JobOutput, JobStatus
+from .jobs import CANCELLED_BY_CLIENT, RESTARTED_WHILE_WAITING, ErrorKind, Job, JobError, JobOutput, JobStatus
 from .scheduler import Scheduler
 from .storage import Storage
 from .store import JobStore, WebhookBody
@@ -103,6 +107,7 @@ class JobManager:
         self._lock = self.scheduler.lock  # one lock: a job's status and its queue place change together
         self._jobs: dict[str, Job] = {}  # id -> a Job never changed in place (see module docstring)
         self._runs: dict[str, RunJob] = {}  # running job id -> what its worker was handed
+        self._cancel_reasons: dict[str, str] = {}  # running job id -> why its cancel was asked (first wins)
         self._refusal: str | None = None  # why new jobs are refused (None: accepting)
         self._last_error: dict[str, Any] | None = None  # replaced whole, read without the lock
         self._webhook_body = webhook_body  # the contract registry's: a finished job's webhook, if any
@@ -122,13 +127,19 @@ class JobManager:
         self.feed.add_delete_listener(listener)
 
     def recover(self) -> dict[str, int]:
-        """Load every job from disk; interrupted runs go back to the queue in submission order.
-        Then sweep the data dir: only finished jobs keep an output folder, only waiting jobs their
-        inputs, and no `*.part` file survives (see Storage.sweep)."""
+        """Load every job from disk; interrupted runs go back to the queue in submission order,
+        and unfinished jobs whose caller waited on the connection (`Job.waits`) are cancelled: that
+        caller is gone. Then sweep the data dir: only finished jobs keep an output folder, only
+        waiting jobs their inputs, and no `*.part` file survives (see Storage.sweep)."""
         counts = collections.Counter()
-        with self._lock:
+        with self._lock:  # jobs are not in the table yet: changing them in place is safe here
             for job in self.store.load_all():
-                if job.status is JobStatus.RUNNING:
+                if job.waits and not job.status.terminal:
+                    job.log(RESTARTED_WHILE_WAITING + ": not run again", level="WARN", now=self.clock())
+                    job.cancel(now=self.clock(), reason=RESTARTED_WHILE_WAITING)
+                    self._save(job)
+                    counts["caller_gone"] += 1
+                elif job.status is JobStatus.RUNNING:
                     job.requeue()
                     job.log("server restarted: running again", level="WARN", now=self.clock())
                     self.store.save(job)
@@ -181,9 +192,11 @@ class JobManager:
         meta: dict[str, Any] | None = None,
         error: JobError | None = None,
         job_id: str | None = None,
+        waits: bool = False,
     ) -> Job:
         """Queue a job. With `error` the job is recorded as already FAILED (input rejected at the
         edge), so every contract can still report it through its own status/result routes.
+        `waits`: the caller holds the connection for the result (see recover).
 
         A request without a seed gets one here, stored with the job: a run repeated after a crash or
         a restart makes the same video, and the seed reported is the one that was used."""
@@ -198,6 +211,7 @@ class JobManager:
             webhook_url=webhook_url,
             meta=dict(meta or {}),
             resolved=resolved,
+            waits=waits,
         )
         if job_id is not None:
             job.id = job_id
@@ -237,7 +251,8 @@ class JobManager:
         jobs = [j for j in reversed(table.values()) if contract is None or j.contract == contract]
         return [j.snapshot() for j in jobs[:limit]]
 
-    def cancel(self, job_id: str) -> CancelOutcome:
+    def cancel(self, job_id: str, reason: str = CANCELLED_BY_CLIENT) -> CancelOutcome:
+        """Cancel by state (module docstring); `reason` becomes the job's error message."""
         with self._lock:
             job = self._jobs.get(job_id)
             if job is None:
@@ -247,13 +262,15 @@ class JobManager:
             if job.status.terminal:
                 return CancelOutcome.ALREADY_DONE
             if job.status is JobStatus.QUEUED:
-                job = self._commit(job, lambda j: j.cancel(now=self.clock()))
+                job = self._commit(job, lambda j: j.cancel(now=self.clock(), reason=reason))
                 self.scheduler.remove(job.id)
-                log.info("job %s: canceled while queued", job.id)
+                log.info("job %s: canceled while queued (%s)", job.id, reason)
                 self._put(job, JobStatus.QUEUED)
                 return CancelOutcome.CANCELED
+            self._cancel_reasons.setdefault(job.id, reason)
             self._runs[job.id].cancel.cancel()
-            log.info("job %s: cancel requested while running on %s", job.id, self.scheduler.worker_of(job.id))
+            worker = self.scheduler.worker_of(job.id)
+            log.info("job %s: cancel requested while running on %s (%s)", job.id, worker, reason)
             return CancelOutcome.REQUESTED
 
     def delete(self, job_id: str) -> bool:
@@ -323,6 +340,7 @@ class JobManager:
             if job is None:  # deleted while it ran: nothing to record, nothing to keep
                 run = None if isinstance(event, Progress) else self._runs.pop(event.job_id, None)
                 if run is not None:
+                    self._cancel_reasons.pop(event.job_id, None)
                     self.scheduler.finish(event.job_id)
                     self.storage.discard_output(run.job.file_id)
                     self.storage.remove_inputs(event.job_id)
@@ -332,6 +350,7 @@ class JobManager:
                 self._put(job, job.status)
                 return
             self._runs.pop(job.id, None)
+            reason = self._cancel_reasons.pop(job.id, CANCELLED_BY_CLIENT)
             now = self.clock()
             if isinstance(event, Interrupted):
                 self._publish(job, lambda j: j.requeue())
@@ -345,7 +364,7 @@ class JobManager:
             elif isinstance(event, Failed):
                 change = lambda j: (j.log(event.error.message, "ERROR", now), j.fail(event.error, now=now))  # noqa: E731
             else:
-                change = lambda j: j.cancel(now=now)  # noqa: E731
+                change = lambda j: j.cancel(now=now, reason=reason)  # noqa: E731
             job = self._publish(job, change)
             log.info("job %s: %s", job.id, job.status.value)
 

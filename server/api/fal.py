@@ -27,7 +27,7 @@ from ..netguard import UrlGuard, UrlRefused
 from ..services import Services
 from ..storage import file_url
 from ..store import WebhookBody
-from ..web import json_error, require_key, truthy
+from ..web import hold_until_done, json_error, require_key, truthy
 from .fal_inputs import ENGINE_FIELDS, InputInvalid, invalid, known_ids, parse, schema_for, to_generation_request
 
 NAME = "fal"
@@ -192,12 +192,15 @@ def _check_webhook(url: str | None, guard: UrlGuard) -> str | None:
     return url
 
 
-async def accept(services: Services, request: Request, model_id: str, webhook_url: str | None = None) -> Job:
-    """Submit path shared by the queue, the run host and the proxy: body -> job (maybe pre-failed)."""
+async def accept(
+    services: Services, request: Request, model_id: str, webhook_url: str | None = None, waits: bool = False
+) -> Job:
+    """Submit path shared by the queue, the run host and the proxy: body -> job (maybe pre-failed).
+    `waits`: the run host's caller holds the connection for the result (Job.waits)."""
     base = services.base_url(request)
     try:
         draft = _draft(model_id, await _json_body(request))
-        return await services.admission.admit(CONTRACT, draft, base_url=base, webhook_url=webhook_url)
+        return await services.admission.admit(CONTRACT, draft, base_url=base, webhook_url=webhook_url, waits=waits)
     except BadInput as exc:
         detail = _detail(exc)
     except InputInvalid as exc:
@@ -298,16 +301,14 @@ def queue_router(services: Services) -> APIRouter:
 
 
 def run_router(services: Services) -> APIRouter:
-    """The run host (fal.run, served on --fal-run-port): submit, wait, answer with the result."""
+    """The run host (fal.run, served on --fal-run-port): submit, wait, answer with the result. Its
+    jobs `wait`: a hang-up cancels one, and a restart does not run it again (manager.recover)."""
     router = APIRouter(dependencies=[Depends(require_key(services.keys))])
     manager = services.manager
 
     async def run(request: Request, owner: str, alias: str, path: str = ""):
-        job = await accept(services, request, _model_id(owner, alias, path))
-        while not job.status.terminal:
-            job = await manager.wait_for_change(job.id, job.version, timeout=1.0)
-            if not job.status.terminal and await request.is_disconnected():
-                await asyncio.to_thread(manager.cancel, job.id)  # the caller gave up: free the GPU for others
+        job = await accept(services, request, _model_id(owner, alias, path), waits=True)
+        job = await hold_until_done(manager, job, request)
         code, body, headers = result_payload(job, services.base_url(request))
         return JSONResponse(body, status_code=code, headers=headers)
 

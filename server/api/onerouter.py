@@ -2,14 +2,14 @@
 
 One synchronous route, `POST /v1/videos/generations`: the call queues a job like any other and
 holds the connection until it ends, answering `{data: [{url, revised_prompt}], created}`. A client
-that hangs up while waiting cancels its job, so an abandoned request does not hold the GPU.
+that hangs up while waiting cancels its job ("client disconnected"), so an abandoned request does
+not hold the GPU; after a restart such a job is cancelled, not run again (`synchronous`, Job.waits).
 Auth: `Authorization: <key>` (the documented form) or `Bearer <key>`. Errors:
 `{error: {code, message, type, param}}` with the HTTP status equal to `code`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -25,7 +25,7 @@ from ..errors import BadInput, ModelUnavailable, QueueFull, Refused, TooLarge, U
 from ..jobs import ErrorKind, Job, JobError, JobStatus, short_value
 from ..services import Services
 from ..storage import file_url
-from ..web import ResponseError, require_key
+from ..web import ResponseError, hold_until_done, require_key
 from .shared import t2v_request
 
 NAME = "onerouter"
@@ -178,14 +178,7 @@ def router(services: Services) -> APIRouter:
         except ParamInvalid as exc:
             raise ResponseError(error_response(400, exc.message, param=exc.param)) from exc
         job = await services.admission.admit(CONTRACT, Draft(model, greq), base_url=services.base_url(request))
-
-        # Synchronous: hold the connection until the job ends; a hang-up cancels it.
-        canceled = False
-        while not job.status.terminal:
-            job = await manager.wait_for_change(job.id, job.version, timeout=1.0)
-            if not canceled and not job.status.terminal and await request.is_disconnected():
-                await asyncio.to_thread(manager.cancel, job.id)
-                canceled = True
+        job = await hold_until_done(manager, job, request)  # synchronous: a hang-up cancels the job
         if job.status is JobStatus.SUCCEEDED:
             return JSONResponse(success_body(job, services.base_url(request)))
         return failure_response(job)
@@ -193,4 +186,4 @@ def router(services: Services) -> APIRouter:
     return api
 
 
-CONTRACT = Contract(name=NAME, prefixes=(PATH,), router=router, refusal=refusal, fields=ENGINE_FIELDS)
+CONTRACT = Contract(name=NAME, prefixes=(PATH,), router=router, refusal=refusal, fields=ENGINE_FIELDS, synchronous=True)

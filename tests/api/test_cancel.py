@@ -1,7 +1,8 @@
 """Cancellation in every state, through every contract that has a cancel.
 
 fal: `PUT …/requests/{id}/cancel`. OpenAI Videos: `DELETE /v1/videos/{id}` (deleting an unfinished
-video stops it). OneRouter: hanging up on the synchronous call. AI/ML API documents no cancel.
+video stops it). OneRouter and fal's run host: hanging up on the synchronous call (the job's
+error says "client disconnected"). AI/ML API documents no cancel.
 What the rest of the suite already covers is not repeated here (test_server_fal: 202/499 shapes;
 test_contracts_scenarios: a running job through each contract). These tests pin down the timing
 and consistency: a queued job leaves the queue at once, a running one stops at a step boundary
@@ -20,7 +21,7 @@ from contract_fixtures import threaded_server
 from fakes import FakeEngine
 from server_fixtures import app_client, wait_until
 
-from server.jobs import JobStatus
+from server.jobs import CLIENT_DISCONNECTED, JobStatus
 
 T2V = "/fal-ai/kandinsky5/text-to-video"
 REQUESTS = "/fal-ai/kandinsky5/requests"
@@ -119,9 +120,30 @@ def test_onerouter_hang_up_while_queued_cancels_before_it_runs(tmp_path):
         (queued,) = [j for j in manager.list(contract="onerouter") if j.request.prompt == "waiting"]
         wait_until(lambda: manager.get(queued.id).status.terminal, timeout=5, what="the hang-up to cancel")
         assert manager.get(queued.id).status is JobStatus.CANCELED and manager.queued_count() == 0
+        assert manager.get(queued.id).error.message == CLIENT_DISCONNECTED
         engine.go.set()
         holder.join(10)
     assert [r.prompt for r in engine.calls] == ["first"]
+
+
+def test_fal_run_host_hang_up_while_running_cancels_with_the_reason(tmp_path):
+    """The run host through the proxy route (`x-fal-target-url: https://fal.run/...`): a caller
+    that gives up mid-run stops its job; /api/jobs and fal's status route say why."""
+    engine = FakeEngine(step_time=0.1)
+    with threaded_server(engine, tmp_path) as server:
+        headers = {"x-fal-target-url": f"https://fal.run{T2V}"}
+        body = {"prompt": "abandoned", "num_inference_steps": 100}  # 10 s if nobody stops it
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server.url}/api/fal/proxy", json=body, headers=headers, timeout=httpx.Timeout(30, read=0.8))
+        manager = server.services.manager
+        (job,) = manager.list(contract="fal")
+        assert job.waits
+        wait_until(lambda: manager.get(job.id).status.terminal, timeout=5, what="the hang-up to cancel")
+        (listed,) = httpx.get(f"{server.url}/api/jobs").json()["jobs"]
+        assert listed["status"] == "canceled" and listed["error"] == CLIENT_DISCONNECTED
+        status = httpx.get(f"{server.url}{REQUESTS}/{job.id}/status").json()
+        assert status["error"] == CLIENT_DISCONNECTED and status["error_type"] == "client_cancelled"
+    assert engine.steps_run[0] < 100
 
 
 # -- running: stops at the next step, no file --------------------------------------------------------

@@ -141,7 +141,8 @@ def test_a_client_that_hangs_up_cancels_its_job(tmp_path):
         manager = server.services.manager
         (job,) = manager.list(contract="onerouter")
         done = wait_until(lambda: (j := manager.get(job.id)).status.terminal and j, timeout=5, what="the cancel")
-        assert done.status.value == "canceled"
+        assert done.status.value == "canceled" and done.error.message == "client disconnected"
+        assert job.waits  # recorded at admission: a restart would cancel it too (tests/api/test_restart.py)
     assert engine.steps_run[0] < 100
 
 

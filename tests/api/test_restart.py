@@ -6,11 +6,15 @@ stops at a named point and touches `paused-<point>` in a pause folder, and the t
 there: right after a submit is on disk but before the client hears back, mid-generation,
 mid-file-write, and mid-webhook-delivery (the receiver holds the POST). After each: the store
 passes `PRAGMA integrity_check`, every accepted job is present, interrupted ones run again, no
-partial file is served, and the webhook arrives (at least once).
+partial file is served, and the webhook arrives (at least once). Except jobs whose caller waited on
+the connection (OneRouter, fal's run host): that caller died with the process, so they are
+cancelled with the reason instead of run for nobody.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import sqlite3
 import threading
 from pathlib import Path
@@ -18,6 +22,8 @@ from pathlib import Path
 import httpx
 import pytest
 from server_fixtures import ServerProcess, server_process, wait_until
+
+from server.jobs import RESTARTED_WHILE_WAITING
 
 T2V = "fal-ai/kandinsky5/text-to-video"
 
@@ -102,7 +108,7 @@ def test_graceful_stop_requeues_the_running_job(tmp_path):
 FAKE_HEAD = b"\x00\x00\x00\x18ftypmp42FAKE"  # what fakes.fake_video_bytes starts with
 
 
-def crash_server(tmp_path: Path, **env: str) -> tuple[ServerProcess, Path]:
+def crash_server(tmp_path: Path, run_port: bool = False, **env: str) -> tuple[ServerProcess, Path]:
     pause = tmp_path / "pause"
     pause.mkdir()
     base = {
@@ -111,7 +117,7 @@ def crash_server(tmp_path: Path, **env: str) -> tuple[ServerProcess, Path]:
         "K5SERVE_URL_ALLOWLIST": "127.0.0.1",  # the webhook receiver is on loopback
         "K5SERVE_WEBHOOK_BACKOFF": "0.1",
     }
-    return server_process(tmp_path, fake=True, run_port=False, env={**base, **env}), pause
+    return server_process(tmp_path, fake=True, run_port=run_port, env={**base, **env}), pause
 
 
 def kill_at(server: ServerProcess, pause: Path, point: str) -> None:
@@ -247,3 +253,86 @@ def test_kill_9_mid_webhook_delivery_delivers_it_after_the_restart(tmp_path, loo
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     finally:
         db.close()
+
+
+# -- callers that waited on the connection ---------------------------------------------------------
+
+KINDS = ("onerouter", "fal-run", "fal-queue")  # each job's prompt names how it was sent
+
+
+def send(server: ServerProcess, kind: str) -> threading.Thread | None:
+    """Submit a 4-step job named `kind`. The synchronous ones wait on the connection in a thread
+    (the caller that dies with the server); the queue submit answers at once."""
+    if kind == "fal-queue":
+        with server.client() as client:
+            assert client.post(f"/{T2V}", json={"prompt": kind, "num_inference_steps": 4}).status_code == 200
+        return None
+    if kind == "onerouter":
+        url = f"{server.url}/v1/videos/generations"
+        body = {"model": "kandinsky5-text-to-video", "prompt": kind, "num_inference_steps": 4}
+    else:
+        url = f"http://{server.run_host}/{T2V}"
+        body = {"prompt": kind, "num_inference_steps": 4}
+
+    def wait_on_the_connection() -> None:
+        with contextlib.suppress(httpx.HTTPError):  # the server is killed under it
+            httpx.post(url, json=body, timeout=60)
+
+    caller = threading.Thread(target=wait_on_the_connection, daemon=True)
+    caller.start()
+    return caller
+
+
+def listed(client: httpx.Client) -> dict[str, dict]:
+    """/api/jobs by prompt (the synchronous callers never heard their job's id)."""
+    return {job["prompt"]: job for job in client.get("/api/jobs").json()["jobs"]}
+
+
+def stored(server: ServerProcess, job_id: str) -> dict:
+    db = sqlite3.connect(server.log_path.parent / "data" / "jobs.sqlite3")
+    try:
+        return json.loads(db.execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()[0])
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("running", KINDS)
+def test_kill_9_cancels_jobs_whose_caller_waited_and_reruns_queue_jobs(tmp_path, running):
+    """kill -9 with `running` paused mid-step and the other two queued behind it. After the restart
+    the OneRouter and fal run-host jobs, whose callers' connections died with the process, are
+    CANCELED with the reason and never run again; the fal queue job runs (again) to the end."""
+    server, pause = crash_server(tmp_path, run_port=True, K5SERVE_FAKE_PAUSE_AT="step", K5SERVE_FAKE_PAUSE_CALLS="1")
+    server.start()
+    try:
+        callers = [send(server, running)]
+        wait_until(lambda: (pause / "paused-step").exists(), timeout=20, what=f"{running} to start")
+        callers += [send(server, kind) for kind in KINDS if kind != running]
+        with server.client() as client:
+            wait_until(lambda: len(listed(client)) == 3, what="all three jobs accepted")
+            ids = {prompt: job["id"] for prompt, job in listed(client).items()}
+            assert listed(client)[running]["status"] == "running"
+        kill_at(server, pause, "step")
+        for caller in callers:
+            if caller is not None:
+                caller.join(30)
+
+        server.start()
+        with server.client() as client:
+            wait_completed(client, ids["fal-queue"])  # the queue job runs again / runs
+            wait_until(lambda: client.get("/readyz").json()["queued"] == 0, what="an empty queue")
+            jobs = listed(client)
+            for kind in ("onerouter", "fal-run"):
+                job, record = jobs[kind], stored(server, ids[kind])
+                assert job["status"] == "canceled" and job["video_url"] is None, job
+                assert job["error"] == RESTARTED_WHILE_WAITING and "client disconnected" in job["error"]
+                assert record["attempts"] == (1 if kind == running else 0)  # never started after the restart
+                assert [line for line in record["logs"] if line["message"].startswith("step 4")] == []
+                assert not (tmp_path / "data" / "files" / record["file_id"]).exists()
+            status = status_after(client, ids["fal-run"])  # fal's own status route says why, too
+            assert status["status"] == "COMPLETED" and status["error"] == RESTARTED_WHILE_WAITING
+            queue_job = stored(server, ids["fal-queue"])
+            assert jobs["fal-queue"]["status"] == "succeeded" and jobs["fal-queue"]["video_url"]
+            assert queue_job["attempts"] == (2 if running == "fal-queue" else 1)
+    finally:
+        server.stop()
+    assert integrity(server) == "ok"

@@ -169,9 +169,11 @@ class Uploads:
         """The bytes of an upload of this server named by `url`, or None when `url` is not one
         (then it is fetched like any URL). An upload URL of this server's own host (or of fal's
         storage hosts) that holds nothing any more is refused here instead of fetched."""
+        if not url[:8].lower().startswith(("http://", "https://")):  # data: URIs: no need to parse megabytes
+            return None
         parts = urlsplit(url)
         match = _URL_PATH.match(parts.path)
-        if parts.scheme not in ("http", "https") or match is None:
+        if match is None:
             return None
         path = self.find(*match.groups())
         if path is not None:

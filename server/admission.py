@@ -5,7 +5,8 @@ happens here, once, in this order:
 
   1. prompt limits      cheap, so an over-long prompt is refused before any image is fetched
   2. job id + scratch   the contract's id format; the job's input folder, removed on any refusal
-  3. image intake       URL / data: URI / upload -> a checked local file (intake.py, SSRF guard)
+  3. image intake       URL / data: URI / upload -> a checked local file (intake.py, SSRF guard);
+                        this server's own upload URLs are read from disk (uploads.py)
   4. seed               drawn here and stored: a run repeated after a crash makes the same video
   5. resolve            once, by the engine: validated against the variant, demo stand-in, weights
                         present, fits the device's memory
@@ -33,6 +34,7 @@ from .intake import ImageInputError, IntakeLimits, fetch_image
 from .jobs import ErrorKind, Job, JobError, short_value
 from .manager import JobManager
 from .storage import Storage
+from .uploads import Uploads
 
 Meta = dict[str, Any] | Callable[[ResolvedRequest], dict[str, Any]]  # a function of the resolved request
 
@@ -48,13 +50,20 @@ class Draft:
 
 class Admission:
     def __init__(
-        self, engine: EngineLike, manager: JobManager, storage: Storage, limits: IntakeLimits, max_prompt_chars: int
+        self,
+        engine: EngineLike,
+        manager: JobManager,
+        storage: Storage,
+        limits: IntakeLimits,
+        max_prompt_chars: int,
+        uploads: Uploads | None = None,
     ):
         self.engine = engine
         self.manager = manager
         self.storage = storage
         self.limits = limits
         self.max_prompt_chars = max_prompt_chars
+        self.uploads = uploads
 
     async def admit(
         self,
@@ -75,7 +84,8 @@ class Admission:
         job_id = contract.new_job_id()  # 2
         try:
             if draft.image is not None:  # 3
-                request = dataclasses.replace(request, image=await self._fetch(contract, job_id, draft.image))
+                image = await self._fetch(contract, job_id, draft.image, base_url)
+                request = dataclasses.replace(request, image=image)
             if request.seed is None:  # 4
                 request = dataclasses.replace(request, seed=secrets.randbelow(2**31))
             resolved = self.resolve(request)  # 5
@@ -140,11 +150,13 @@ class Admission:
         except WeightsMissing as exc:
             raise ModelUnavailable(str(exc)) from exc
 
-    async def _fetch(self, contract: Contract, job_id: str, source: str | bytes) -> str:
+    async def _fetch(self, contract: Contract, job_id: str, source: str | bytes, base_url: str | None) -> str:
+        field = contract.wire_field("image")
         try:
-            path, _ = await fetch_image(
-                source, self.storage.input_path(job_id, ""), self.limits, contract.wire_field("image")
-            )
+            if isinstance(source, str) and self.uploads is not None:
+                # this server's own upload: read from disk, never fetched (the guard stays closed to loopback)
+                source = await asyncio.to_thread(self.uploads.own_image, source, base_url, field) or source
+            path, _ = await fetch_image(source, self.storage.input_path(job_id, ""), self.limits, field)
         except ImageInputError as exc:
             raise BadInput("image", source, exc.message) from exc
         return str(path)

@@ -185,6 +185,17 @@ def _decompress(label: str, raw: bytes, encoding: str, max_bytes: int) -> bytes:
 
 
 def _check_and_store(data: bytes, dest_stem: Path, label: str, max_pixels: int) -> tuple[Path, tuple[int, int]]:
+    fmt, (width, height) = check_image(data, label, max_pixels)
+    path = dest_stem.with_name(dest_stem.name + _SUFFIX[fmt])
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path, (width, height)
+
+
+def check_image(data: bytes, label: str, max_pixels: int) -> tuple[str, tuple[int, int]]:
+    """(PIL format, (width, height)) of an image intake accepts (blocking: a full decode), else
+    ImageInputError naming `label` and what was wrong."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -207,11 +218,7 @@ def _check_and_store(data: bytes, dest_stem: Path, label: str, max_pixels: int) 
         if isinstance(exc, ImageInputError):
             raise
         raise ImageInputError(f"{label} is not a readable image; send {FORMATS}") from exc
-    path = dest_stem.with_name(dest_stem.name + _SUFFIX[fmt])
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path, (width, height)
+    return fmt, (width, height)
 
 
 # -- request bodies -------------------------------------------------------------------------------

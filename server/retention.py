@@ -1,4 +1,5 @@
-"""Retention: finished jobs are deleted, record and files together, once they are old enough.
+"""Retention: finished jobs are deleted, record and files together, once they are old enough;
+files uploaded through fal's storage protocol (uploads.py) expire the same time after their upload.
 
 A job counts from when it ended (or was created, for one that never ran). A job whose webhook is
 still being retried is kept until its delivery ends, so a receiver never gets a result whose
@@ -15,6 +16,7 @@ from typing import Protocol
 
 from .jobs import Job
 from .store import JobStore
+from .uploads import Uploads
 
 log = logging.getLogger("k5serve.jobs")
 
@@ -40,17 +42,28 @@ def expire(jobs: Jobs, store: JobStore, older_than: float) -> list[str]:
 class Retention:
     """Expires finished jobs older than `hours`, at start and then periodically (see run)."""
 
-    def __init__(self, jobs: Jobs, store: JobStore, hours: float, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        jobs: Jobs,
+        store: JobStore,
+        hours: float,
+        clock: Callable[[], float] = time.time,
+        uploads: Uploads | None = None,
+    ):
         if hours <= 0:
             raise ValueError(f"retention hours must be positive, not {hours!r}")
-        self.jobs, self.store, self.clock = jobs, store, clock
+        self.jobs, self.store, self.clock, self.uploads = jobs, store, clock, uploads
         self.keep = hours * 3600.0
         # often enough that a job outlives its limit by at most a quarter of it (and a minute at most)
         self.interval = min(60.0, max(0.2, self.keep / 4))
 
     def expire(self) -> list[str]:
-        """One sweep now (blocking: SQLite writes and file deletions)."""
-        return expire(self.jobs, self.store, self.clock() - self.keep)
+        """One sweep now (blocking: SQLite writes and file deletions). Uploaded files expire as
+        long after their upload as jobs after their end."""
+        cutoff = self.clock() - self.keep
+        if self.uploads is not None and (gone := self.uploads.expire(cutoff)):
+            log.info("retention: %d upload(s) expired", gone)
+        return expire(self.jobs, self.store, cutoff)
 
     async def run(self) -> None:
         """Sweep off the event loop every `interval` seconds until cancelled."""

@@ -19,6 +19,7 @@ from .scheduler import Scheduler
 from .settings import Settings
 from .storage import Storage
 from .store import JobStore
+from .uploads import Uploads
 from .web import ApiKeys, base_url
 from .webhooks import WebhookDispatcher
 from .worker import GpuWorker
@@ -41,6 +42,7 @@ class Services:
     guard: UrlGuard
     contracts: Contracts
     admission: Admission
+    uploads: Uploads  # files sent through fal's storage protocol (api/fal_storage.py)
 
     @classmethod
     def build(cls, settings: Settings, engine: EngineLike, contracts: list[Contract]) -> Services:
@@ -60,8 +62,9 @@ class Services:
             feed=feed,
             webhook_body=registry.webhook_body,
         )
+        uploads = Uploads(settings.data_dir / "uploads", settings.image_max_bytes, settings.image_max_pixels)
         hours = settings.retention_hours
-        retention = Retention(manager, store, hours) if hours else None
+        retention = Retention(manager, store, hours, uploads=uploads) if hours else None
         webhooks = WebhookDispatcher(
             store,
             timeout=settings.webhook_timeout,
@@ -97,7 +100,8 @@ class Services:
             intake=intake,
             guard=guard,
             contracts=registry,
-            admission=Admission(engine, manager, storage, intake, settings.max_prompt_chars),
+            admission=Admission(engine, manager, storage, intake, settings.max_prompt_chars, uploads),
+            uploads=uploads,
         )
 
     def base_url(self, request) -> str:

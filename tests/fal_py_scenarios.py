@@ -7,10 +7,14 @@ through SSL_CERT_FILE: exactly the settings docs/fal.md gives users. Prints one 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sys
 import time
+from pathlib import Path
 
 import fal_client
+import httpx
 
 T2V = "fal-ai/kandinsky5/text-to-video"
 DISTILL = "fal-ai/kandinsky5/text-to-video/distill"
@@ -81,6 +85,49 @@ def image_to_video(image_path: str) -> dict:
         },
     )
     return {"result": result}
+
+
+def _resolve_fal_storage_to(port: int) -> None:
+    """rest.fal.ai and v3.fal.media -> the local k5serve on `port`, in THIS process only: what a
+    hosts entry plus k5serve on port 443 do for a user (docs/fal.md). The client still sends
+    Host/SNI rest.fal.ai and v3.fal.media; nothing else resolves differently."""
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, service, *args, **kwargs):
+        if host in ("rest.fal.ai", "v3.fal.media"):
+            return real("127.0.0.1", port, *args, **kwargs)
+        return real(host, service, *args, **kwargs)
+
+    socket.getaddrinfo = getaddrinfo
+
+
+def uploads(image_path: str) -> dict:
+    """upload_file / upload_image / upload (repository fal_v3: token from rest.fal.ai, bytes to
+    v3.fal.media; and the "fal" repository: initiate + PUT), then two of them used for I2V."""
+    from PIL import Image
+
+    _resolve_fal_storage_to(int(os.environ["K5SERVE_STORAGE_PORT"]))
+    data = Path(image_path).read_bytes()
+    with Image.open(image_path) as image:
+        urls = {
+            "upload_file": fal_client.upload_file(image_path),
+            "upload_image": fal_client.upload_image(image, format="png"),
+            "upload": fal_client.upload(data, "image/png", file_name="raw.png"),
+            "fal_repository": fal_client.upload(data, "image/png", repository="fal", fallback_repository=[]),
+        }
+    back = {name: httpx.get(url, timeout=30).content for name, url in urls.items()}
+    results = [
+        fal_client.subscribe(
+            PRO_I2V, arguments={"prompt": "it moves", "image_url": urls[name], "num_inference_steps": 2}
+        )
+        for name in ("upload_file", "upload_image")
+    ]
+    return {
+        "urls": urls,
+        "same_bytes": {name: content == data for name, content in back.items()},
+        "png": {name: content[:4] == b"\x89PNG" for name, content in back.items()},
+        "results": results,
+    }
 
 
 def invalid() -> dict:

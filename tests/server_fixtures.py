@@ -65,7 +65,8 @@ def tls_files(tmp_path_factory) -> TLSFiles:
 
     folder = tmp_path_factory.mktemp("tls")
     ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
+    # fal's storage hosts too: the Python upload tests resolve them to the server (docs/fal.md, "Uploads")
+    cert = ca.issue_cert("localhost", "127.0.0.1", "rest.fal.ai", "v3.fal.media")
     files = TLSFiles(folder / "server.pem", folder / "server.key", folder / "ca.pem")
     cert.private_key_pem.write_to_path(str(files.key))
     cert.cert_chain_pems[0].write_to_path(str(files.cert))

@@ -29,6 +29,7 @@ from ..storage import file_url
 from ..store import WebhookBody
 from ..web import hold_until_done, json_error, require_key, truthy
 from .fal_inputs import ENGINE_FIELDS, InputInvalid, invalid, known_ids, parse, schema_for, to_generation_request
+from .fal_storage import with_storage
 
 NAME = "fal"
 
@@ -346,6 +347,8 @@ async def _sse(services: Services, job_id: str, base: str, with_logs: bool) -> A
 
 
 # fal owns every path no other contract claims: its submit route is POST /{owner}/{alias}[/{path}].
+# Its main-port routes put fal's storage protocol (fal_storage.py) ahead of those catch-alls.
+main_router = with_storage(queue_router)
 CONTRACT = Contract(
-    name=NAME, prefixes=(), router=queue_router, refusal=refusal, webhook_body=webhook_body, fields=ENGINE_FIELDS
+    name=NAME, prefixes=(), router=main_router, refusal=refusal, webhook_body=webhook_body, fields=ENGINE_FIELDS
 )

@@ -3,8 +3,9 @@
 With `fal.config({proxyUrl: {url: ".../api/fal/proxy", when: "always"}})` the JS client sends
 every call (submit, status, stream, result, cancel) to this one URL with the real target in
 `x-fal-target-url`. We route on that header instead of forwarding anywhere: `queue.fal.run/...`
-goes to the queue routes, `fal.run/...` to the run host. The official proxy's answers are kept:
-400 for a missing header, 412 for a host that is not fal's.
+goes to the queue routes, `fal.run/...` to the run host, `rest.fal.ai/storage/...` to the storage
+routes (fal_storage.py: the upload URL they answer is this server's, PUT to directly). The official
+proxy's answers are kept: 400 for a missing header, 412 for a host that is not fal's.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 PROXY_PATH = "/api/fal/proxy"
 TARGET_URL_HEADER = b"x-fal-target-url"
 _FAL_HOSTS = ("fal.run", "fal.ai")
+REST_HOST = "rest.fal.ai"  # the JS client's storage uploads (initiate); the PUT itself goes direct
 
 
 class FalProxyMiddleware:
@@ -42,15 +44,16 @@ class FalProxyMiddleware:
         inner["path"] = unquote(url.path) or "/"
         inner["raw_path"] = (url.path or "/").encode("latin-1")
         inner["query_string"] = url.query.encode("latin-1")
-        if host.startswith("queue."):
+        storage = host == REST_HOST and url.path.startswith("/storage/")  # fal storage (fal_storage.py)
+        if host.startswith("queue.") or storage:
             await self.app(inner, receive, send)
         elif host == "fal.run":
             await self.run_app(inner, receive, send)
-        else:  # rest.fal.ai: storage uploads, tokens
+        else:
             await _reply(
                 send,
                 404,
-                {"detail": f"k5serve does not serve {host}{url.path}; send image_url as a data: URI or an http(s) URL"},
+                {"detail": f"k5serve does not serve {host}{url.path}"},
             )
 
 

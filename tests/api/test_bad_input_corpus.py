@@ -490,7 +490,7 @@ FAL_CASES = [
         404,
         detail("does not serve"),
         json={"prompt": "x"},
-        headers={"x-fal-target-url": "https://rest.fal.ai/storage/upload/initiate"},
+        headers={"x-fal-target-url": "https://rest.fal.ai/billing/usage"},  # only /storage/ is served
     ),
     Case(
         "proxy-run-missing-prompt",

@@ -20,7 +20,8 @@ SCENARIOS = Path(__file__).parents[1] / "fal_py_scenarios.py"
 pytestmark = pytest.mark.slow
 
 
-def run_client(server, scenario: str, *args: str, timeout: float = 180) -> dict:
+def run_client(server, scenario: str, *args: str, timeout: float = 180, env: dict | None = None) -> dict:
+    extra = env or {}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FAL_", "K5SERVE_"))}
     env.update(
         {
@@ -28,6 +29,7 @@ def run_client(server, scenario: str, *args: str, timeout: float = 180) -> dict:
             "FAL_QUEUE_RUN_HOST": server.host,
             "FAL_RUN_HOST": server.run_host,
             "SSL_CERT_FILE": str(server.ca),
+            **extra,
         }
     )
     proc = subprocess.run(
@@ -93,3 +95,19 @@ def test_no_weights_means_loud_demo_mode(live_server):
     assert ready["status"] == "ready" and ready["demo"] is True and ready["device"] == "cpu"
     assert "fal-ai" not in " ".join(ready["models"]) and "kandinsky5-tiny-t2v" in ready["models"]
     assert "DEMO MODE" in live_server.log_tail(200_000)
+
+
+def test_python_uploads_with_fals_hosts_resolved_to_the_server(live_server, test_image):
+    """rest.fal.ai and v3.fal.media resolve to the server inside the client's process only (tests
+    never resolve other names here): the token, the CDN upload and the "fal" repository's
+    initiate + PUT all land on k5serve, which tells them apart by Host in the URLs it answers."""
+    out = run_client(live_server, "uploads", str(test_image), env={"K5SERVE_STORAGE_PORT": str(live_server.port)})
+    urls = out["urls"]
+    for name in ("upload_file", "upload_image", "upload"):  # repository fal_v3: the CDN host's URL
+        assert urls[name].startswith("https://v3.fal.media/uploads/"), urls
+    assert urls["fal_repository"].startswith("https://rest.fal.ai/uploads/"), urls
+    assert urls["upload"].endswith("/raw.png") and urls["upload_file"].endswith("/noise.png")
+    assert out["same_bytes"]["upload_file"] and out["same_bytes"]["upload"] and out["same_bytes"]["fal_repository"]
+    assert all(out["png"].values())  # upload_image re-encodes the picture: a PNG again
+    for result in out["results"]:  # admission read the uploads from disk: no fetch of fal's hosts
+        assert_video(live_server, result["video"])

@@ -1,7 +1,8 @@
 """The real JS `@fal-ai/client` 1.10.1 under node against the live k5serve (TLS, test CA).
 
 `fal.subscribe` in polling and in streaming (SSE) mode, through `proxyUrl` and through
-`requestMiddleware`, and `fal.run` through the middleware (which maps fal.run to the run port).
+`requestMiddleware`, `fal.run` through the middleware (which maps fal.run to the run port), and
+uploads (`fal.storage.upload`, a Blob input) through both, kept on the server.
 `make test` installs tests/js/node_modules; without node or the package these tests fail
 with the command that fixes it.
 """
@@ -29,7 +30,7 @@ def js_client_installed() -> None:
     assert (JS / "node_modules" / "@fal-ai" / "client").is_dir(), "run `make test` (npm install in tests/js)"
 
 
-def run_node(live_server, mode: str, hook: str) -> dict:
+def run_node(live_server, mode: str, hook: str, **extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FAL_")}
     env.update(
         {
@@ -37,6 +38,7 @@ def run_node(live_server, mode: str, hook: str) -> dict:
             "K5SERVE_RUN_URL": f"https://{live_server.run_host}",
             "FAL_KEY": "local-key",
             "NODE_EXTRA_CA_CERTS": str(live_server.ca),
+            **extra,
         }
     )
     proc = subprocess.run(
@@ -73,3 +75,12 @@ def test_js_subscribe(live_server, mode, hook):
 def test_js_run_through_the_middleware_reaches_the_run_port(live_server):
     out = run_node(live_server, "run", "middleware")
     assert_video(live_server, out["result"], f"https://{live_server.run_host}")
+
+
+@pytest.mark.parametrize("hook", ["proxy", "middleware"])
+def test_js_uploads_stay_on_the_server_and_feed_image_to_video(live_server, test_image, hook):
+    """`fal.storage.upload(blob)` answers this server's URL (the same bytes come back), and a Blob
+    as `image_url` is uploaded by the client, then read from disk by admission for I2V."""
+    out = run_node(live_server, "upload", hook, K5SERVE_TEST_IMAGE=str(test_image))
+    assert out["uploadUrl"].startswith(f"{live_server.url}/uploads/") and out["sameBytes"]
+    assert_video(live_server, out["result"], live_server.url)

@@ -295,7 +295,9 @@ def test_proxy_dispatches_on_target_url(tmp_path):
 
         assert client.post("/api/fal/proxy", json=FAST).status_code == 400
         assert proxy("POST", "https://evil.example.com/x", json=FAST).status_code == 412
-        assert proxy("POST", "https://rest.fal.ai/storage/upload/initiate", json={}).status_code == 404
+        # fal storage is served (tests/api/test_fal_storage.py); other rest.fal.ai paths are not
+        assert proxy("POST", "https://rest.fal.ai/storage/upload/initiate", json={}).status_code == 200
+        assert proxy("POST", "https://rest.fal.ai/billing/usage", json={}).status_code == 404
 
 
 def test_cors_preflight_and_exposed_headers(tmp_path):

@@ -184,7 +184,6 @@ def decode_latents(pipe, latents) -> Any:
     return pipe.video_processor.postprocess_video(video, output_type="np")
 
 
-
 class StepMonitor:
     """diffusers' `callback_on_step_end` for one run: times each step, reports progress, and stops
     the run on cancel. Raising Cancelled (rather than diffusers' `_interrupt`) leaves the pipeline

@@ -42,7 +42,7 @@ class HoldEngine(FakeEngine):
         self.at.set()
         assert self.go.wait(10), "the test never released the engine"
 
-    def generate(self, req, output, *, on_step=None, cancel=None):
+    def generate(self, req, output, *, on_step=None, on_phase=None, cancel=None):
         if self.point == "start":
             self._hold()
 
@@ -52,7 +52,7 @@ class HoldEngine(FakeEngine):
             if self.point == "before-write" and i == n:
                 self._hold()
 
-        result = super().generate(req, output, on_step=step, cancel=cancel)
+        result = super().generate(req, output, on_step=step, on_phase=on_phase, cancel=cancel)
         if self.point == "after-write":
             self._hold()
         return result

@@ -49,7 +49,8 @@ def test_phases_after_the_steps_are_logged_and_keep_the_step_count():
     for i in range(3):
         job.record_progress(i, 2, phase="decoding")
     job.record_progress(0, 1, phase="writing")
-    assert [line.message for line in job.logs] == ["step 2/2", "decoding 0/2", "decoding 1/2", "decoding 2/2", "writing"]
+    lines = [line.message for line in job.logs]
+    assert lines == ["step 2/2", "decoding 0/2", "decoding 1/2", "decoding 2/2", "writing"]
     assert (job.phase, job.progress, job.phase_progress) == ("writing", (2, 2), (0, 1))
     with pytest.raises(ValueError, match="'uploading'"):
         job.record_progress(0, 1, phase="uploading")

@@ -19,7 +19,7 @@ from . import generation, memory
 from .cancel import Cancellation, CancelToken
 from .clock import StageClock
 from .errors import WeightsMissing
-from .generation import Frames, StepCallback
+from .generation import WRITING, Frames, PhaseCallback, StepCallback
 from .loader import LoadOptions, pick_device
 from .negatives import NegativePromptCache
 from .placement import MEMORY_MODES, Placement
@@ -156,21 +156,27 @@ class Engine:
         output: Path,
         *,
         on_step: StepCallback | None = None,
+        on_phase: PhaseCallback | None = None,
         cancel: Cancellation | None = None,
     ) -> GenerationResult:
         """Generate and write the mp4 at `output` (atomically). Nothing is written on failure.
 
         A ResolvedRequest (from `prepare`) runs exactly as it is; a GenerationRequest is prepared
-        first. Raises Cancelled (checked before loading, after every step, before the decode and
-        before writing), OutOfMemory or DeviceFailure (device.py).
+        first. `on_step(i, n)` follows the denoising steps, `on_phase(phase, i, n)` what comes after
+        them: ("decoding", i, n) as the decode starts (i=0) and after each of its n temporal windows,
+        then ("writing", 0, 1). Raises Cancelled (checked before loading, after every step, between
+        the decode's windows and before writing), OutOfMemory or DeviceFailure (device.py).
         """
         from .video import write_mp4
 
         cancel = cancel if cancel is not None else CancelToken()
         r = self._resolved(req)
         self._log_demo(r)
-        done = self.generate_frames(r, on_step=on_step, cancel=cancel)
+        done = self.generate_frames(r, on_step=on_step, on_phase=on_phase, cancel=cancel)
         cancel.raise_if_cancelled()
+        if on_phase is not None:
+            on_phase(WRITING, 0, 1)
+            cancel.raise_if_cancelled()  # a cancel from the progress listener stops here
 
         # 5. write
         with StageClock(self.device, done.timings).stage("write"):
@@ -198,6 +204,7 @@ class Engine:
         req: ResolvedRequest | GenerationRequest,
         *,
         on_step: StepCallback | None = None,
+        on_phase: PhaseCallback | None = None,
         cancel: Cancellation | None = None,
         decode: bool = True,
     ) -> Frames:
@@ -223,6 +230,7 @@ class Engine:
                 clock=clock,
                 cancel=cancel,
                 on_step=on_step,
+                on_phase=on_phase,
                 decode=decode,
             )
 

@@ -5,11 +5,13 @@ stages call the stock diffusers pipeline, not a copy of it: k5serve encodes the 
 keep the negative one between jobs and to time the stage), runs the pipeline on the embeddings with
 `output_type="latent"` (its own timesteps, latents, I2V conditioning and loop, with denoise.py's
 StepRunner as the transformer's forward), and decodes the latents as the pipeline would have. Each
-stage is timed by the StageClock; cancellation is checked after every step and before the decode.
+stage is timed by the StageClock; cancellation is checked after every step and between the decode's
+temporal windows (decode.py).
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ from typing import Any
 from . import memory
 from .cancel import Cancellation
 from .clock import StageClock
+from .decode import decode_in_chunks, vae_input
 from .images import load_image
 from .negatives import NegativePromptCache, PromptEmbeds
 from .placement import plan_dict, text_encoders_on
@@ -25,6 +28,10 @@ from .request import ResolvedRequest
 from .variants import HD_SIZES
 
 StepCallback = Callable[[int, int], None]
+# (phase, done, total) after the denoising steps: ("decoding", i, n) from i=0 as the decode starts
+# and after each of its n temporal windows (decode.py); ("writing", 0, 1) from Engine.generate
+PhaseCallback = Callable[[str, int, int], None]
+DECODING, WRITING = "decoding", "writing"
 MAX_SEQUENCE_LENGTH = 256  # Qwen tokens per prompt, as the official pipelines (diffusers defaults to 512)
 
 
@@ -61,6 +68,7 @@ def run(
     clock: StageClock,
     cancel: Cancellation,
     on_step: StepCallback | None = None,
+    on_phase: PhaseCallback | None = None,
     decode: bool = True,
 ) -> Frames:
     """Stages 2-4 for `r` on `pipe` (loaded; `clock` has timed the load). `decode=False` stops after
@@ -106,9 +114,10 @@ def run(
                 return done
             cancel.raise_if_cancelled()  # the last chance to skip the VAE
 
-            # 4. decode
+            # 4. decode, window by window (decode.py: the same frames as decode_latents)
+            on_chunk = functools.partial(on_phase, DECODING) if on_phase is not None else None
             with clock.stage("decode"):
-                done.frames = decode_latents(pipe, latents)[0]
+                done.frames = decode_in_chunks(pipe, latents, cancel, on_chunk)[0]
             return done
     finally:
         pipe.maybe_free_model_hooks()  # model offload: every model back off the GPU, also on failure
@@ -167,15 +176,11 @@ def decode_latents(pipe, latents) -> Any:
     Mirrors diffusers 0.42.1 `Kandinsky5T2VPipeline.__call__`, "# 11. Decode latents to video"
     (pipelines/kandinsky5/pipeline_kandinsky.py lines 941-965), which `Kandinsky5I2VPipeline.__call__`
     repeats (pipeline_kandinsky_i2v.py lines 1018-1042), with num_videos_per_prompt=1 and
-    output_type="np". tests/pipelines/test_pipelines.py checks the frames equal stock diffusers' bit for bit.
+    output_type="np". The one-shot reference: the engine decodes the same frames window by window
+    (decode.decode_in_chunks); tests/pipelines/test_pipelines.py checks the engine's frames equal stock
+    diffusers' bit for bit, tests/pipelines/test_decode.py the two decodes.
     """
-    batch, frames, height, width, channels = latents.shape
-    latents = latents.to(pipe.vae.dtype)
-    video = latents.reshape(batch, 1, frames, height, width, channels)
-    video = video.permute(0, 1, 5, 2, 3, 4)  # [batch, num_videos, channels, frames, height, width]
-    video = video.reshape(batch, channels, frames, height, width)
-    video = video / pipe.vae.config.scaling_factor
-    video = pipe.vae.decode(video).sample
+    video = pipe.vae.decode(vae_input(pipe, latents)).sample
     return pipe.video_processor.postprocess_video(video, output_type="np")
 
 

@@ -2,7 +2,8 @@
 
 denoise.py re-implements `Kandinsky5Transformer3DModel.forward` and the cross-attention branch of
 `Kandinsky5AttnProcessor`, wraps two small layers per sample, and stands in for the transformer
-inside the stock pipelines' denoising loop. A diffusers upgrade can change any of these without an
+inside the stock pipelines' denoising loop; decode.py runs the VAE's temporal windows one call at
+a time. A diffusers upgrade can change any of these without an
 error; then the fork would silently compute something other than stock diffusers. So each object
 in WATCHED has a hash of its normalised source (or, for `part="signature"`, of its parameter list)
 in PINS, read from the diffusers version in PINNED_DIFFUSERS. tests/pipelines/test_fork_pin.py fails when one
@@ -31,6 +32,8 @@ from pathlib import Path
 
 _TK = "diffusers.models.transformers.transformer_kandinsky"
 _K5 = "diffusers.pipelines.kandinsky5"
+_VAE = "diffusers.models.autoencoders.autoencoder_kl_hunyuan_video"
+_DECODE = "pipelines/decode.py"
 _LOOP = (
     "StepRunner.__call__ and ._same_step (they expect, per step, a conditional call and then one with the "
     "negative embeddings on the same latents and timestep, by keyword)"
@@ -51,6 +54,7 @@ class Watched:
     qualname: str
     mirror: str  # what in k5serve copies or relies on it
     part: str = "source"  # "source": any change counts; "signature": only its parameters do
+    file: str = "pipelines/denoise.py"  # where `mirror` lives
 
     @property
     def name(self) -> str:
@@ -119,6 +123,21 @@ WATCHED: tuple[Watched, ...] = (
         "generation.encode_prompt (calls it by keyword)",
         part="signature",
     ),
+    # Stage 4 decodes the windows diffusers' VAE would decode, one call each (pipelines/decode.py).
+    Watched(
+        _VAE,
+        "AutoencoderKLHunyuanVideo._temporal_tiled_decode",
+        "_windowed (its two loops: the same windows, one vae.decode call each, and the same blend) and windows()",
+        file=_DECODE,
+    ),
+    Watched(
+        _VAE,
+        "AutoencoderKLHunyuanVideo._decode",
+        "_windowed (with use_framewise_decoding off, a window takes the branch _temporal_tiled_decode takes)",
+        file=_DECODE,
+    ),
+    Watched(_VAE, "AutoencoderKLHunyuanVideo.decode", "_windowed (one call per window)", file=_DECODE),
+    Watched(_VAE, "AutoencoderKLHunyuanVideo.blend_t", "_windowed (blends in place, in order)", file=_DECODE),
 )
 
 # BEGIN PINS: written by `python -m pipelines.upstream --update`; edit WATCHED, not this block.
@@ -145,6 +164,10 @@ PINS = {
     "Kandinsky5I2VPipeline.__call__": "6454324b95606bff",
     "Kandinsky5T2VPipeline.encode_prompt": "3e1d9ddabbae6fe8",
     "Kandinsky5I2VPipeline.encode_prompt": "3e1d9ddabbae6fe8",
+    "AutoencoderKLHunyuanVideo._temporal_tiled_decode": "1fd91766120661f4",
+    "AutoencoderKLHunyuanVideo._decode": "f69de76fd2cfb021",
+    "AutoencoderKLHunyuanVideo.decode": "823475bd92d55660",
+    "AutoencoderKLHunyuanVideo.blend_t": "6e575e0299b36ad2",
 }
 # END PINS
 
@@ -189,7 +212,7 @@ def drift(texts: dict[str, str | None], pins: dict[str, str] = PINS, installed_v
             continue
         problems.append(
             f"{w.name} {change} (pinned from diffusers {PINNED_DIFFUSERS}, installed {installed_version}): "
-            f"re-check in pipelines/denoise.py: {w.mirror}; then re-pin with `python -m pipelines.upstream --update`"
+            f"re-check in {w.file}: {w.mirror}; then re-pin with `python -m pipelines.upstream --update`"
         )
     return problems
 

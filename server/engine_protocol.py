@@ -34,9 +34,15 @@ class EngineLike(Protocol):
         output: Path,
         *,
         on_step: Callable[[int, int], None] | None = None,
+        on_phase: Callable[[str, int, int], None] | None = None,
         cancel: Cancellation | None = None,
     ) -> GenerationResult:
-        """Run an admitted request as it is (never re-resolved) and write the mp4 at `output`."""
+        """Run an admitted request as it is (never re-resolved) and write the mp4 at `output`.
+
+        `on_step(i, n)` after each denoising step; `on_phase(phase, i, n)` for what follows the
+        steps: ("decoding", i, n) as the decode starts (i=0) and after each of its n chunks, then
+        ("writing", 0, 1) before the mp4 is written. `cancel` is honoured at each of these points;
+        a cancelled run raises pipelines.errors.Cancelled and leaves no file."""
         ...
 
     def warmup(self) -> None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from pipelines.cancel import CancelSwitch
 
-from .jobs import Job, JobError, JobOutput
+from .jobs import DENOISING, Job, JobError, JobOutput
 
 
 @dataclass(frozen=True)
@@ -21,9 +21,13 @@ class RunJob:
 
 @dataclass(frozen=True)
 class Progress:
+    """Worker -> manager: `step` of `total` done in `phase` (jobs.PHASES: a denoising step, a
+    decode chunk, or the start of the write)."""
+
     job_id: str
     step: int
     total: int
+    phase: str = DENOISING
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,11 @@ contracts keep their own extras in the opaque `meta` dict.
 
     >>> job = Job.new(contract="fal", model="fal-ai/kandinsky5/text-to-video", request=req)
     >>> job.start(); job.record_progress(1, 30); job.succeed(output)
+
+A running job moves through phases (`Job.phase`): "denoising" (`progress`: steps done / steps),
+"decoding" (`phase_progress`: the VAE's temporal chunks decoded / chunks, from 0/n as the decode
+starts) and "writing" (the mp4). `Job.percent` maps them onto one 0-100 scale for the contracts
+that have one.
 """
 
 from __future__ import annotations
@@ -48,6 +53,14 @@ _ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.FAILED: frozenset(),
     JobStatus.CANCELED: frozenset(),
 }
+
+
+DENOISING, DECODING, WRITING = "denoising", "decoding", "writing"
+PHASES = (DENOISING, DECODING, WRITING)
+# Job.percent: denoising fills 0..DENOISE_END, decoding DENOISE_END..DECODE_END, writing sits at
+# DECODE_END; 100 only once the video is written. On a 2-core CPU the decode and the write of the demo
+# video take longer than its steps, on a GPU a large share of a distilled run: they get their own band.
+DENOISE_END, DECODE_END = 90, 99
 
 
 class InvalidTransition(Exception):
@@ -147,6 +160,8 @@ class Job:
     meta: dict[str, Any] = field(default_factory=dict)  # contract extras; the queue never reads it
     attempts: int = 0
     progress: tuple[int, int] | None = None  # (step, total) while running
+    phase: str | None = None  # denoising, decoding, writing (PHASES); None before the first step
+    phase_progress: tuple[int, int] | None = None  # (done, total) of a phase after the steps
     logs: list[LogLine] = field(default_factory=list)
     error: JobError | None = None
     output: JobOutput | None = None
@@ -183,7 +198,7 @@ class Job:
         self._move(JobStatus.RUNNING)
         self.started_at = time.time() if now is None else now
         self.attempts += 1
-        self.progress = None
+        self.progress = self.phase = self.phase_progress = None
 
     def succeed(self, output: JobOutput, now: float | None = None) -> None:
         self._move(JobStatus.SUCCEEDED)
@@ -205,13 +220,21 @@ class Job:
         """RUNNING -> QUEUED: the run was interrupted (crash, shutdown) and will start again."""
         self._move(JobStatus.QUEUED)
         self.started_at = None
-        self.progress = None
+        self.progress = self.phase = self.phase_progress = None
 
-    def record_progress(self, step: int, total: int, now: float | None = None) -> None:
+    def record_progress(self, step: int, total: int, now: float | None = None, phase: str = DENOISING) -> None:
+        """`step` of `total` done in `phase`; logged as "step i/n", "decoding i/n" or "writing"."""
         if self.status is not JobStatus.RUNNING:
             raise InvalidTransition(self.id, self.status, "progress")
-        self.progress = (step, total)
-        self.log(f"step {step}/{total}", now=now)
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
+        self.phase = phase
+        if phase == DENOISING:
+            self.progress = (step, total)
+        else:
+            self.phase_progress = (step, total)
+        line = {DENOISING: f"step {step}/{total}", DECODING: f"decoding {step}/{total}", WRITING: "writing"}
+        self.log(line[phase], now=now)
 
     def log(self, message: str, level: str = "INFO", now: float | None = None) -> None:
         self.logs.append(LogLine(message, level, time.time() if now is None else now))
@@ -222,6 +245,19 @@ class Job:
     @property
     def prompt(self) -> str:
         return self.request.prompt if self.request is not None else ""
+
+    @property
+    def percent(self) -> int:
+        """0-100 over the whole run: steps 0..90, the decode 90..99, writing 99, 100 once written."""
+        if self.status is JobStatus.SUCCEEDED:
+            return 100
+        if self.phase == WRITING:
+            return DECODE_END
+        if self.phase == DECODING and self.phase_progress is not None:
+            return DENOISE_END + int(_share(self.phase_progress) * (DECODE_END - DENOISE_END))
+        if self.progress is None:
+            return 0
+        return int(_share(self.progress) * DENOISE_END)
 
     @property
     def inference_time(self) -> float | None:
@@ -250,6 +286,9 @@ class Job:
             "webhook_url": self.webhook_url,
             "meta": self.meta,
             "attempts": self.attempts,
+            "progress": list(self.progress) if self.progress is not None else None,
+            "phase": self.phase,
+            "phase_progress": list(self.phase_progress) if self.phase_progress is not None else None,
             "logs": [asdict(line) for line in self.logs],
             "error": self.error.to_dict() if self.error else None,
             "output": asdict(self.output) if self.output else None,
@@ -274,10 +313,18 @@ class Job:
             webhook_url=data.get("webhook_url"),
             meta=data.get("meta") or {},
             attempts=data.get("attempts", 0),
+            progress=tuple(data["progress"]) if data.get("progress") else None,
+            phase=data.get("phase"),
+            phase_progress=tuple(data["phase_progress"]) if data.get("phase_progress") else None,
             logs=[LogLine(**line) for line in data.get("logs") or []],
             error=JobError.from_dict(data["error"]) if data.get("error") else None,
             output=JobOutput(**data["output"]) if data.get("output") else None,
         )
+
+
+def _share(progress: tuple[int, int]) -> float:
+    done, total = progress
+    return min(done, total) / max(total, 1)
 
 
 def short_value(value: object, limit: int = 200) -> object:

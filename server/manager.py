@@ -23,7 +23,7 @@ fetch the result, so recovery cancels them (RESTARTED_WHILE_WAITING) instead of 
 
 Cancellation by state (queue semantics, see ../shared/style.md):
   QUEUED    -> removed from the queue and CANCELED at once
-  RUNNING   -> the run's cancel switch is set; the engine stops at the next step boundary
+  RUNNING   -> the run's cancel switch is set; the engine stops at the next step or decode chunk
   CANCELED  -> CANCELED again: a repeated cancel (a client retrying) gets the first answer
   SUCCEEDED / FAILED -> ALREADY_DONE (nothing changes)
 A cancel racing the end of a run is decided under the lock: whichever comes first wins, and
@@ -346,7 +346,8 @@ class JobManager:
                     self.storage.remove_inputs(event.job_id)
                 return
             if isinstance(event, Progress):  # memory only: a restart runs the job from step 0
-                job = _changed(job, lambda j: j.record_progress(event.step, event.total, now=self.clock()))
+                now, step = self.clock(), (event.step, event.total)
+                job = _changed(job, lambda j: j.record_progress(*step, now=now, phase=event.phase))
                 self._put(job, job.status)
                 return
             self._runs.pop(job.id, None)

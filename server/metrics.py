@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import GaugeMetricFamily
 
 from .engine_protocol import EngineLike
-from .jobs import Job, JobStatus
+from .jobs import DENOISING, Job, JobStatus
 from .manager import JobManager
 
 log = logging.getLogger("k5serve.metrics")
@@ -53,7 +53,9 @@ class Metrics:
     def observe(self, job: Job, previous: JobStatus | None) -> None:
         now = time.monotonic()
         with self._lock:
-            if previous is job.status:  # a progress step
+            if previous is job.status:  # progress: a step, or a decode chunk (not a step)
+                if job.phase != DENOISING:
+                    return
                 last = self._last_step.get(job.id)
                 if last is not None:
                     self._steps.setdefault(job.id, []).append(now - last)

@@ -123,10 +123,13 @@ class GpuWorker:
         def on_step(step: int, total: int) -> None:
             self.manager.handle(Progress(job.id, step, total))
 
+        def on_phase(phase: str, done: int, total: int) -> None:  # decoding i/n, writing
+            self.manager.handle(Progress(job.id, done, total, phase))
+
         try:
             # the request as admitted; records from before admission stored it are resolved once here
             request = job.resolved if job.resolved is not None else self.engine.prepare(job.request)
-            result = self.engine.generate(request, output, on_step=on_step, cancel=run.cancel)
+            result = self.engine.generate(request, output, on_step=on_step, on_phase=on_phase, cancel=run.cancel)
             fsync_file(result.path)
         except Cancelled:
             self.storage.discard_output(job.file_id)

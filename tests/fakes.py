@@ -32,6 +32,9 @@ class FakeEngine:
     """Every behaviour is a keyword argument (all off by default: a fast engine that always works).
 
     Timing: `step_time` seconds per denoising step, `warmup_time` seconds of warm-up.
+    Decode phase: with `decode_chunks` > 0, after the steps it reports ("decoding", i, n) for i in
+    0..n (sleeping `decode_time` per chunk and honouring the cancel token between chunks, like the
+    real engine's chunked decode) and then ("writing", 0, 1) through `on_phase`; 0: no phase reports.
     Failures: `warmup_error` is raised by warmup(); `fail` is raised by a run once `fail_at_step`
     steps are done (0: before the first step, nothing reported); `write_error` is raised with half
     the video written to its `.part` file (disk full, EIO, ...). `fail_times`: only the first N calls
@@ -67,6 +70,8 @@ class FakeEngine:
         pause_calls: Collection[int] | None = None,
         pause_dir: Path | None = None,
         memory_bytes: int | None = None,
+        decode_chunks: int = 0,
+        decode_time: float = 0.0,
         demo: bool | None = None,
         device: str | None = None,
     ):
@@ -92,6 +97,9 @@ class FakeEngine:
         self.pause_calls = pause_calls
         self.pause_dir = pause_dir
         self.memory_bytes = memory_bytes
+        self.decode_chunks = decode_chunks
+        self.decode_time = decode_time
+        self.chunks_run: list[int] = []  # decode chunks completed per call (with decode_chunks > 0)
         if demo is not None:
             self.demo = demo
         if device is not None:
@@ -127,6 +135,7 @@ class FakeEngine:
         output: Path,
         *,
         on_step: Callable[[int, int], None] | None = None,
+        on_phase: Callable[[str, int, int], None] | None = None,
         cancel: CancelToken | None = None,
     ) -> GenerationResult:
         """Run `req`: a ResolvedRequest exactly as given, a GenerationRequest through prepare()."""
@@ -154,6 +163,7 @@ class FakeEngine:
                     on_step(step, r.steps)
             if cancel is not None:
                 cancel.raise_if_cancelled()
+            self._decode(on_phase, cancel)
             data = fake_video_bytes(r)
             if _chosen(self.big_calls, n) and len(data) < self.big_bytes:
                 data += b"\x00" * (self.big_bytes - len(data))
@@ -181,6 +191,26 @@ class FakeEngine:
         )
 
     # ---- parts ---------------------------------------------------------------------------------------
+
+    def _decode(self, on_phase: Callable[[str, int, int], None] | None, cancel: CancelToken | None) -> None:
+        """The decode and write phases as the real engine reports them (`decode_chunks` > 0 only)."""
+        if not self.decode_chunks:
+            return
+        n, done = self.decode_chunks, 0
+        report = on_phase or (lambda *_: None)
+        try:
+            report("decoding", 0, n)
+            for chunk in range(1, n + 1):
+                if cancel is not None:
+                    cancel.raise_if_cancelled()
+                time.sleep(self.decode_time)
+                done = chunk
+                report("decoding", chunk, n)
+        finally:
+            self.chunks_run.append(done)
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        report("writing", 0, 1)
 
     def _write(
         self, output: Path, data: bytes, error: OSError | None, *, pause: bool, cancel: CancelToken | None
@@ -246,6 +276,7 @@ def engine_from_env(env: Mapping[str, str] | None = None) -> FakeEngine:
     PAUSE_DIR     the pause folder (kill points, and "arm-submit" for the submit path)
     PAUSE_AT      "step", "write" or "step,write"; PAUSE_CALLS: which calls (unset: every call)
     MEMORY_BYTES  what memory_in_use() reports (unset: not measured)
+    DECODE_CHUNKS, DECODE_TIME  a decode phase of that many chunks of that many seconds (unset: none)
     FSIZE_LIMIT   bytes: RLIMIT_FSIZE with SIGXFSZ ignored, so large writes fail with EFBIG
     """
     env = os.environ if env is None else env
@@ -258,6 +289,8 @@ def engine_from_env(env: Mapping[str, str] | None = None) -> FakeEngine:
         pause_calls=_call_numbers(env.get("K5SERVE_FAKE_PAUSE_CALLS")),
         pause_dir=pause_dir,
         memory_bytes=int(env["K5SERVE_FAKE_MEMORY_BYTES"]) if env.get("K5SERVE_FAKE_MEMORY_BYTES") else None,
+        decode_chunks=int(env.get("K5SERVE_FAKE_DECODE_CHUNKS", "0")),
+        decode_time=float(env.get("K5SERVE_FAKE_DECODE_TIME", "0")),
     )
     if pause_dir is not None:
         logging.getLogger("k5serve.jobs").addHandler(PauseAfterSubmit(pause_dir))

@@ -198,6 +198,7 @@ def wire_id(job: Job) -> str:
 def poll_body(job: Job, base: str) -> dict:
     body: dict = {"id": wire_id(job), "status": AIML_STATUS[job.status], "model": job.model, "video": None}
     body["error"] = None
+    body["phase"] = job.phase if job.status is JobStatus.RUNNING else None  # k5serve: denoising, decoding, writing
     if job.status is JobStatus.SUCCEEDED and job.output is not None:
         out = job.output
         body["video"] = {

@@ -195,13 +195,9 @@ def _request(fields: dict, seconds: int | None, has_image: bool, **values) -> tu
 
 
 def progress(job: Job) -> int:
-    """0-100 from the real step count; 100 only once the video is written."""
-    if job.status is JobStatus.SUCCEEDED:
-        return 100
-    if job.progress is None:
-        return 0
-    step, total = job.progress
-    return min(99, step * 100 // max(total, 1))
+    """0-100 from the real run (Job.percent): the steps fill 0-90, the decode's chunks 90-99, the
+    write sits at 99; 100 only once the video is written."""
+    return job.percent
 
 
 def video_object(job: Job) -> dict:

@@ -37,7 +37,10 @@ def job_summary(job: Job, base: str, position: int | None) -> dict:
         "created_at": job.created_at,
         "completed_at": job.completed_at,
         "queue_position": position,
-        "progress": list(job.progress) if job.progress else None,
+        "progress": list(job.progress) if job.progress else None,  # (step, total)
+        # denoising, decoding, writing (the last one reached, once finished); the decode's chunks
+        "phase": job.phase,
+        "phase_progress": list(job.phase_progress) if job.phase_progress else None,
         "error": job.error.message if job.error else None,
         "video_url": file_url(base, job.file_id, out.file_name) if out else None,
         "acceleration": out.acceleration if out else None,

@@ -43,7 +43,7 @@ class HoldEngine(FakeEngine):
         self.at.set()
         assert self.go.wait(10), "the test never released the engine"
 
-    def generate(self, req, output, *, on_step=None, cancel=None):
+    def generate(self, req, output, *, on_step=None, on_phase=None, cancel=None):
         if self.point == "start":
             self._hold()
 
@@ -53,7 +53,7 @@ class HoldEngine(FakeEngine):
             if self.point == "before-write" and i == n:
                 self._hold()
 
-        result = super().generate(req, output, on_step=step, cancel=cancel)
+        result = super().generate(req, output, on_step=step, on_phase=on_phase, cancel=cancel)
         if self.point == "after-write":
             self._hold()
         return result
@@ -164,6 +164,23 @@ def test_fal_cancel_of_a_running_job_stops_it_and_keeps_no_file(tmp_path):
         assert not (services.storage.files / job.file_id).exists()  # no video, not even a .part
         assert job.progress is not None and job.progress[0] < 100
     assert engine.steps_run[0] < 100
+
+
+def test_fal_cancel_during_the_decode_stops_it_within_a_chunk_and_keeps_no_file(tmp_path):
+    """After the last step the decode still honours a cancel: at the next chunk, not at its end."""
+    engine = FakeEngine(step_time=0.01, decode_chunks=20, decode_time=0.1)
+    with app_client(engine, tmp_path) as client:
+        services = client.app.state.services
+        rid = fal_submit(client, "decoding", steps=2)
+        wait_until(lambda: services.manager.get(rid).phase == "decoding", what="the decode")
+        assert fal_cancel(client, rid) == (202, {"status": "CANCELLATION_REQUESTED"})
+        wait_until(lambda: fal_status(client, rid)["status"] == "COMPLETED", what="the cancel")
+        assert fal_status(client, rid)["error_type"] == "client_cancelled"
+        job = services.manager.get(rid)
+        assert not (services.storage.files / job.file_id).exists()
+        messages = [line.message for line in job.logs]
+        assert "decoding 0/20" in messages and "writing" not in messages and "video written" not in messages
+    assert engine.steps_run == [2] and engine.chunks_run[0] < 20
 
 
 def test_openai_delete_of_a_running_video_stops_it_and_keeps_no_file(tmp_path):

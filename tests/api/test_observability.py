@@ -49,6 +49,19 @@ def test_metrics_count_jobs_and_time_them(tmp_path):
     assert steps >= 1
 
 
+def test_decode_chunks_are_not_timed_as_steps(tmp_path):
+    """The decode's progress reports come through the same event as steps: only steps are steps."""
+    engine = FakeEngine(step_time=0.01, decode_chunks=3, decode_time=0.01)
+    with app_client(engine, tmp_path) as client:
+        job_id = client.post(T2V, json={"prompt": "a fox"}).json()["request_id"]
+        url = f"/fal-ai/kandinsky5/requests/{job_id}/status"
+        wait_until(lambda: client.get(url).json()["status"] == "COMPLETED", what="job done")
+        after = samples(client)
+    assert engine.chunks_run == [3] and engine.steps_run[0] > 1
+    counts = [v for k, v in after.items() if k[0] == "k5serve_step_seconds_count"]
+    assert counts == [engine.steps_run[0]]  # not + the 5 decode and write reports
+
+
 def test_metrics_count_queued_and_failed_jobs(tmp_path):
     engine = FakeEngine(fail=RuntimeError("boom"))
     with app_client(engine, tmp_path) as client:

@@ -54,6 +54,13 @@ def test_subscribe_with_queue_updates_and_logs(live_server):
     assert kinds[-1] == "Completed" and "InProgress" in kinds
     messages = [m for u in out["updates"] for m in u["logs"]]
     assert "step 3/3" in messages, messages
+    # then the decode (the demo video's 25 frames: 3 chunks of the tiny VAE) and the write; each
+    # update carries the logs so far, and the client sees the decode while the job is in progress
+    final = max((u["logs"] for u in out["updates"]), key=len)
+    after = final[final.index("step 3/3") + 1 :]
+    assert after == ["decoding 0/3", "decoding 1/3", "decoding 2/3", "decoding 3/3", "writing", "video written"]
+    decoding = [u for u in out["updates"] if u["type"] == "InProgress" and "decoding 0/3" in u["logs"]]
+    assert decoding, out["updates"]
 
 
 def test_submit_status_result(live_server):

@@ -91,10 +91,28 @@ def test_progress_follows_the_real_step_count(tmp_path):
             video = api.videos.retrieve(video.id)
             seen.add((video.status, video.progress))
             time.sleep(0.02)
-    # After step 4/4 the job is still in_progress while the mp4 is written: progress is capped at 99
-    # until the file exists (a poll can land in that window, so 99 is a legitimate value).
-    assert {p for s, p in seen if s == "in_progress"} <= {0, 25, 50, 75, 99} and ("completed", 100) in seen
+    # The steps fill 0-90 (Job.percent); this engine reports no decode, so after step 4/4 the job
+    # stays at 90 until the file exists (a poll can land in that window).
+    assert {p for s, p in seen if s == "in_progress"} <= {0, 22, 45, 67, 90} and ("completed", 100) in seen
     assert any(s == "in_progress" and 0 < p < 100 for s, p in seen), seen
+
+
+def test_progress_rises_through_the_decode_and_the_write(tmp_path):
+    """After the last step, the decode's chunks move progress from 90 to 99 and the write holds 99:
+    it is not stuck while the VAE runs; 100 only once the video is there."""
+    engine = fakes.FakeEngine(step_time=0.02, decode_chunks=3, decode_time=0.3)
+    with app_client(engine, tmp_path) as client:
+        api, seen = sdk(client), []
+        video = api.videos.create(prompt="x", extra_body={"num_inference_steps": 2})
+        while video.status in ("queued", "in_progress"):
+            video = api.videos.retrieve(video.id)
+            seen.append((video.status, video.progress))
+            time.sleep(0.02)
+    decoding = [p for s, p in seen if s == "in_progress" and 90 <= p < 100]
+    assert {93, 96} <= set(decoding), seen  # the middle chunks, each held 0.3 s
+    assert set(decoding) <= {90, 93, 96, 99}, seen
+    progress = [p for _s, p in seen]
+    assert progress == sorted(progress) and seen[-1] == ("completed", 100), seen
 
 
 def test_failed_generation_is_failed_with_an_error(tmp_path):
@@ -324,6 +342,22 @@ def test_live_sdk_text_to_video(live_sdk):
     assert live_sdk.videos.delete(video.id).deleted
     with pytest.raises(openai.NotFoundError):
         live_sdk.videos.retrieve(video.id)
+
+
+@pytest.mark.slow
+def test_live_sdk_progress_rises_through_the_real_decode(live_sdk):
+    """The real engine's demo video (25 frames: 3 decode chunks of the tiny VAE) reports its decode:
+    a poll lands inside the decode's band (90 < progress < 99, chunks 1/3 and 2/3 done) while the job
+    is still in progress."""
+    video = live_sdk.videos.create(prompt="a fox decodes slowly", extra_body={"num_inference_steps": 1})
+    seen = []
+    while video.status in ("queued", "in_progress"):
+        video = live_sdk.videos.retrieve(video.id)
+        seen.append((video.status, video.progress))
+        time.sleep(0.02)
+    assert video.status == "completed" and video.progress == 100, video
+    assert any(s == "in_progress" and 90 < p < 99 for s, p in seen), seen
+    assert [p for _s, p in seen] == sorted(p for _s, p in seen), seen
 
 
 @pytest.mark.slow

@@ -42,6 +42,50 @@ def test_happy_path_stamps_times_and_counts_attempts():
     assert [line.message for line in job.logs] == ["step 1/2"]
 
 
+def test_phases_after_the_steps_are_logged_and_keep_the_step_count():
+    job = new_job()
+    job.start(now=101.0)
+    job.record_progress(2, 2)
+    for i in range(3):
+        job.record_progress(i, 2, phase="decoding")
+    job.record_progress(0, 1, phase="writing")
+    lines = [line.message for line in job.logs]
+    assert lines == ["step 2/2", "decoding 0/2", "decoding 1/2", "decoding 2/2", "writing"]
+    assert (job.phase, job.progress, job.phase_progress) == ("writing", (2, 2), (0, 1))
+    with pytest.raises(ValueError, match="'uploading'"):
+        job.record_progress(0, 1, phase="uploading")
+    job.requeue()  # a run that starts again starts from nothing
+    assert (job.phase, job.progress, job.phase_progress) == (None, None, None)
+
+
+def test_percent_steps_fill_0_to_90_the_decode_90_to_99_and_100_once_written():
+    job = new_job()
+    assert job.percent == 0
+    job.start()
+    assert job.percent == 0
+    seen = []
+    for step in range(1, 5):
+        job.record_progress(step, 4)
+        seen.append(job.percent)
+    for chunk in range(4):
+        job.record_progress(chunk, 3, phase="decoding")
+        seen.append(job.percent)
+    job.record_progress(0, 1, phase="writing")
+    seen.append(job.percent)
+    assert seen == [22, 45, 67, 90, 90, 93, 96, 99, 99]
+    job.succeed(OUT)
+    assert job.percent == 100
+
+
+def test_phase_survives_the_record_round_trip():
+    job = new_job()
+    job.start()
+    job.record_progress(3, 3)
+    job.record_progress(1, 2, phase="decoding")
+    back = Job.from_dict(job.to_dict())
+    assert (back.phase, back.progress, back.phase_progress) == ("decoding", (3, 3), (1, 2))
+
+
 @pytest.mark.parametrize(
     ("setup", "action"),
     [
@@ -212,6 +256,10 @@ def test_worker_events_drive_the_job(manager):
     manager.next_job(threading.Event())
     manager.handle(Progress(job.id, 1, 2))
     assert manager.get(job.id).progress == (1, 2)
+    held = manager.get(job.id)
+    manager.handle(Progress(job.id, 1, 3, "decoding"))
+    assert (manager.get(job.id).phase, manager.get(job.id).phase_progress) == ("decoding", (1, 3))
+    assert held.phase == "denoising" and held.phase_progress is None  # a new copy, as for every change
     manager.handle(Succeeded(job.id, OUT))
     assert manager.get(job.id).status is JobStatus.SUCCEEDED
 

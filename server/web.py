@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from .errors import Unauthorized
-from .jobs import CLIENT_DISCONNECTED, Job
-
-if TYPE_CHECKING:
-    from .manager import JobManager
 
 
 class ResponseError(Exception):
@@ -81,19 +75,6 @@ def base_url(request: Request, public_url: str | None) -> str:
     if public_url:
         return public_url
     return str(request.base_url).rstrip("/")
-
-
-async def hold_until_done(manager: JobManager, job: Job, request: Request) -> Job:
-    """A synchronous route (OneRouter, fal's run host) waits on the connection until `job` ends.
-    A caller that hangs up cancels its job (CLIENT_DISCONNECTED): nobody is left to read the
-    result, so the GPU goes to the others. Returns the job as it ended."""
-    asked = False
-    while not job.status.terminal:
-        job = await manager.wait_for_change(job.id, job.version, timeout=1.0)
-        if not asked and not job.status.terminal and await request.is_disconnected():
-            await asyncio.to_thread(manager.cancel, job.id, CLIENT_DISCONNECTED)
-            asked = True  # a running job stops at its next step; keep waiting for that
-    return job
 
 
 def truthy(value: str | None) -> bool:

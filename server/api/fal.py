@@ -27,9 +27,10 @@ from ..netguard import UrlGuard, UrlRefused
 from ..services import Services
 from ..storage import file_url
 from ..store import WebhookBody
-from ..web import hold_until_done, json_error, require_key, truthy
+from ..web import json_error, require_key, truthy
 from .fal_inputs import ENGINE_FIELDS, InputInvalid, invalid, known_ids, parse, schema_for, to_generation_request
 from .fal_storage import with_storage
+from .shared import hold_until_done
 
 NAME = "fal"
 

@@ -25,8 +25,8 @@ from ..errors import BadInput, ModelUnavailable, QueueFull, Refused, TooLarge, U
 from ..jobs import ErrorKind, Job, JobError, JobStatus, short_value
 from ..services import Services
 from ..storage import file_url
-from ..web import ResponseError, hold_until_done, require_key
-from .shared import t2v_request
+from ..web import ResponseError, require_key
+from .shared import hold_until_done, t2v_request
 
 NAME = "onerouter"
 PATH = "/v1/videos/generations"

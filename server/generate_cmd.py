@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
+import os
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pipelines.errors import EngineError, InvalidRequest, WeightsMissing
@@ -69,6 +73,10 @@ def _fetch_image(url: str, folder: Path) -> str:
 
 def run_generate(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # diffusers/transformers set their own level when first imported (after this line): their
+    # environment switches are the only setting that holds, and keeps their warnings off the bar.
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     for noisy in ("httpx", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="k5serve-") as tmp:
@@ -89,7 +97,10 @@ def run_generate(args: argparse.Namespace) -> int:
                     f"Get real weights with: k5serve weights download {req.variant}",
                     file=sys.stderr,
                 )
-            result = engine.generate(resolved, args.output, on_step=_progress(resolved.steps))
+            started = time.perf_counter()
+            with StepProgress(resolved.steps) as progress:
+                result = engine.generate(resolved, args.output, on_step=progress.on_step)
+            elapsed = time.perf_counter() - started
         except InvalidRequest as exc:
             print(f"k5serve: invalid {exc.field}: {exc.message}", file=sys.stderr)
             return 2
@@ -104,22 +115,69 @@ def run_generate(args: argparse.Namespace) -> int:
             return 1
     print(
         f"{result.path}  ({result.width}x{result.height}, {result.num_frames} frames @ {result.fps} fps, "
-        f"{result.steps} steps, seed {result.seed}, {sum(result.timings.values()):.1f} s)"
+        f"{result.steps} steps, seed {result.seed}, {elapsed:.1f} s)"
     )
     return 0
 
 
-def _progress(total: int):
-    """A tqdm bar on a terminal; nothing otherwise (logs and pipes stay clean)."""
-    if not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
+class StepProgress:
+    """Denoising progress on stderr: a tqdm bar on a terminal, a few plain lines otherwise.
 
-    bar = tqdm(total=total, unit="step", desc="denoising", file=sys.stderr)
+    While it is open, log records go through the bar (tqdm.write) so they land above it instead of
+    being glued onto its line. A terminal that reports no size (a bare pty: 0x0) would make tqdm
+    draw nothing (it computes -1 columns and rows), so the size falls back to 80x24 as
+    shutil.get_terminal_size does.
+    """
 
-    def on_step(i: int, n: int) -> None:
-        bar.update(i - bar.n)
+    PLAIN_LINES = 10  # off a terminal: about this many "denoising i/n" lines per run
+
+    def __init__(self, total: int, stream=None) -> None:
+        self.total = total
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty()
+        self.bar = None
+        self._exit = contextlib.ExitStack()
+        self._started = time.perf_counter()
+        self._next_plain = 1
+
+    def __enter__(self) -> StepProgress:
+        if self.tty:
+            from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            columns, rows = _terminal_size(self.stream)
+            self.bar = tqdm(
+                total=self.total, unit="step", desc="denoising", file=self.stream, ncols=columns - 1, nrows=rows
+            )
+            self._exit.enter_context(logging_redirect_tqdm(tqdm_class=tqdm))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._exit.close()
+        if self.bar is not None:
+            self.bar.close()
+
+    @property
+    def on_step(self) -> Callable[[int, int], None]:
+        return self._bar_step if self.bar is not None else self._plain_step
+
+    def _bar_step(self, i: int, n: int) -> None:
+        self.bar.update(i - self.bar.n)
         if i == n:
-            bar.close()
+            self.bar.close()  # now: the decode and the write that follow are not denoising time
 
-    return on_step
+    def _plain_step(self, i: int, n: int) -> None:
+        # Lines for a log or a pipe: every ~10% and the last step, never a carriage-return bar.
+        if i >= self._next_plain or i == n:
+            print(f"denoising {i}/{n} steps ({time.perf_counter() - self._started:.1f} s)", file=self.stream)
+            self._next_plain = i + max(1, n // self.PLAIN_LINES)
+
+
+def _terminal_size(stream) -> tuple[int, int]:
+    """(columns, rows) of the terminal behind `stream`; 80x24 for any it does not report."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+        columns, rows = size.columns, size.lines
+    except (OSError, ValueError, AttributeError):
+        columns, rows = 0, 0
+    return columns or 80, rows or 24

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
+import re
+import select
 import shutil
+import struct
 import subprocess
 import sys
+import termios
+import time
 from pathlib import Path
 
 import pytest
@@ -13,11 +20,46 @@ import pytest
 from pipelines.video import read_mp4
 
 K5SERVE = str(Path(sys.executable).with_name("k5serve"))
+ROOT = Path(__file__).resolve().parents[2]
+# The console script imports this checkout's code (not another tree the venv was installed from).
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+TOTAL = re.compile(r", ([0-9.]+) s\)$")
 
 
 def run(args: list[str], **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([K5SERVE, *args], capture_output=True, text=True, timeout=300, env=env, **kw)
+    return subprocess.run([K5SERVE, *args], capture_output=True, text=True, timeout=300, env=ENV, **kw)
+
+
+def run_on_terminal(args: list[str], columns: int, rows: int) -> tuple[int, str, str]:
+    """`k5serve ARGS` with stderr on a pseudo-terminal of the given size: (rc, stdout, terminal bytes)."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    proc = subprocess.Popen([K5SERVE, *args], stdin=follower, stdout=subprocess.PIPE, stderr=follower, env=ENV)
+    os.close(follower)
+    seen, deadline = b"", time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if select.select([leader], [], [], 1)[0]:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: every writer has closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+    os.close(leader)
+    stdout = proc.communicate(timeout=60)[0].decode()
+    return proc.returncode, stdout, seen.decode(errors="replace")
+
+
+def screen(raw: str) -> list[str]:
+    """The lines a terminal shows for `raw`: a carriage return writes over the line from its start."""
+    lines = []
+    for line in raw.replace("\r\n", "\n").split("\n"):
+        shown = ""
+        for part in line.split("\r"):
+            shown = part + shown[len(part) :]
+        lines.append(shown.rstrip())
+    return [line for line in lines if line]
 
 
 @pytest.fixture
@@ -30,10 +72,18 @@ def weights(tiny_weights_dir, tmp_path) -> Path:
 
 def test_generate_demo_t2v_prints_the_path_and_warns(weights, tmp_path):
     out = tmp_path / "fox.mp4"
+    started = time.monotonic()
     proc = run(["generate", "a red fox", "-o", str(out), "--weights-dir", str(weights), "--steps", "2", "--seed", "3"])
+    wall = time.monotonic() - started
     assert proc.returncode == 0, proc.stderr
     assert str(out) in proc.stdout.splitlines()[-1]
     assert "DEMO MODE" in proc.stderr and "k5serve weights download" in proc.stderr
+    # The printed total is the generation's own time: never more than the whole process took.
+    total = float(TOTAL.search(proc.stdout.splitlines()[-1]).group(1))
+    assert 0 < total <= wall
+    # Off a terminal progress is plain lines (a log stays readable), never a carriage-return bar.
+    assert "denoising 1/2 steps" in proc.stderr and "denoising 2/2 steps" in proc.stderr
+    assert "\r" not in proc.stderr
     frames, meta = read_mp4(out)
     assert frames.shape == (25, 160, 256, 3) and meta["fps"] == 24  # 768x512, 5 s scaled to the demo cap
 
@@ -75,3 +125,19 @@ def test_generate_rejects_bad_input_with_exit_2(weights, tmp_path, capsys, extra
     assert main(["generate", "a fox", "-o", str(out), "--weights-dir", str(weights), *extra]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("columns", "rows"), [(80, 24), (0, 0)], ids=["80x24", "no-size"])
+def test_generate_progress_bar_on_a_terminal_keeps_log_lines_off_it(weights, tmp_path, columns, rows):
+    # (0, 0) is a bare pty that reports no size: tqdm alone drew nothing there (a blank line).
+    out = tmp_path / "bar.mp4"
+    args = ["generate", "a fox", "-o", str(out), "--weights-dir", str(weights), "--steps", "2", "--frames", "5"]
+    rc, stdout, raw = run_on_terminal(args, columns, rows)
+    assert rc == 0, raw
+    assert str(out) in stdout
+    shown = screen(raw)
+    assert any(line.startswith("denoising: 100%") and "2/2" in line for line in shown), shown
+    # Log records written while the bar is up land on their own lines, not glued onto the bar.
+    assert any(line.startswith("loaded kandinsky5-tiny-t2v") for line in shown), shown
+    assert not [line for line in shown if "denoising" in line and not line.startswith("denoising")], shown
+    assert not [line for line in shown if line.startswith("denoising") and "]" in line[:-1]], shown

@@ -200,6 +200,19 @@ def progress(job: Job) -> int:
     return job.percent
 
 
+def _made(job: Job) -> dict:
+    """`seconds` and `size` of the video this job makes: the file once it exists, before that what
+    admission resolved to run (in demo mode the tiny model's size and length, not the ones asked
+    for). The wire's seconds are whole-second strings ("4", "8"): the clip's length rounded (a 5 s
+    variant writes 121 frames @ 24 fps, 5.04 s: "5"; demo's 25 frames: "1"). Only a job with
+    neither (refused before resolving) shows what the request asked for."""
+    made = job.output or job.resolved
+    if made is None:
+        return {"seconds": job.meta.get("seconds"), "size": job.meta.get("size")}
+    fps = made.fps if made is job.output else made.variant.fps
+    return {"seconds": str(round(made.num_frames / fps)), "size": f"{made.width}x{made.height}"}
+
+
 def video_object(job: Job) -> dict:
     error = None
     if job.status in (JobStatus.FAILED, JobStatus.CANCELED) and job.error is not None:
@@ -214,8 +227,7 @@ def video_object(job: Job) -> dict:
         "completed_at": int(job.completed_at) if job.status.terminal and job.completed_at else None,
         "expires_at": None,
         "prompt": job.prompt,
-        "seconds": job.meta.get("seconds"),
-        "size": job.meta.get("size"),
+        **_made(job),
         "remixed_from_video_id": None,
         "error": error,
     }

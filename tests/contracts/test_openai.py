@@ -14,7 +14,19 @@ import openai
 import pytest
 from server_fixtures import app_client, wait_until
 
+from pipelines.request import resolve
+
 FAST = {"num_inference_steps": 2}
+
+
+class FullSizeEngine(fakes.FakeEngine):
+    """A fake engine with real weights: every request runs at the size and length asked for (the
+    plain FakeEngine, like demo mode, runs every variant on the tiny model at demo size)."""
+
+    demo = False
+
+    def prepare(self, req):
+        return resolve(req)
 
 
 def sdk(client, api_key="sk-local") -> openai.OpenAI:
@@ -52,7 +64,8 @@ def test_sdk_create_poll_download_list_delete(tmp_path):
         video = api.videos.create_and_poll(prompt="a fox in snow", poll_interval_ms=20, extra_body=FAST)
         assert isinstance(video, openai.types.Video) and video.object == "video"
         assert (video.status, video.progress, video.error) == ("completed", 100, None)
-        assert (video.model, video.seconds, video.size) == ("kandinsky5-lite-t2v-sft-5s", "5", "768x512")
+        # demo mode: what was made (the tiny stand-in, 25 frames @ 24 fps), not the 5 s, 768x512 asked for
+        assert (video.model, video.seconds, video.size) == ("kandinsky5-lite-t2v-sft-5s", "1", "256x160")
         assert video.id.startswith("video_") and video.completed_at >= video.created_at
         content = api.videos.download_content(video.id)
         assert content.response.headers["content-type"] == "video/mp4" and content.content[4:8] == b"ftyp"
@@ -190,7 +203,7 @@ def test_list_pagination_and_order(tmp_path):
     ],
 )
 def test_seconds_size_and_model_map_onto_variants(tmp_path, fields, variant, size, seconds, shown):
-    engine = fakes.FakeEngine()
+    engine = FullSizeEngine()
     with app_client(engine, tmp_path) as client:
         response = client.post("/v1/videos", json={"prompt": "x", **FAST, **fields})
         assert response.status_code == 200, response.text
@@ -199,6 +212,23 @@ def test_seconds_size_and_model_map_onto_variants(tmp_path, fields, variant, siz
     (req,) = engine.calls
     assert (req.variant, req.seconds, req.steps) == (variant, seconds, 2)
     assert (req.width, req.height) == (size or (None, None))
+
+
+def test_demo_mode_reports_the_size_and_seconds_it_makes(tmp_path):
+    # Demo mode shrinks a 5 s 768x512 request to the tiny model's 256x160, 25 frames @ 24 fps: the
+    # video object says so from the create answer on (what will run), and after it (what was made).
+    engine = fakes.FakeEngine()
+    with app_client(engine, tmp_path) as client:
+        created = client.post("/v1/videos", json={"prompt": "x", "seconds": "5", "size": "768x512", **FAST}).json()
+        assert (created["status"], created["seconds"], created["size"]) == ("queued", "1", "256x160")
+        wait_until(lambda: client.get(f"/v1/videos/{created['id']}").json()["status"] == "completed")
+        done = client.get(f"/v1/videos/{created['id']}").json()
+        (listed,) = client.get("/v1/videos").json()["data"]
+        output = client.app.state.services.manager.get(created["id"]).output
+    (ran,) = engine.resolved
+    assert ran.nominal_size == (768, 512) and (ran.width, ran.height, ran.num_frames) == (256, 160, 25)
+    assert (output.width, output.height, output.num_frames, output.fps) == (256, 160, 25, 24)
+    assert (done["seconds"], done["size"]) == (listed["seconds"], listed["size"]) == ("1", "256x160")
 
 
 @pytest.mark.parametrize(
@@ -260,7 +290,7 @@ def test_unreadable_multipart_is_400_in_the_openai_envelope(tmp_path):
 
 
 def test_multipart_input_reference_is_image_to_video(tmp_path):
-    engine = fakes.FakeEngine()
+    engine = FullSizeEngine()
     with app_client(engine, tmp_path) as client:
         video = sdk(client).videos.create_and_poll(
             prompt="the cat turns",
@@ -338,6 +368,9 @@ def test_live_sdk_text_to_video(live_sdk):
     data = live_sdk.videos.download_content(video.id).content
     frames = iio.imread(data, extension=".mp4")
     assert frames.ndim == 4 and frames.shape[-1] == 3
+    # demo mode: the size and length of the file served (25 frames @ 24 fps: "1"), not the ones asked for
+    assert (video.size, video.seconds) == (f"{frames.shape[2]}x{frames.shape[1]}", str(round(len(frames) / 24)))
+    assert (video.size, video.seconds) == ("256x160", "1")
     assert video.id in [v.id for v in live_sdk.videos.list()]
     assert live_sdk.videos.delete(video.id).deleted
     with pytest.raises(openai.NotFoundError):
@@ -362,6 +395,8 @@ def test_live_sdk_progress_rises_through_the_real_decode(live_sdk):
 
 @pytest.mark.slow
 def test_live_sdk_image_to_video(live_sdk, test_image):
+    import imageio.v3 as iio
+
     video = live_sdk.videos.create_and_poll(
         prompt="the noise swirls",
         input_reference=test_image,
@@ -369,5 +404,8 @@ def test_live_sdk_image_to_video(live_sdk, test_image):
         extra_body={"num_inference_steps": 2},
     )
     assert video.status == "completed", video
-    assert video.model == "kandinsky5-lite-i2v-5s" and video.size == "512x512"
-    assert live_sdk.videos.download_content(video.id).content[4:8] == b"ftyp"
+    data = live_sdk.videos.download_content(video.id).content
+    assert data[4:8] == b"ftyp"
+    frames = iio.imread(data, extension=".mp4")
+    # the square test image picks 512x512, made at demo size: the object reports the file's size
+    assert video.model == "kandinsky5-lite-i2v-5s" and video.size == f"{frames.shape[2]}x{frames.shape[1]}"

@@ -24,6 +24,7 @@ that have one.
 from __future__ import annotations
 
 import enum
+import json
 import math
 import secrets
 import time
@@ -335,3 +336,40 @@ def short_value(value: object, limit: int = 200) -> object:
         return value
     text = value if isinstance(value, str) else repr(value)
     return text if len(text) <= limit else text[:limit] + "…"
+
+
+def json_echo(value: object, budget: int = 2000, limit: int = 200) -> object:
+    """A bounded echo of a JSON input value that keeps its shape: an object stays an object and an
+    array an array (pydantic's 422 `input`, which fal returns, is the value sent, not its repr).
+    Strings are cut like short_value; once about `budget` characters are spent, a container ends
+    with a "…" entry (an array's last item, an object's "…" key); nesting past 8 levels is echoed
+    as short_value's text."""
+    left = [budget]
+    return _echo(value, left, limit, 0)
+
+
+def _echo(value: object, left: list[int], limit: int, depth: int) -> object:
+    if not isinstance(value, (dict, list, tuple)):
+        echoed = short_value(value, max(1, min(limit, left[0])))
+        left[0] -= len(json.dumps(echoed)) + 2  # as sent: escapes count, and the separator
+        return echoed
+    if depth >= 8:
+        return _echo(short_value(value, limit), left, limit, depth)
+    left[0] -= 2  # the brackets
+    if isinstance(value, dict):
+        out: dict[str, object] = {}
+        for key, item in value.items():
+            if left[0] <= 0:
+                out["…"] = "…"
+                break
+            name = str(short_value(str(key), limit))
+            left[0] -= len(json.dumps(name)) + 2
+            out[name] = _echo(item, left, limit, depth + 1)
+        return out
+    items: list[object] = []
+    for item in value:
+        if left[0] <= 0:
+            items.append("…")
+            break
+        items.append(_echo(item, left, limit, depth + 1))
+    return items

@@ -11,6 +11,7 @@ import os
 import socket
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import fal_client
@@ -136,6 +137,25 @@ def invalid() -> dict:
     except fal_client.client.FalClientHTTPError as exc:
         return {"status_code": exc.status_code, "message": exc.message}
     return {"status_code": None}
+
+
+def missing_prompt() -> dict:
+    try:
+        fal_client.subscribe(T2V, arguments={"num_inference_steps": 2})
+    except fal_client.client.FalClientHTTPError as exc:
+        return {"status_code": exc.status_code, "message": exc.message}
+    return {"status_code": None}
+
+
+def log_times() -> dict:
+    """Each log line's timestamp as the client hands it over, and as datetime.fromisoformat reads it."""
+    handle = fal_client.submit(T2V, arguments={"prompt": "a clock tower", "num_inference_steps": 2})
+    while not isinstance(status := handle.status(with_logs=True), fal_client.Completed):
+        time.sleep(0.1)
+    stamps = [log["timestamp"] for log in status.logs]
+    parsed = [datetime.fromisoformat(stamp) for stamp in stamps]
+    offsets = [None if p.utcoffset() is None else p.utcoffset().total_seconds() for p in parsed]
+    return {"timestamps": stamps, "offsets": offsets, "epochs": [p.timestamp() for p in parsed], "now": time.time()}
 
 
 if __name__ == "__main__":

@@ -74,7 +74,9 @@ def log_entries(lines: list[LogLine]) -> list[dict]:
             "message": line.message,
             "level": line.level,
             "source": "USER",
-            "timestamp": datetime.fromtimestamp(line.timestamp, tz=timezone.utc).replace(tzinfo=None).isoformat(),
+            # UTC with its offset: a bare ISO time is read as local time (JS `new Date`, Python
+            # `fromisoformat`), hours off anywhere but UTC. "+00:00" parses in both, all versions.
+            "timestamp": datetime.fromtimestamp(line.timestamp, tz=timezone.utc).isoformat(timespec="microseconds"),
         }
         for line in lines
     ]

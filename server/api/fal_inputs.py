@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pipelines.request import GenerationRequest, request_for_model
 from pipelines.variants import VARIANTS, size_for_aspect
 
-from ..jobs import short_value
+from ..jobs import json_echo, short_value
 
 AspectRatio = Literal["3:2", "1:1", "2:3"]
 
@@ -116,7 +116,7 @@ class InputInvalid(Exception):
 
 
 def invalid(field: str, value: Any, message: str, kind: str = "value_error") -> InputInvalid:
-    return InputInvalid([{"loc": ["body", field], "msg": message, "type": kind, "input": short_value(value)}])
+    return InputInvalid([{"loc": ["body", field], "msg": message, "type": kind, "input": json_echo(value)}])
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ def _pydantic_detail(exc: ValidationError) -> list[dict]:
             "loc": ["body", *err["loc"]],
             "msg": err["msg"],
             "type": err["type"],
-            "input": short_value(err.get("input")),
+            "input": json_echo(err.get("input")),  # fal: the value sent, an object as an object
         }
         if err.get("url"):
             item["url"] = err["url"]

@@ -96,6 +96,21 @@ def test_invalid_input_raises_422_with_the_detail_list(live_server):
     assert out["message"][0]["loc"] == ["body", "aspect_ratio"]
 
 
+def test_a_missing_prompt_422_echoes_the_input_object_sent(live_server):
+    out = run_client(live_server, "missing_prompt")
+    assert out["status_code"] == 422
+    (item,) = out["message"]
+    assert item["loc"] == ["body", "prompt"] and item["type"] == "missing"
+    assert item["input"] == {"num_inference_steps": 2}  # the object, as pydantic/fal echo it (not "{...}")
+
+
+def test_log_timestamps_are_utc_with_their_offset(live_server):
+    # A bare ISO time ("2025-11-20T10:15:02") parses as a naive (local) time: it must carry UTC.
+    out = run_client(live_server, "log_times", env={"TZ": "Asia/Tokyo"})
+    assert out["timestamps"] and set(out["offsets"]) == {0.0}, out["timestamps"]
+    assert all(abs(out["now"] - epoch) < 300 for epoch in out["epochs"]), out
+
+
 def test_no_weights_means_loud_demo_mode(live_server):
     with live_server.client() as client:
         ready = client.get("/readyz").json()

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -38,6 +39,7 @@ def run_node(live_server, mode: str, hook: str, **extra: str) -> dict:
             "K5SERVE_RUN_URL": f"https://{live_server.run_host}",
             "FAL_KEY": "local-key",
             "NODE_EXTRA_CA_CERTS": str(live_server.ca),
+            "TZ": "Asia/Tokyo",  # far from UTC: a log time without its offset would read 9 h off
             **extra,
         }
     )
@@ -70,6 +72,8 @@ def test_js_subscribe(live_server, mode, hook):
     assert "step 2/2" in logs
     if mode == "streaming":  # the client accumulates incremental logs: no step may appear twice
         assert logs.count("step 2/2") == 1
+    times = [t for u in out["updates"] for t in u["times"]]
+    assert times and all(t is not None and abs(time.time() * 1000 - t) < 300_000 for t in times), times
 
 
 def test_js_run_through_the_middleware_reaches_the_run_port(live_server):

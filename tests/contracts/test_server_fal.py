@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import time
+from datetime import datetime, timedelta
 
 import fakes
 import pytest
@@ -114,6 +115,8 @@ def test_status_table_queue_position_and_logs(tmp_path):
             logs = status(client, T2V, second, flag).json()["logs"]
             assert [entry["message"] for entry in logs][:2] == ["step 1/2", "step 2/2"]
             assert {"level", "source", "timestamp"} <= set(logs[0])
+            stamp = datetime.fromisoformat(logs[0]["timestamp"])  # UTC, with its offset
+            assert stamp.utcoffset() == timedelta(0) and abs(time.time() - stamp.timestamp()) < 60
         for flag in ("0", "false"):
             assert status(client, T2V, second, flag).json()["logs"] is None
 
@@ -173,6 +176,20 @@ def test_invalid_input_completes_then_result_is_422(tmp_path, model, body, field
         detail = res.json()["detail"]
         assert isinstance(detail, list) and detail[0]["loc"] == ["body", field] and detail[0]["msg"]
     assert engine.calls == []
+
+
+def test_the_422_input_is_the_json_value_sent_bounded(tmp_path):
+    # pydantic (and so fal) echoes a missing field's whole input object, as an object, not its repr.
+    big = {"num_inference_steps": 3, **{f"extra{i}": "v" * 100 for i in range(200)}}
+    with app_client(fakes.FakeEngine(), tmp_path) as client:
+        sent = [{"num_inference_steps": 3}, {}, big]
+        ids = [submit(client, T2V, body)["request_id"] for body in sent]
+        details = [result(client, T2V, wait_done(client, T2V, rid)["request_id"]).json()["detail"] for rid in ids]
+    assert [d[0]["loc"] for d in details] == [["body", "prompt"]] * 3
+    assert details[0][0]["input"] == {"num_inference_steps": 3} and details[1][0]["input"] == {}
+    echoed = details[2][0]["input"]
+    assert isinstance(echoed, dict) and echoed["num_inference_steps"] == 3 and "…" in echoed
+    assert len(json.dumps(echoed)) < 3000 < len(json.dumps(big))
 
 
 def test_invalid_json_body_is_a_422_not_a_500(tmp_path):

@@ -55,7 +55,12 @@ async function main() {
   const options = {
     input: { prompt: `a ${mode} ${hook} test`, num_inference_steps: 2 },
     logs: true,
-    onQueueUpdate: (update) => updates.push({ status: update.status, logs: (update.logs || []).map((l) => l.message) }),
+    onQueueUpdate: (update) =>
+      updates.push({
+        status: update.status,
+        logs: (update.logs || []).map((l) => l.message),
+        times: (update.logs || []).map((l) => Date.parse(l.timestamp)), // as JS reads them (TZ is set)
+      }),
   };
   if (mode === "run") {  // the synchronous run host (fal.run -> --fal-run-port)
     const result = await fal.run("fal-ai/kandinsky5/text-to-video", { input: options.input });

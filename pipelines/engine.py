@@ -197,6 +197,7 @@ class Engine:
             acceleration=done.acceleration,
             cached_steps=done.cached_steps,
             memory_plan=done.memory_plan,
+            revised_prompt=done.revised_prompt,
         )
 
     def generate_frames(

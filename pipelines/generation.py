@@ -21,6 +21,7 @@ from . import memory
 from .cancel import Cancellation
 from .clock import StageClock
 from .decode import decode_in_chunks, vae_input
+from .expand import expand
 from .images import load_image
 from .negatives import NegativePromptCache, PromptEmbeds
 from .placement import plan_dict, text_encoders_on
@@ -47,6 +48,7 @@ class Frames:
     forwards: int = 0  # real transformer evaluations (a batched cond+uncond counts once)
     batched_steps: int = 0  # of which batched cond+uncond
     memory_plan: dict = field(default_factory=dict)
+    revised_prompt: str | None = None  # the prompt as encoded, when expansion rewrote it (expand.py)
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,8 @@ def run(
         with torch.no_grad():
             # 2. encode prompt (the negative one comes from the cache after its first job)
             with clock.stage("encode_prompt"), text_encoders_on(pipe, settings.device):
-                prompt = encode_prompt(pipe, r.prompt)
+                revised = expand(pipe, r) if r.expand_prompt else None  # the official pipelines' rewrite
+                prompt = encode_prompt(pipe, revised if revised is not None else r.prompt)
                 negative = None
                 if cfg:
                     negative = negatives.get(r.variant.name, r.negative_prompt, lambda text: encode_prompt(pipe, text))
@@ -109,6 +112,7 @@ def run(
                 forwards=runner.forwards,
                 batched_steps=runner.batched,
                 memory_plan=plan_dict(plan),
+                revised_prompt=revised,
             )
             if not decode:
                 return done

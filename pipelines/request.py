@@ -48,6 +48,9 @@ class GenerationRequest:
     acceleration: str | None = None  # None -> "none"
     # image-to-video with no width/height: pick from the variant's HD sizes (fal's 1024P), not SD
     hd: bool = False
+    # rewrite the prompt with Qwen2.5-VL first, as the official pipelines do (pipelines/expand.py);
+    # None -> off here; the server fills in its default (K5SERVE_EXPAND_PROMPTS) at admission
+    expand_prompt: bool | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,6 +78,7 @@ class ResolvedRequest:
     demo: bool = False
     acceleration: str = "none"
     nominal_size: tuple[int, int] | None = None  # (width, height) asked for, when demo mode shrank it
+    expand_prompt: bool = False  # stage 2 rewrites the prompt first (pipelines/expand.py)
 
     def to_dict(self) -> dict:
         """JSON-safe form, stored with the job at admission: the worker runs exactly this."""
@@ -84,7 +88,9 @@ class ResolvedRequest:
     @classmethod
     def from_dict(cls, data: dict) -> ResolvedRequest:
         """Inverse of to_dict. Raises KeyError for a variant this version of k5serve does not know."""
-        values = {name: data[name] for name in cls.__dataclass_fields__ if name not in ("variant", "requested")}
+        # a field added since the record was written (e.g. expand_prompt) takes its default
+        names = [n for n in cls.__dataclass_fields__ if n not in ("variant", "requested") and n in data]
+        values = {name: data[name] for name in names}
         values["nominal_size"] = tuple(data["nominal_size"]) if data.get("nominal_size") else None
         return cls(
             **values, variant=VARIANTS[data["variant"]], requested=GenerationRequest.from_dict(data["requested"])
@@ -208,6 +214,10 @@ def resolve(req: GenerationRequest, default_seed: int | None = None) -> Resolved
         allowed = ", ".join(ACCELERATIONS)
         raise _bad("acceleration", acceleration, f"acceleration must be one of {allowed}, got {acceleration!r}")
 
+    expand = req.expand_prompt
+    if expand is not None and not isinstance(expand, bool):
+        raise _bad("expand_prompt", expand, f"expand_prompt must be true or false, got {expand!r}")
+
     return ResolvedRequest(
         variant=variant,
         prompt=req.prompt,
@@ -221,6 +231,7 @@ def resolve(req: GenerationRequest, default_seed: int | None = None) -> Resolved
         seed=seed,
         requested=req,
         acceleration=acceleration,
+        expand_prompt=bool(expand),
     )
 
 
@@ -284,3 +295,4 @@ class GenerationResult:
     acceleration: str = "none"
     cached_steps: int = 0  # transformer evaluations answered from the MagCache (cond and uncond count apart)
     memory_plan: dict = field(default_factory=dict)  # mode, cfg_batch, vae_tiling, estimated peak GiB
+    revised_prompt: str | None = None  # the prompt as encoded when expansion rewrote it; None: not expanded

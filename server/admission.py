@@ -8,6 +8,7 @@ happens here, once, in this order:
   3. image intake       URL / data: URI / upload -> a checked local file (intake.py, SSRF guard);
                         this server's own upload URLs are read from disk (uploads.py)
   4. seed               drawn here and stored: a run repeated after a crash makes the same video
+                        (and prompt expansion, when the request does not say: the server's default)
   5. resolve            once, by the engine: validated against the variant, demo stand-in, weights
                         present, fits the device's memory
   6. queue              persisted with its resolved request; the worker runs exactly that
@@ -57,8 +58,12 @@ class Admission:
         limits: IntakeLimits,
         max_prompt_chars: int,
         uploads: Uploads | None = None,
+        *,
+        expand_prompts: bool = False,
     ):
+        """`expand_prompts`: the server's default for a request that does not say (K5SERVE_EXPAND_PROMPTS)."""
         self.engine = engine
+        self.expand_prompts = expand_prompts
         self.manager = manager
         self.storage = storage
         self.limits = limits
@@ -88,6 +93,8 @@ class Admission:
                 request = dataclasses.replace(request, image=image)
             if request.seed is None:  # 4
                 request = dataclasses.replace(request, seed=secrets.randbelow(2**31))
+            if request.expand_prompt is None:  # 4b: the server's default, stored: what will run
+                request = dataclasses.replace(request, expand_prompt=self.expand_prompts)
             resolved = self.resolve(request)  # 5
             extras = meta(resolved) if callable(meta) else dict(meta or {})
             return await asyncio.to_thread(  # 6: never block the event loop on the store

@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--compile", default=None, choices=["auto", "on", "off"], help="compile the transformer blocks (auto: on CUDA)"
     )
+    serve.add_argument(
+        "--expand-prompts",
+        action="store_true",
+        default=None,
+        help="rewrite prompts with Qwen2.5-VL first, as the official pipelines (default: off, as diffusers)",
+    )
 
     gen = sub.add_parser("generate", help="make one video and exit")
     gen.add_argument("prompt")

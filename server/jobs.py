@@ -117,6 +117,8 @@ class JobOutput:
     # "regular": MagCache ran (approximate output); cached_steps transformer evaluations were reused
     acceleration: str = "none"
     cached_steps: int = 0
+    # The prompt as encoded when prompt expansion rewrote it (pipelines/expand.py); None: as sent
+    revised_prompt: str | None = None
 
     @property
     def seconds(self) -> float:

@@ -358,6 +358,7 @@ class JobManager:
                 return
             if isinstance(event, Succeeded):
                 change = lambda j: (  # noqa: E731
+                    _log_expansion(j, event.output, now),
                     _log_acceleration(j, event.output, now),
                     j.log("video written", now=now),
                     j.succeed(event.output, now=now),
@@ -453,3 +454,9 @@ def _log_acceleration(job: Job, output: JobOutput, now: float) -> None:
             "reused from earlier steps (MagCache)",
             now=now,
         )
+
+
+def _log_expansion(job: Job, output: JobOutput, now: float) -> None:
+    """The rewritten prompt, where every contract's logs (fal's above all) can show what was encoded."""
+    if output.revised_prompt is not None:
+        job.log(f"prompt expanded (Qwen2.5-VL, as the official pipelines): {output.revised_prompt}", now=now)

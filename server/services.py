@@ -100,7 +100,15 @@ class Services:
             intake=intake,
             guard=guard,
             contracts=registry,
-            admission=Admission(engine, manager, storage, intake, settings.max_prompt_chars, uploads),
+            admission=Admission(
+                engine,
+                manager,
+                storage,
+                intake,
+                settings.max_prompt_chars,
+                uploads,
+                expand_prompts=settings.expand_prompts,
+            ),
             uploads=uploads,
         )
 

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     memory_mode: Literal["auto", "gpu", "offload_text", "offload_model"] = "auto"
     # torch.compile of the repeated transformer blocks: auto = on for CUDA (warmed at start-up), off on the CPU.
     compile: Literal["auto", "on", "off"] = "auto"
+    # Rewrite each prompt with Qwen2.5-VL before encoding, as the official pipelines do by default
+    # (pipelines/expand.py). Off: the exact diffusers pipeline. A request's own switch wins.
+    expand_prompts: bool = False
 
     # Not CLI flags: tuning knobs with safe defaults (still settable through K5SERVE_*).
     webhook_timeout: float = Field(15.0, gt=0)  # fal delivery policy: 15 s per attempt

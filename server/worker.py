@@ -180,6 +180,7 @@ def _output(result: GenerationResult) -> JobOutput:
         timings=dict(result.timings),
         acceleration=result.acceleration,
         cached_steps=result.cached_steps,
+        revised_prompt=result.revised_prompt,
     )
 
 

@@ -62,6 +62,7 @@ ENGINE_FIELDS = {
     "width": "aspect_ratio",
     "height": "aspect_ratio",
     "resolution": "aspect_ratio",
+    "expand_prompt": "enhance_prompt",
 }
 
 UNAUTHORIZED = (
@@ -168,9 +169,10 @@ def parse_body(body: Any) -> tuple[str, GenerationRequest]:
     steps = _integer(body, "num_inference_steps", minimum=1)
     seed = _integer(body, "seed", minimum=0)
     negative = _string(body, "negative_prompt")
-    if "enhance_prompt" in body and not isinstance(body["enhance_prompt"], bool):
-        raise BodyInvalid("enhance_prompt", f"Expected boolean, received {_kind(body['enhance_prompt'])}")
-    # enhance_prompt is accepted and ignored: k5serve has no prompt-rewriting model.
+    enhance = body.get("enhance_prompt")
+    if enhance is not None and not isinstance(enhance, bool):
+        raise BodyInvalid("enhance_prompt", f"Expected boolean, received {_kind(enhance)}")
+    # enhance_prompt: the official pipelines' Qwen2.5-VL rewrite (pipelines/expand.py); absent: the server's default
     width, height = size_for_aspect(aspect)
     try:
         request = t2v_request(
@@ -182,6 +184,7 @@ def parse_body(body: Any) -> tuple[str, GenerationRequest]:
             seconds=duration,
             steps=steps,
             seed=seed,
+            expand_prompt=enhance,
         )
     except ValueError as exc:
         raise BodyInvalid("duration", str(exc)) from exc
@@ -209,6 +212,8 @@ def poll_body(job: Job, base: str) -> dict:
             "duration": round(out.seconds, 3),
         }
         body["duration"] = round(out.seconds, 3)
+        if out.revised_prompt is not None:  # extension: the prompt as encoded after enhance_prompt
+            body["meta"] = {"revised_prompt": out.revised_prompt}
     elif job.status.terminal and job.error is not None:
         body["error"] = {"name": ERROR_NAMES[job.error.kind], "message": job.error.message}
     return body

@@ -1,7 +1,8 @@
 """fal input schemas for the four Kandinsky 5 endpoints, and their translation to GenerationRequest.
 
 Schemas follow @fal-ai/client 1.10.1 typings (reference/api_contracts.md §1.1). Unknown fields are
-ignored, as fal does; `seed` and `negative_prompt` are accepted as extensions.
+ignored, as fal does; `seed`, `negative_prompt` and `enable_prompt_expansion` (the name fal's own
+video endpoints give this switch) are accepted as extensions.
 Errors come out as fal's 422 `detail` list: [{loc: ["body", field], msg, type, input}].
 """
 
@@ -26,6 +27,8 @@ class _Input(BaseModel):
     prompt: str = Field(min_length=1)
     seed: int | None = Field(None, ge=0)
     negative_prompt: str | None = None
+    # rewrite the prompt with Qwen2.5-VL first (pipelines/expand.py); None: the server's default
+    enable_prompt_expansion: bool | None = None
 
 
 class ProT2VInput(_Input):
@@ -99,6 +102,7 @@ ENGINE_FIELDS = {
     "height": "resolution",
     "num_frames": "duration",
     "model": "model",
+    "expand_prompt": "enable_prompt_expansion",
 }
 
 
@@ -182,6 +186,7 @@ def to_generation_request(parsed: ParsedInput) -> GenerationRequest:
             width=width,
             height=height,
             seed=wire.seed,
+            expand_prompt=wire.enable_prompt_expansion,
             acceleration=getattr(wire, "acceleration", None),  # fal's Pro endpoints default to "regular"
             hd=getattr(wire, "resolution", None) == "1024P",
         )

@@ -83,6 +83,13 @@ def _int(body: dict, field: str) -> int | None:
     return value
 
 
+def _bool(body: dict, field: str) -> bool | None:
+    value = body.get(field)
+    if value is not None and not isinstance(value, bool):
+        raise ParamInvalid(field, f"{field} must be true or false; got {short_value(value)!r}")
+    return value
+
+
 def _text(body: dict, field: str, required: bool = False) -> str | None:
     value = body.get(field)
     if value is None or (required and isinstance(value, str) and not value.strip()):
@@ -110,6 +117,7 @@ def parse_body(body: Any) -> tuple[str, GenerationRequest]:
     steps = _int(body, "num_inference_steps")
     seed = _int(body, "seed")  # extension: not in OneRouter's schema
     negative = _text(body, "negative_prompt")  # extension
+    expand = _bool(body, "expand_prompt")  # extension: the official pipelines' prompt rewrite; None: server default
     width, height = (int(side) for side in resolution.split("x"))
     try:
         request = t2v_request(
@@ -121,6 +129,7 @@ def parse_body(body: Any) -> tuple[str, GenerationRequest]:
             seconds=seconds,
             steps=steps,
             seed=seed,
+            expand_prompt=expand,
         )
     except ValueError as exc:
         raise ParamInvalid("video_length", str(exc)) from exc
@@ -131,8 +140,9 @@ def success_body(job: Job, base: str) -> dict:
     out = job.output
     assert out is not None
     url = file_url(base, job.file_id, out.file_name)
-    # revised_prompt: k5serve never rewrites prompts; OneRouter answers "" in that case too.
-    return {"data": [{"url": url, "revised_prompt": "", "video_id": job.id}], "created": int(job.created_at)}
+    # revised_prompt: the prompt as encoded when it was expanded; "" otherwise, as OneRouter answers then.
+    revised = out.revised_prompt or ""
+    return {"data": [{"url": url, "revised_prompt": revised, "video_id": job.id}], "created": int(job.created_at)}
 
 
 def failure_response(job: Job) -> JSONResponse:

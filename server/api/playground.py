@@ -44,6 +44,7 @@ def job_summary(job: Job, base: str, position: int | None) -> dict:
         "error": job.error.message if job.error else None,
         "video_url": file_url(base, job.file_id, out.file_name) if out else None,
         "acceleration": out.acceleration if out else None,
+        "revised_prompt": out.revised_prompt if out else None,  # the prompt as encoded, when expanded
     }
 
 
@@ -57,8 +58,9 @@ def router(services: Services) -> APIRouter:
 
     @r.get("/api/config", include_in_schema=False)
     async def config() -> dict:
-        """What the page needs before its first call: whether to ask for a key."""
-        return {"api_keys": services.keys.enabled, "demo": bool(services.engine.demo)}
+        """What the page needs before its first call: whether to ask for a key, the server's defaults."""
+        demo, expand = bool(services.engine.demo), services.settings.expand_prompts
+        return {"api_keys": services.keys.enabled, "demo": demo, "expand_prompts": expand}
 
     @r.get("/api/jobs", dependencies=[Depends(require_key(services.keys))])
     async def jobs(request: Request, limit: int = Query(20, ge=1, le=200)) -> dict:

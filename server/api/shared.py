@@ -26,6 +26,7 @@ def t2v_request(
     seconds: int,
     steps: int | None,
     seed: int | None,
+    expand_prompt: bool | None = None,
 ) -> GenerationRequest:
     """The request for `model` at `seconds`: the public id's steps and guidance unless `steps` is
     given; the demo variants keep the aspect at their demo size. Raises ValueError (from
@@ -39,6 +40,7 @@ def t2v_request(
         width=width,
         height=height,
         seed=seed,
+        expand_prompt=expand_prompt,
     )
     if VARIANTS[request.variant].demo:  # the tiny demo variants make at most 256 px: same aspect, demo size
         width, height = demo_size(width, height)

@@ -25,7 +25,15 @@ from pathlib import Path
 from pipelines.errors import DeviceFailure, OutOfMemory
 from pipelines.request import CancelToken, GenerationRequest, GenerationResult, ResolvedRequest, resolve
 
-PAUSE_POINTS = ("step", "write")  # before the second step; with half the video file on disk
+PAUSE_POINTS = ("step", "write")
+
+
+def expanded(prompt: str) -> str:
+    """The fake engine's stand-in for prompt expansion (the real one: pipelines/expand.py)."""
+    return f"{prompt}, rewritten in rich detail"
+
+
+# before the second step; with half the video file on disk
 
 
 class FakeEngine:
@@ -188,6 +196,7 @@ class FakeEngine:
             # like the engine: "regular" reuses some transformer evaluations (MagCache)
             acceleration=r.acceleration,
             cached_steps=r.steps // 2 if r.acceleration == "regular" else 0,
+            revised_prompt=expanded(r.prompt) if r.expand_prompt else None,
         )
 
     # ---- parts ---------------------------------------------------------------------------------------

@@ -133,3 +133,17 @@ def test_reject_records_a_failed_job_without_a_request(parts):
     assert job.status.value == "failed" and job.request is None and job.resolved is None
     assert (job.error.field, job.error.value, job.error.message) == ("duration", "7s", bad.message)
     assert manager.store.load_all()[0].meta == {"k": 1}
+
+
+@pytest.mark.parametrize(("default", "asked", "runs"), [(False, None, False), (True, None, True), (True, False, False)])
+def test_prompt_expansion_takes_the_server_default_at_admission(tmp_path, default, asked, runs):
+    storage = Storage(tmp_path)
+    manager = JobManager(JobStore(storage.database), storage, max_queue=2)
+    limits = IntakeLimits(guard=UrlGuard([]))
+    admission = Admission(fakes.FakeEngine(), manager, storage, limits, max_prompt_chars=50, expand_prompts=default)
+    try:
+        job = admit(admission, Draft("fal-ai/kandinsky5/text-to-video", t2v(expand_prompt=asked)))
+        assert job.resolved.expand_prompt is runs and job.request.expand_prompt is runs  # stored as it will run
+        assert manager.store.load_all()[0].resolved.expand_prompt is runs
+    finally:
+        manager.store.close()

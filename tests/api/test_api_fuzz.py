@@ -117,6 +117,8 @@ FIELDS = [
     "image_url",
     "acceleration",
     "enhance_prompt",
+    "expand_prompt",
+    "enable_prompt_expansion",
 ]
 SCALARS = st.one_of(
     st.none(),

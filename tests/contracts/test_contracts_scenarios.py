@@ -374,6 +374,8 @@ FIELDS = [
     "size",
     "input_reference",
     "enhance_prompt",
+    "expand_prompt",
+    "enable_prompt_expansion",
     "image_url",
 ]
 MODELS = ["sber-ai/kandinsky5-t2v", "kandinsky5-text-to-video", "kandinsky5-lite-i2v-5s", "kandinsky5-tiny-t2v"]

@@ -147,3 +147,15 @@ def test_compile_flag_rejects_other_values(capsys):
     with pytest.raises(SystemExit):
         cli.main(["serve", "--compile", "yes"])
     assert "--compile" in capsys.readouterr().err
+
+
+def test_prompt_expansion_is_off_by_default_and_set_by_flag_or_environment(monkeypatch):
+    monkeypatch.delenv("K5SERVE_EXPAND_PROMPTS", raising=False)
+    assert Settings().expand_prompts is False  # the exact diffusers pipeline unless asked
+    monkeypatch.setenv("K5SERVE_EXPAND_PROMPTS", "true")
+    assert Settings().expand_prompts is True
+    monkeypatch.delenv("K5SERVE_EXPAND_PROMPTS")
+    seen = {}
+    monkeypatch.setattr("server.app.run", lambda settings: seen.setdefault("s", settings) and 0)
+    assert cli.main(["serve", "--expand-prompts"]) == 0
+    assert seen["s"].expand_prompts is True

@@ -6,6 +6,12 @@ on the tiny checkpoints end to end."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import fakes
 import pytest
 from server_fixtures import app_client, server_process, wait_until
@@ -123,3 +129,42 @@ def test_live_onerouter_revised_prompt_is_the_tiny_qwens_rewrite(tmp_path, tiny_
     assert [j["revised_prompt"] for j in jobs] == [None, want]  # newest first
     assert config["expand_prompts"] is True
     assert video.status_code == 200 and video.content[4:8] == b"ftyp"
+
+
+# aimlapi-sdk-python vendors its own `openai` package: it runs in a child process from its own folder
+# (as tests/contracts/test_aimlapi.py runs it; `make test` installs it there).
+AIMLAPI_SDK = Path(sys.prefix) / "aimlapi-sdk"
+SDK_SCRIPT = """
+import json, sys
+from aimlapi import AIMLAPI
+
+client = AIMLAPI(api_key="local-key", base_url=sys.argv[1] + "/v1")
+seen = []
+client.videos.generate_with_polling(
+    model="sber-ai/kandinsky5-distill-t2v", prompt=sys.argv[2], seed=42, enhance_prompt=True,
+    poll_interval=0.2, poll_timeout=120, extra_body={"num_inference_steps": 1}, status_callback=seen.append,
+)
+print(json.dumps(seen[-1]))
+"""
+
+
+@pytest.mark.slow
+def test_live_aimlapi_sdk_enhance_prompt(live_server, engine):
+    """The official SDK's own `enhance_prompt` parameter turns expansion on for that request; the
+    completed body's `meta.revised_prompt` is the tiny Qwen's rewrite."""
+    from pipelines.expand import expand_prompt
+
+    assert (AIMLAPI_SDK / "aimlapi").is_dir(), "aimlapi SDK missing: run `make test` (it installs it)"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIML", "OPENAI", "K5SERVE_"))}
+    env.update({"PYTHONPATH": str(AIMLAPI_SDK), "SSL_CERT_FILE": str(live_server.ca)})
+    proc = subprocess.run(
+        [sys.executable, "-c", SDK_SCRIPT, live_server.url, PROMPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, f"{proc.stderr}\n--- server log ---\n{live_server.log_tail()}"
+    final = json.loads(proc.stdout.strip().splitlines()[-1])
+    want = expand_prompt(engine.pipeline("kandinsky5-tiny-t2v"), PROMPT, task="t2v", seed=42)
+    assert final["status"] == "completed" and final["meta"] == {"revised_prompt": want}

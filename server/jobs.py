@@ -243,6 +243,18 @@ class Job:
         self.logs.append(LogLine(message, level, time.time() if now is None else now))
         self.version += 1
 
+    def log_how_made(self, output: JobOutput, now: float | None = None) -> None:
+        """What every contract's logs (fal's above all) and the record should say about how the video
+        was made: the prompt the model really encoded, and approximate (MagCache) output, labelled."""
+        if output.revised_prompt is not None:
+            self.log(f"prompt expanded (Qwen2.5-VL, as the official pipelines): {output.revised_prompt}", now=now)
+        if output.acceleration != "none":
+            self.log(
+                f"acceleration {output.acceleration} (approximate): {output.cached_steps} transformer evaluations "
+                "reused from earlier steps (MagCache)",
+                now=now,
+            )
+
     # -- views ---------------------------------------------------------------------------------
 
     @property

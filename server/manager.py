@@ -58,7 +58,7 @@ from . import retention
 from .errors import QueueFull, Unavailable
 from .events import Failed, Interrupted, Progress, RunJob, Succeeded, WorkerEvent
 from .feed import ChangeFeed, DeleteListener, JobListener
-from .jobs import CANCELLED_BY_CLIENT, RESTARTED_WHILE_WAITING, ErrorKind, Job, JobError, JobOutput, JobStatus
+from .jobs import CANCELLED_BY_CLIENT, RESTARTED_WHILE_WAITING, ErrorKind, Job, JobError, JobStatus
 from .scheduler import Scheduler
 from .storage import Storage
 from .store import JobStore, WebhookBody
@@ -358,8 +358,7 @@ class JobManager:
                 return
             if isinstance(event, Succeeded):
                 change = lambda j: (  # noqa: E731
-                    _log_expansion(j, event.output, now),
-                    _log_acceleration(j, event.output, now),
+                    j.log_how_made(event.output, now=now),
                     j.log("video written", now=now),
                     j.succeed(event.output, now=now),
                 )
@@ -444,19 +443,3 @@ def _failure(job: Job) -> dict[str, Any]:
         "message": job.error.message,
         "time": when,
     }
-
-
-def _log_acceleration(job: Job, output: JobOutput, now: float) -> None:
-    """Approximate output is labelled where every contract's logs and the job record can show it."""
-    if output.acceleration != "none":
-        job.log(
-            f"acceleration {output.acceleration} (approximate): {output.cached_steps} transformer evaluations "
-            "reused from earlier steps (MagCache)",
-            now=now,
-        )
-
-
-def _log_expansion(job: Job, output: JobOutput, now: float) -> None:
-    """The rewritten prompt, where every contract's logs (fal's above all) can show what was encoded."""
-    if output.revised_prompt is not None:
-        job.log(f"prompt expanded (Qwen2.5-VL, as the official pipelines): {output.revised_prompt}", now=now)

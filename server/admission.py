@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,8 +35,6 @@ from .jobs import ErrorKind, Job, JobError, short_value
 from .manager import JobManager
 from .storage import Storage
 from .uploads import Uploads
-
-Meta = dict[str, Any] | Callable[[ResolvedRequest], dict[str, Any]]  # a function of the resolved request
 
 
 @dataclass(frozen=True)
@@ -77,13 +74,13 @@ class Admission:
         *,
         base_url: str | None = None,
         webhook_url: str | None = None,
-        meta: Meta | None = None,
+        meta: dict[str, Any] | None = None,
         waits: bool | None = None,
     ) -> Job:
         """Queue `draft` for `contract`. Raises BadInput, ModelUnavailable, QueueFull or Unavailable;
-        nothing of a refused request stays on disk. `meta` (or a function of the resolved request)
-        is kept with the job for the contract. `waits`: the caller holds the connection for the
-        result (default: the contract's `synchronous`); recorded on the job (Job.waits)."""
+        nothing of a refused request stays on disk. `meta` is kept with the job for the contract.
+        `waits`: the caller holds the connection for the result (default: the contract's
+        `synchronous`); recorded on the job (Job.waits)."""
         request = draft.request
         self.check_text(request.prompt, request.negative_prompt)  # 1
         job_id = contract.new_job_id()  # 2
@@ -96,7 +93,6 @@ class Admission:
             if request.expand_prompt is None:  # 4b: the server's default, stored: what will run
                 request = dataclasses.replace(request, expand_prompt=self.expand_prompts)
             resolved = self.resolve(request)  # 5
-            extras = meta(resolved) if callable(meta) else dict(meta or {})
             return await asyncio.to_thread(  # 6: never block the event loop on the store
                 self.manager.submit,
                 contract=contract.name,
@@ -105,7 +101,7 @@ class Admission:
                 resolved=resolved,
                 base_url=base_url,
                 webhook_url=webhook_url,
-                meta=extras,
+                meta=dict(meta or {}),
                 job_id=job_id,
                 waits=contract.synchronous if waits is None else waits,
             )

@@ -54,7 +54,6 @@ from typing import Any
 from pipelines.cancel import CancelSwitch, CancelToken
 from pipelines.request import GenerationRequest, ResolvedRequest
 
-from . import retention
 from .errors import QueueFull, Unavailable
 from .events import Failed, Interrupted, Progress, RunJob, Succeeded, WorkerEvent
 from .feed import ChangeFeed, DeleteListener, JobListener
@@ -294,10 +293,6 @@ class JobManager:
             self.feed.deleted(job_id)
             return True
 
-    def expire(self, older_than: float) -> list[str]:
-        """Delete finished jobs that ended before `older_than` (see retention.expire)."""
-        return retention.expire(self, self.store, older_than)
-
     async def wait_for_change(self, job_id: str, version: int, timeout: float | None = None) -> Job | None:
         """Return the job once its version differs from `version` (or at `timeout`)."""
         return await self.feed.wait_for_change(self.get, job_id, version, timeout)
@@ -414,16 +409,13 @@ class JobManager:
             self.store.save(job)
             return
         webhook = None
-        if job.webhook_url:
+        if job.webhook_url and self._webhook_body is not None:
             try:
-                webhook = self._word_webhook(job)
+                webhook = self._webhook_body(job)
             except Exception:  # a formatting bug must not lose the job's result
                 log.exception("job %s: could not build the webhook body", job.id)
         self.store.save(job, webhook=webhook, now=self.clock())
         self.storage.remove_inputs(job.id)
-
-    def _word_webhook(self, job: Job) -> WebhookBody | None:
-        return self._webhook_body(job) if self._webhook_body is not None else None
 
 
 def _changed(job: Job, change: Callable[[Job], object]) -> Job:

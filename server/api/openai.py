@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from pipelines.request import GenerationRequest, ResolvedRequest, request_for_model
+from pipelines.request import GenerationRequest, request_for_model
 from pipelines.variants import PUBLIC_MODELS, VARIANTS
 
 from ..admission import Draft
@@ -205,7 +205,7 @@ def _made(job: Job) -> dict:
     admission resolved to run (in demo mode the tiny model's size and length, not the ones asked
     for). The wire's seconds are whole-second strings ("4", "8"): the clip's length rounded (a 5 s
     variant writes 121 frames @ 24 fps, 5.04 s: "5"; demo's 25 frames: "1"). Only a job with
-    neither (refused before resolving) shows what the request asked for."""
+    neither (a record from before resolved requests were stored) shows what its meta recorded."""
     made = job.output or job.resolved
     if made is None:
         return {"seconds": job.meta.get("seconds"), "size": job.meta.get("size")}
@@ -271,8 +271,8 @@ def router(services: Services) -> APIRouter:
             raise openai_error(404, f"Video with id '{short_value(video_id, 100)}' not found.", "video_id", "not_found")
         return job
 
-    def parse(fields: dict) -> tuple[Draft, int | None]:
-        """The create body -> (the draft to admit, the clip length asked for)."""
+    def parse(fields: dict) -> Draft:
+        """The create body -> the draft to admit."""
         prompt = _text(fields, "prompt")
         if prompt is None or not prompt.strip():
             raise invalid("prompt", "Missing required parameter: 'prompt'.", "missing_required_parameter")
@@ -284,21 +284,13 @@ def router(services: Services) -> APIRouter:
             fields, seconds, source is not None,
             prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps, seed=seed,
         )  # fmt: skip
-        return Draft(model, greq, image=source), seconds
+        return Draft(model, greq, image=source)
 
     @api.post("/v1/videos")
     async def create(request: Request):
         fields = await read_fields(request, services.intake.max_bytes)
-        draft, seconds = parse(fields)
-
-        def shown(resolved: ResolvedRequest) -> dict:  # the size/length asked for (demo mode shrinks it)
-            width, height = resolved.nominal_size or (resolved.width, resolved.height)
-            return {
-                "size": f"{width}x{height}",
-                "seconds": str(seconds or VARIANTS[resolved.requested.variant].seconds),
-            }
-
-        job = await services.admission.admit(CONTRACT, draft, base_url=services.base_url(request), meta=shown)
+        draft = parse(fields)
+        job = await services.admission.admit(CONTRACT, draft, base_url=services.base_url(request))
         return JSONResponse(video_object(job), headers={"openai-poll-after-ms": POLL_AFTER_MS})
 
     @api.get("/v1/videos")

@@ -30,6 +30,7 @@ from server.app import create_app
 from server.events import Succeeded
 from server.jobs import JobOutput, JobStatus
 from server.manager import JobManager
+from server.retention import expire
 from server.settings import Settings
 from server.storage import Storage, files_router
 from server.store import JobStore, WebhookBody
@@ -444,11 +445,11 @@ def test_retention_keeps_unfinished_jobs_and_pending_webhooks(tmp_path):
     for job in (done, hooked):
         manager.cancel(job.id)
     now[0] += 7200
-    assert manager.expire(older_than=now[0] - 3600) == [done.id]
+    assert expire(manager, manager.store, older_than=now[0] - 3600) == [done.id]
     assert manager.get(hooked.id) is not None and manager.get(waiting.id) is not None  # webhook pending; queued
     delivery = manager.store.webhook(hooked.id)
     manager.store.webhook_attempted(delivery.id, state="delivered", next_at=now[0], error=None)
-    assert manager.expire(older_than=now[0] - 3600) == [hooked.id]
+    assert expire(manager, manager.store, older_than=now[0] - 3600) == [hooked.id]
     assert manager.store.webhook(hooked.id) is None and manager.queued_count() == 1
 
 

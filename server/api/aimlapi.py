@@ -224,17 +224,16 @@ def poll_body(job: Job, base: str) -> dict:
 
 # server.errors -> (HTTP status, the envelope's message)
 REFUSALS = {
-    BadInput: lambda e: (400, BodyInvalid(_wire(e.field), e.message_for(_wire(e.field))).message),
+    BadInput: lambda e: (
+        400,
+        BodyInvalid(CONTRACT.wire_field(e.field), e.message_for(CONTRACT.wire_field(e.field))).message,
+    ),
     ModelUnavailable: lambda e: (503, f"Service unavailable: {e.message}"),
     QueueFull: lambda e: (429, f"Too Many Requests: {e.message}"),
     Unavailable: lambda e: (503, f"Service unavailable: {e.message}"),
     Unauthorized: lambda e: (401, UNAUTHORIZED),
     TooLarge: lambda e: (413, e.message),
 }
-
-
-def _wire(engine_field: str) -> str:
-    return ENGINE_FIELDS.get(engine_field, engine_field)
 
 
 def refusal(request: Request, exc: Refused) -> JSONResponse:

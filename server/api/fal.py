@@ -171,7 +171,7 @@ def refusal(_request: Request, exc: Refused) -> Response:
 
 def _detail(exc: BadInput) -> list[dict]:
     """fal's 422 detail list for an input the engine (or admission) refused."""
-    return invalid(ENGINE_FIELDS.get(exc.field, exc.field), exc.value, exc.message).detail
+    return invalid(CONTRACT.wire_field(exc.field), exc.value, exc.message).detail
 
 
 def _model_id(owner: str, alias: str, path: str) -> str:

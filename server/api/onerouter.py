@@ -148,7 +148,7 @@ def success_body(job: Job, base: str) -> dict:
 def failure_response(job: Job) -> JSONResponse:
     error = job.error or JobError(ErrorKind.INTERNAL, "the generation failed")
     code, type_ = FAILURES[error.kind]
-    param = ENGINE_FIELDS.get(error.field, error.field) if error.kind is ErrorKind.INVALID_INPUT else ""
+    param = CONTRACT.wire_field(error.field) if error.kind is ErrorKind.INVALID_INPUT else ""
     return error_response(code, error.message, type_, param or "")
 
 
@@ -156,17 +156,18 @@ UNAUTHORIZED = "Invalid API key: send 'Authorization: <key>' or 'Authorization: 
 
 # server.errors -> (HTTP status = error.code, message, error.type, error.param)
 REFUSALS = {
-    BadInput: lambda e: (400, e.message_for(_wire(e.field)), "invalid_request_error", _wire(e.field)),
+    BadInput: lambda e: (
+        400,
+        e.message_for(CONTRACT.wire_field(e.field)),
+        "invalid_request_error",
+        CONTRACT.wire_field(e.field),
+    ),
     ModelUnavailable: lambda e: (503, e.message, "service_unavailable", "model"),
     QueueFull: lambda e: (429, e.message, "rate_limit_exceeded", ""),
     Unavailable: lambda e: (503, e.message, "service_unavailable", ""),
     Unauthorized: lambda e: (401, UNAUTHORIZED, "invalid_request_error", ""),
     TooLarge: lambda e: (413, e.message, "invalid_request_error", ""),
 }
-
-
-def _wire(engine_field: str) -> str:
-    return ENGINE_FIELDS.get(engine_field, engine_field)
 
 
 def refusal(_request: Request, exc: Refused) -> JSONResponse:

@@ -237,17 +237,19 @@ UNAUTHORIZED = "Incorrect API key provided. Send 'Authorization: Bearer <key>' w
 
 # server.errors -> (HTTP status, message, param, code, type)
 REFUSALS = {
-    BadInput: lambda e: (400, e.message_for(_wire(e.field)), _wire(e.field), "invalid_value", "invalid_request_error"),
+    BadInput: lambda e: (
+        400,
+        e.message_for(CONTRACT.wire_field(e.field)),
+        CONTRACT.wire_field(e.field),
+        "invalid_value",
+        "invalid_request_error",
+    ),
     ModelUnavailable: lambda e: (404, e.message, "model", "model_not_found", "invalid_request_error"),
     QueueFull: lambda e: (429, e.message, None, "rate_limit_exceeded", "requests"),
     Unavailable: lambda e: (503, e.message, None, "service_unavailable", "server_error"),
     Unauthorized: lambda e: (401, UNAUTHORIZED, None, "invalid_api_key", "invalid_request_error"),
     TooLarge: lambda e: (413, e.message, None, "request_too_large", "invalid_request_error"),
 }
-
-
-def _wire(engine_field: str) -> str:
-    return ENGINE_FIELDS.get(engine_field, engine_field)
 
 
 def refusal(_request: Request, exc: Refused) -> JSONResponse:

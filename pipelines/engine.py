@@ -141,6 +141,10 @@ class Engine:
         """Names of the variants whose pipelines are loaded."""
         return self._pipes.names()
 
+    def describe(self) -> dict:
+        """What this engine holds now (server/engine_protocol.py `describe`)."""
+        return {"variants": self.loaded(), "resident": [], "counters": {}, "memory_in_use": self.memory_in_use()}
+
     def warmup(self) -> None:
         """Load what will be served (the tiny models in demo mode, else --models) and, with
         compilation on, run each once so it is compiled before the first request (warmup.py)."""

@@ -15,6 +15,12 @@ from pipelines.cancel import Cancellation
 from pipelines.request import GenerationRequest, GenerationResult, ResolvedRequest
 
 
+class WorkerLost(Exception):
+    """The process (or Ray actor) running an engine died during a call (kill -9, a poisoned CUDA
+    context, a lost node). Raised by the proxies that run an engine elsewhere; the worker puts the
+    job back in the queue and restarts the engine (issue 13)."""
+
+
 class EngineLike(Protocol):
     demo: bool  # no real checkpoint: every variant is served by the tiny random-weight model
     device: str  # e.g. "cuda:0", "cpu"
@@ -51,4 +57,11 @@ class EngineLike(Protocol):
 
     def memory_in_use(self) -> int | None:
         """Bytes of device memory the engine holds now; None where the device cannot say (CPU)."""
+        ...
+
+    def describe(self) -> dict:
+        """What the engine holds now, as plain data (it crosses process boundaries: JSON types only):
+        {"variants": [loaded variant names], "resident": [{"component", "id", "bytes", "variants"}, ...],
+        "counters": {name: number} (e.g. loads, evictions, swap_seconds), "memory_in_use": int | None}.
+        /readyz and /metrics show it per worker."""
         ...

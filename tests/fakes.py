@@ -132,6 +132,12 @@ class FakeEngine:
     def memory_in_use(self) -> int | None:
         return self.memory_bytes
 
+    def describe(self) -> dict:
+        """What it holds: the variants it has generated with (it loads nothing)."""
+        with self._lock:
+            ran = sorted({r.variant.name for r in self.resolved})
+        return {"variants": ran, "resident": [], "counters": {}, "memory_in_use": self.memory_bytes}
+
     def prepare(self, req: GenerationRequest) -> ResolvedRequest:
         """Like the real engine in demo mode: validate, then serve every variant by the tiny model."""
         resolved = resolve(req)

@@ -271,6 +271,19 @@ def router(services: Services) -> APIRouter:
     edits = _edits_router(services)
     if edits is not None:
         api.include_router(edits)
+    else:  # seam (issue 15): a build without openai_edits.py refuses the three, in this envelope
+
+        @api.post("/v1/videos/{video_id}/remix")
+        async def remix(video_id: str):
+            find(video_id)
+            raise invalid("video_id", "Remixing is not in this build of k5serve: create a new video.", "unsupported")
+
+        @api.post("/v1/videos/edits")
+        @api.post("/v1/videos/extensions")
+        async def edit_or_extend(request: Request):
+            kind = request.url.path.rsplit("/", 1)[1]  # never a path parameter: /v1/videos/generations is OneRouter's
+            raise invalid(None, f"Video {kind} are not in this build of k5serve: create a new video.", "unsupported")
+
     return api
 
 

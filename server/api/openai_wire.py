@@ -212,7 +212,6 @@ def create_request(fields: dict, aliases: Mapping[str, str], has_image: bool) ->
             f"Invalid value: {short_value(model)!r}. k5serve serves Kandinsky 5: Sora's names ('sora-2', "
             "'sora-2-pro'), a local name such as 'kandinsky5-lite-t2v-sft-5s' or a public id such as "
             "'kandinsky5-text-to-video' (GET /readyz lists what is loaded).",
-            "model_not_found",
         )
     if model is not None and model not in VARIANTS and model not in PUBLIC_MODELS:
         # a Sora name (an alias): OpenAI's own defaults, 4 s at 720x1280 unless an image sets the aspect

@@ -424,6 +424,19 @@ def test_input_reference_as_a_data_uri_or_image_url_object(tmp_path):
     assert [req.variant for req in engine.calls] == ["kandinsky5-lite-i2v-5s"] * 3
 
 
+def test_sdk_image_url_over_http_through_the_url_guard(tmp_path, loopback):
+    """{image_url: http://...} as the Python SDK gets it out (extra_body: multipart
+    input_reference[image_url]), fetched through the SSRF guard from an allowlisted host."""
+    loopback.files["/cat.png"] = ("image/png", png_bytes())
+    engine = FullSizeEngine()
+    with app_client(engine, tmp_path, url_allowlist=["127.0.0.1"]) as client:
+        body = {"input_reference": {"image_url": f"{loopback.url}/cat.png"}, **FAST}
+        video = sdk(client).videos.create_and_poll(prompt="x", model="sora-2-pro", poll_interval_ms=20, extra_body=body)
+    assert (video.status, video.model, video.size, video.seconds) == ("completed", "sora-2-pro", "768x512", "4")
+    (req,) = engine.calls
+    assert req.variant == "kandinsky5-pro-i2v-sft-5s" and req.num_frames == 97 and req.image.endswith(".png")
+
+
 def test_content_variants_characters_and_file_ids(tmp_path):
     with app_client(fakes.FakeEngine(), tmp_path) as client:
         video = sdk(client).videos.create_and_poll(prompt="x", poll_interval_ms=20, extra_body=FAST)

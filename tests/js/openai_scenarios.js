@@ -1,6 +1,6 @@
 // The real `openai` npm package (pinned in package.json), unmodified, against a live k5serve: Sora code
 // with only the base URL changed. Usage: node openai_scenarios.js <out-dir>
-// Env: K5SERVE_URL (http://localhost:port), K5SERVE_TEST_IMAGE (a PNG).
+// Env: K5SERVE_URL (https://localhost:port), NODE_EXTRA_CA_CERTS (the test CA), K5SERVE_TEST_IMAGE (a PNG).
 // Writes the downloaded files into <out-dir> and prints one JSON line for tests/clients/test_openai_clients.py.
 "use strict";
 
@@ -33,12 +33,11 @@ async function finish(video) {
 async function main() {
   const result = { created: [], files: {} };
   // create: always multipart from this SDK; input_reference as {image_url} (bracket-encoded by the
-  // SDK as input_reference[image_url]) and as a file; Sora's names, sizes and seconds
+  // SDK as input_reference[image_url]); Sora's names, sizes and seconds
   const dataUrl = `data:image/png;base64,${png.toString("base64")}`;
   const requests = [
     { prompt: "a lighthouse at dusk", model: "sora-2", size: "1280x720", seconds: "8", ...FAST },
     { prompt: "waves", model: "sora-2-pro", size: "720x1280", input_reference: { image_url: dataUrl }, ...FAST },
-    { prompt: "gulls", model: "sora-2", input_reference: await toFile(png, "ref.png", { type: "image/png" }), ...FAST },
   ];
   const created = [];
   for (const body of requests) created.push(await client.videos.create(body));

@@ -68,24 +68,19 @@ def test_python_sdk_create_and_poll_download_all_variants_delete(api):
         api.videos.retrieve(video.id)
 
 
-def test_python_sdk_image_references(api, live_server, test_image):
-    """input_reference as a file (multipart) and as {image_url: a data URL} in a JSON body (curl,
-    Batch). An http(s) image_url goes through the SSRF guard: test_openai.py fetches one from an
-    allowlisted loopback server; here the guard refuses it."""
+def test_python_sdk_image_reference_in_a_json_body(api, live_server, test_image):
+    """input_reference as {image_url: a data URL} in a JSON body (curl, Batch), polled by the SDK.
+    (A file upload through the SDK: test_openai.py's test_live_sdk_image_to_video; an http(s)
+    image_url fetched from an allowlisted host: its in-process tests; here the guard refuses one.)"""
     data_url = "data:image/png;base64," + base64.b64encode(test_image.read_bytes()).decode()
-    png = ("ref.png", test_image.read_bytes(), "image/png")
-    created = [api.videos.create(prompt="a", input_reference=png, extra_body=FAST)]
     with live_server.client() as raw:
         body = {"prompt": "d", "model": "sora-2-pro", "size": "1792x1024", "input_reference": {"image_url": data_url}}
         response = raw.post("/v1/videos", json={**body, **FAST}, headers={"authorization": "Bearer k"})
-        assert response.status_code == 200, response.text
-        created.append(api.videos.retrieve(response.json()["id"]))
-    done = [api.videos.poll(v.id, poll_interval_ms=100) for v in created]
-    assert [v.status for v in done] == ["completed"] * 2, done
-    assert [v.model for v in done] == ["kandinsky5-lite-i2v-5s", "sora-2-pro"]
-    for video in done:
-        assert decoded_mp4(api.videos.download_content(video.id).content) == (video.size, video.seconds)
-    assert done[-1].size == "256x144"  # Pro's 1280x768 (nearest to 1792x1024) at demo size
+    assert response.status_code == 200, response.text
+    video = api.videos.poll(response.json()["id"], poll_interval_ms=100)
+    assert (video.status, video.model) == ("completed", "sora-2-pro"), video
+    assert video.size == "256x144"  # Pro's 1280x768 (nearest to 1792x1024) at demo size
+    assert decoded_mp4(api.videos.download_content(video.id).content) == (video.size, video.seconds)
     with pytest.raises(openai.BadRequestError) as refused:
         api.videos.create(prompt="x", extra_body={"input_reference": {"image_url": "http://127.0.0.1:9/a.png"}})
     assert refused.value.param == "input_reference"

@@ -115,7 +115,7 @@ def _poster(services: Services, file_id: str) -> Path | None:
         return None
 
 
-def router(services: Services) -> APIRouter:  # noqa: C901 - one closure per route, each a few lines
+def router(services: Services) -> APIRouter:
     r = APIRouter()
     manager = services.manager
     keyed = [Depends(require_key(services.keys))]

@@ -98,9 +98,7 @@ def describe_variant(v: Variant, available: set[str]) -> dict:
     }
 
 
-def _field(  # noqa: C901 - one branch per wire field, in the schema's words
-    name: str, info: FieldInfo, variant: Variant, by_seconds: dict[int, str], expand: bool, local: bool
-) -> dict:
+def _field(name: str, info: FieldInfo, variant: Variant, by_seconds: dict[int, str], expand: bool, local: bool) -> dict:
     label, help_ = LABELS.get(name, (name, ""))
     default = None if info.is_required() else info.default
     out: dict[str, Any] = {"name": name, "label": label, "help": help_, "required": info.is_required()}

@@ -1,0 +1,115 @@
+"""Watching and stopping jobs in the studio, in a real headless Chromium against ONE `k5serve serve`
+whose engine is the fake (tests/fakes.py) with a slow decode phase: queue position, step i/N then
+decoding before the end, Cancel (queued and running, from the job panel and from the history), the
+table's failure reasons, a phone-width layout and a label on every control."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from browser import chromium, choose_model, control, open_studio, set_value, text, wait_finished
+from server_fixtures import ServerProcess, server_process, wait_until
+
+FAKE = {"K5SERVE_FAKE_STEP_TIME": "0.2", "K5SERVE_FAKE_DECODE_CHUNKS": "3", "K5SERVE_FAKE_DECODE_TIME": "0.5"}
+TINY = "k5serve/kandinsky5-tiny-t2v"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[ServerProcess]:
+    proc = server_process(tmp_path_factory.mktemp("studio-watch"), fake=True, run_port=False, env=FAKE)
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with chromium() as driver:
+        yield driver
+
+
+def submit_api(server: ServerProcess, steps: int) -> str:
+    """A job from outside the page (another client of the same server)."""
+    body = {"prompt": "someone else's job", "num_inference_steps": steps}
+    with server.client() as client:
+        return client.post(f"/{TINY}", json=body).json()["request_id"]
+
+
+def state(server: ServerProcess, job_id: str) -> dict:
+    with server.client() as client:
+        return client.get(f"/api/jobs/{job_id}").json()
+
+
+def test_queue_position_then_steps_then_decoding(server, browser):
+    from selenium.webdriver.common.by import By
+
+    open_studio(browser, server.url)
+    ahead = submit_api(server, steps=8)  # keeps the one worker busy: the page's job waits
+    choose_model(browser, "t2v", TINY)
+    set_value(browser, "Prompt", "watch me")
+    set_value(browser, "Steps", "6")
+    browser.find_element(By.ID, "submit").click()
+
+    wait_until(lambda: text(browser, "status") == "queued", timeout=10, interval=0.05, what="queued")
+    assert text(browser, "detail") == "next in the queue" and text(browser, "elapsed").startswith("waiting")
+    wait_until(lambda: text(browser, "detail").startswith("step "), timeout=20, interval=0.05, what="steps")
+    assert text(browser, "status") == "running" and text(browser, "detail").endswith("/6")
+    wait_until(lambda: "left" in text(browser, "eta"), timeout=10, interval=0.05, what="an estimate of the time left")
+    wait_until(lambda: text(browser, "detail").startswith("decoding"), timeout=20, interval=0.05, what="decoding")
+    assert text(browser, "status") == "running"  # the decode is seen before the job ends
+    progress = browser.execute_script("return document.getElementById('progress').value")
+    assert 90 <= progress < 100  # the bar is not full while the video is still decoding
+    assert wait_finished(browser) == "succeeded"
+    assert "decoding 3/3" in text(browser, "logs") and state(server, ahead)["status"] == "succeeded"
+
+
+def test_cancel_queued_from_the_panel_and_running_from_the_history(server, browser):
+    from selenium.webdriver.common.by import By
+
+    open_studio(browser, server.url)
+    running = submit_api(server, steps=60)
+    wait_until(lambda: state(server, running)["status"] == "running", what="the other job to start")
+    choose_model(browser, "t2v", TINY)
+    set_value(browser, "Prompt", "never mind")
+    browser.find_element(By.ID, "submit").click()
+    wait_until(lambda: text(browser, "status") == "queued", timeout=10, interval=0.05, what="queued")
+    browser.find_element(By.ID, "cancel").click()
+    assert wait_finished(browser, timeout=20) == "canceled"
+    mine = text(browser, "jobid")
+    assert state(server, mine)["status"] == "canceled"
+
+    # the other client's running job, from the history (every job of the server shows there)
+    button = f"article.tile[data-id='{running}'] button.cancel"
+    wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, button), timeout=10, what="its Cancel button")
+    browser.find_element(By.CSS_SELECTOR, button).click()
+    wait_until(lambda: state(server, running)["status"] == "canceled", timeout=20, what="the running job to stop")
+
+    set_value(browser, "View", "table")  # the table shows the status and the failure reason
+    row = f"#jobs tr[data-id='{running}']"
+    wait_until(lambda: "canceled" in browser.find_element(By.CSS_SELECTOR, row).text, timeout=15, what="row update")
+    assert state(server, running)["error"] in browser.find_element(By.CSS_SELECTOR, row).text
+    set_value(browser, "View", "gallery")
+
+
+def test_phone_width_labels_and_keyboard(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    browser.set_window_size(390, 844)
+    try:
+        open_studio(browser, server.url)
+        fits = "return document.documentElement.scrollWidth <= document.documentElement.clientWidth"
+        assert browser.execute_script(fits), "the page scrolls sideways at phone width"
+        unlabelled = browser.execute_script(
+            "return [...document.querySelectorAll('input, select, textarea')]"
+            ".filter(c => c.type !== 'hidden' && !c.labels.length && !c.getAttribute('aria-label')).map(c => c.id)"
+        )
+        assert unlabelled == []
+        assert "does not list its workers" in text(browser, "workers")  # no `workers` in /readyz: said so
+        control(browser, "Prompt").send_keys("typed, then Enter on Generate")
+        set_value(browser, "Steps", "2")
+        browser.find_element(By.ID, "submit").send_keys(Keys.ENTER)
+        assert wait_finished(browser) == "succeeded"
+    finally:
+        browser.set_window_size(1280, 1000)

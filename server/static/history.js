@@ -30,6 +30,7 @@ async function act(method, job, verb) {
 function tools(job) {
   const label = (what) => `${what} job ${job.id}`;
   return [
+    el("button", { type: "button", class: "open", "aria-label": label("Watch"), onclick: () => hooks.open(job) }, "Open"),
     ACTIVE.has(job.status) && el("button", { type: "button", class: "cancel", "aria-label": label("Cancel"), onclick: () => act("POST", job, "cancel") }, "Cancel"),
     job.request && el("button", { type: "button", class: "rerun", "aria-label": label("Re-run"), onclick: () => hooks.rerun(job) }, "Re-run"),
     job.video_url && el("a", { class: "button", href: job.video_url, download: "k5serve.mp4", "aria-label": label("Download") }, "Download"),
@@ -76,6 +77,17 @@ function row(job) {
     el("td", {}, job.error ? el("div", { class: "error" }, job.error) : null, tools(job)));
 }
 
+// The element already shown for `job` when nothing about it changed: a video playing on hover keeps
+// playing through the refreshes while other jobs run.
+function reuse(box, tag, job, make) {
+  const sign = [job.status, job.percent, job.phase, job.queue_position, job.error].join("|");
+  const old = [...box.querySelectorAll(`${tag}[data-id]`)].find((n) => n.dataset.id === job.id);
+  if (old && old.dataset.sign === sign) return old;
+  const made = make(job);
+  made.dataset.sign = sign;
+  return made;
+}
+
 export async function refresh() {
   clearTimeout(timer);
   let data;
@@ -89,8 +101,8 @@ export async function refresh() {
     return;
   }
   total = data.total;
-  $("gallery").replaceChildren(...data.jobs.map(tile));
-  $("jobs").replaceChildren(...data.jobs.map(row));
+  $("gallery").replaceChildren(...data.jobs.map((j) => reuse($("gallery"), "article", j, tile)));
+  $("jobs").replaceChildren(...data.jobs.map((j) => reuse($("jobs"), "tr", j, row)));
   const last = Math.min(offset + PAGE, total);
   $("page-info").textContent = total ? `${offset + 1}-${last} of ${total}` : "no jobs yet";
   $("prev").disabled = offset === 0; $("next").disabled = last >= total;
@@ -98,8 +110,8 @@ export async function refresh() {
   timer = setTimeout(refresh, busy ? 1500 : 8000);
 }
 
-export function initHistory(rerun) {
-  hooks = { rerun };
+export function initHistory(rerun, open) {
+  hooks = { rerun, open };
   $("refresh").addEventListener("click", refresh);
   $("prev").addEventListener("click", () => { offset = Math.max(0, offset - PAGE); refresh(); });
   $("next").addEventListener("click", () => { offset += PAGE; refresh(); });

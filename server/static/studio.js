@@ -67,7 +67,7 @@ async function init() {
   initForm(table, updateCode);
   initWatch();
   $("form").addEventListener("submit", submit);
-  initHistory(rerun);
+  initHistory(rerun, (job) => { reset("loading"); watch(job.id); $("job").scrollIntoView({ behavior: "smooth" }); });
   initWorkers();
   updateCode();
   document.body.dataset.ready = "1";

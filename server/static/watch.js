@@ -51,8 +51,18 @@ function show(job) {
   $("elapsed").textContent = job.status === "queued" ? `waiting ${seconds(now - job.created_at)}` : `elapsed ${seconds(end - start)}`;
   const left = eta(job);
   $("eta").textContent = left === null ? "" : `· about ${seconds(left)} left`;
+  $("ran").textContent = ranText(job);
   $("logs").textContent = job.logs.map((l) => `${new Date(l.time * 1000).toLocaleTimeString()}  ${l.message}`).join("\n");
   $("cancel").classList.toggle("hidden", TERMINAL.has(job.status));
+}
+
+// What runs (ran): variant, size, frames, steps, guidance, seed; demo mode's stand-in says what was asked.
+function ranText(job) {
+  const r = job.resolved;
+  if (!r) return job.model ? `${job.model} (via ${job.contract})` : "";
+  const asked = r.nominal_size ? ` (asked ${r.nominal_size.join("x")}: demo mode runs it small)` : "";
+  return `${job.model} via ${job.contract} · runs ${r.variant} at ${r.width}x${r.height}${asked}, ${r.num_frames} frames, ` +
+    `${r.steps} steps, guidance ${r.guidance}, seed ${r.seed}, acceleration ${r.acceleration}`;
 }
 
 function showVideo(job) {
@@ -69,7 +79,7 @@ export function reset(text) {
   current = null;
   for (const id of ["video", "download", "cancel"]) $(id).classList.add("hidden");
   $("video").removeAttribute("src");
-  $("jobid").textContent = ""; $("logs").textContent = ""; $("elapsed").textContent = ""; $("eta").textContent = "";
+  $("jobid").textContent = ""; $("logs").textContent = ""; $("ran").textContent = ""; $("elapsed").textContent = ""; $("eta").textContent = "";
   $("status").textContent = text; $("detail").textContent = ""; $("progress").value = 0;
 }
 

@@ -56,7 +56,8 @@ def control(browser, label: str):
     """The control whose <label> says `label` (else: starts with it); label.control is what it labels."""
     found = browser.execute_script(
         "const all = [...document.querySelectorAll('label')], t = (l) => l.textContent.trim();"
-        "return (all.find(l => t(l) === arguments[0]) ?? all.find(l => t(l).startsWith(arguments[0])))?.control ?? null",
+        "const exact = all.find(l => t(l) === arguments[0]);"
+        "return (exact ?? all.find(l => t(l).startsWith(arguments[0])))?.control ?? null",
         label,
     )
     assert found is not None, f"no control labelled {label!r}"

@@ -80,7 +80,8 @@ def test_jobs_of_every_contract_page_cancel_and_delete(client):
     assert {j["contract"] for j in client.get("/api/jobs").json()["jobs"]} == {"fal", "openai", "aimlapi"}
 
     queued = client.post(f"/api/jobs/{openai['id']}/cancel")
-    assert queued.json()["outcome"] == "canceled" and client.get(f"/api/jobs/{openai['id']}").json()["queue_position"] is None
+    assert queued.json()["outcome"] == "canceled"
+    assert client.get(f"/api/jobs/{openai['id']}").json()["queue_position"] is None
     wait_until(lambda: client.get(f"/api/jobs/{fal['request_id']}").json()["status"] == "running")
     assert client.post(f"/api/jobs/{fal['request_id']}/cancel").json()["outcome"] == "requested"
     wait_until(lambda: client.get(f"/api/jobs/{fal['request_id']}").json()["status"] == "canceled")

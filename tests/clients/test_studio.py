@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from browser import chromium, choose_model, control, open_studio, set_value, text, wait_finished
+from browser import choose_model, chromium, control, open_studio, set_value, text, wait_finished
 from server_fixtures import ServerProcess, server_process, wait_until
 
 KEY = "studio-secret"
@@ -163,8 +163,8 @@ def test_gallery_posters_rerun_and_delete(server, browser):
     assert len(done) >= 2
     for finished in done:  # every finished video has a poster frame that loaded
         tile = f"article.tile[data-id='{finished['id']}'] img.poster"
-        loaded = f"const i = document.querySelector(\"{tile}\"); return !!i && i.complete && i.naturalWidth > 0"
-        wait_until(lambda: browser.execute_script(loaded), timeout=20, what=f"poster of {finished['id']}")
+        loaded = f'const i = document.querySelector("{tile}"); return !!i && i.complete && i.naturalWidth > 0'
+        wait_until(lambda js=loaded: browser.execute_script(js), timeout=20, what=f"poster of {finished['id']}")
     with server.client() as client:
         poster = client.get(done[0]["poster_url"].removeprefix(server.url))
     assert poster.headers["content-type"] == "image/webp" and poster.content[8:12] == b"WEBP"

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from browser import chromium, choose_model, control, open_studio, set_value, text, wait_finished
+from browser import choose_model, chromium, control, open_studio, set_value, text, wait_finished
 from server_fixtures import ServerProcess, server_process, wait_until
 
 FAKE = {"K5SERVE_FAKE_STEP_TIME": "0.2", "K5SERVE_FAKE_DECODE_CHUNKS": "3", "K5SERVE_FAKE_DECODE_TIME": "0.5"}

@@ -107,8 +107,9 @@ def test_phone_width_labels_and_keyboard(server, browser):
         )
         assert unlabelled == []
         assert "does not list its workers" in text(browser, "workers")  # no `workers` in /readyz: said so
-        control(browser, "Prompt").send_keys("typed, then Enter on Generate")
+        choose_model(browser, "t2v", TINY)
         set_value(browser, "Steps", "2")
+        control(browser, "Prompt").send_keys("typed, then Enter on Generate")
         browser.find_element(By.ID, "submit").send_keys(Keys.ENTER)
         assert wait_finished(browser) == "succeeded"
     finally:

@@ -1,10 +1,14 @@
 """Watching and stopping jobs in the studio, in a real headless Chromium against ONE `k5serve serve`
 whose engine is the fake (tests/fakes.py) with a slow decode phase: queue position, step i/N then
 decoding before the end, Cancel (queued and running, from the job panel and from the history), the
-table's failure reasons, a phone-width layout and a label on every control."""
+table's failure reasons, a phone-width layout and a label on every control; and "copy as code": the
+curl and OpenAI SDK snippets, run as the page shows them, each get their video."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -82,7 +86,8 @@ def test_cancel_queued_from_the_panel_and_running_from_the_history(server, brows
     # the other client's running job, from the history (every job of the server shows there)
     button = f"article.tile[data-id='{running}'] button.cancel"
     wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, button), timeout=10, what="its Cancel button")
-    browser.find_element(By.CSS_SELECTOR, button).click()
+    # found and clicked in one step: the tile of a running job is redrawn as its progress moves
+    browser.execute_script("document.querySelector(arguments[0]).click()", button)
     wait_until(lambda: state(server, running)["status"] == "canceled", timeout=20, what="the running job to stop")
 
     set_value(browser, "View", "table")  # the table shows the status and the failure reason
@@ -114,3 +119,36 @@ def test_phone_width_labels_and_keyboard(server, browser):
         assert wait_finished(browser) == "succeeded"
     finally:
         browser.set_window_size(1280, 1000)
+
+
+def _code(browser, name: str) -> str:
+    return text(browser, f"code-{name}")
+
+
+def test_copy_as_code_snippets_run(server, browser, tmp_path):
+    """The curl and the OpenAI SDK snippets, exactly as the page shows them, make a video each."""
+    open_studio(browser, server.url)
+    choose_model(browser, "t2v", "fal-ai/kandinsky5/text-to-video")
+    set_value(browser, "Prompt", "a snippet's fox")
+    set_value(browser, "Steps", "2")
+    set_value(browser, "Seed", "9001")
+    curl, openai_py = _code(browser, "curl"), _code(browser, "openai")
+    assert "Key local" in curl and '"seed": 9001' in curl and f"BASE={server.url}" in curl
+    assert f'base_url="{server.url}/v1"' in openai_py and '"num_inference_steps": 2' in openai_py
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HTTP_PROXY", "HTTPS_PROXY", "http_proxy"))}
+    (tmp_path / "curl").mkdir()
+    done = subprocess.run(["bash", "-c", curl], cwd=tmp_path / "curl", capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "curl" / "k5serve.mp4").read_bytes()[4:8] == b"ftyp"  # the fake engine's "mp4"
+
+    (tmp_path / "py").mkdir()
+    cmd = [sys.executable, "-c", openai_py]
+    done = subprocess.run(cmd, cwd=tmp_path / "py", capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0 and "saved k5serve.mp4" in done.stdout, done.stdout + done.stderr
+    assert (tmp_path / "py" / "k5serve.mp4").read_bytes()[4:8] == b"ftyp"
+
+    with server.client() as client:
+        jobs = client.get("/api/jobs", params={"limit": 2}).json()["jobs"]
+    assert {j["contract"] for j in jobs} == {"fal", "openai"}  # one job per snippet, as the page set it
+    assert all((j["resolved"]["steps"], j["resolved"]["seed"]) == (2, 9001) for j in jobs)

@@ -91,9 +91,9 @@ def test_cancel_queued_from_the_panel_and_running_from_the_history(server, brows
     wait_until(lambda: state(server, running)["status"] == "canceled", timeout=20, what="the running job to stop")
 
     set_value(browser, "View", "table")  # the table shows the status and the failure reason
-    row = f"#jobs tr[data-id='{running}']"
-    wait_until(lambda: "canceled" in browser.find_element(By.CSS_SELECTOR, row).text, timeout=15, what="row update")
-    assert state(server, running)["error"] in browser.find_element(By.CSS_SELECTOR, row).text
+    row = f"return document.querySelector(\"#jobs tr[data-id='{running}']\")?.innerText ?? ''"
+    wait_until(lambda: "canceled" in browser.execute_script(row), timeout=15, what="row update")
+    assert state(server, running)["error"] in browser.execute_script(row)
     set_value(browser, "View", "gallery")
 
 

@@ -55,6 +55,7 @@ function media(job) {
   const button = el("button", { type: "button", class: "play", "aria-label": `Play job ${job.id}`, onclick: play }, "\u25B6");
   button.style.cssText = "position:absolute;left:.4em;bottom:.4em;z-index:1";
   box.addEventListener("mouseenter", play); box.addEventListener("mouseleave", stop);
+  box.addEventListener("focusin", play); box.addEventListener("focusout", stop);  // the keyboard's hover
   box.addEventListener("click", play);
   box.append(img, button);
   return box;

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from browser import choose_model, chromium, control, open_studio, set_value, text, wait_finished
@@ -17,6 +18,8 @@ from server_fixtures import ServerProcess, server_process, wait_until
 
 FAKE = {"K5SERVE_FAKE_STEP_TIME": "0.2", "K5SERVE_FAKE_DECODE_CHUNKS": "3", "K5SERVE_FAKE_DECODE_TIME": "0.5"}
 TINY = "k5serve/kandinsky5-tiny-t2v"
+# `make test` installs @fal-ai/client there (tests/clients/test_fal_js_client.py needs it too)
+JS_MODULES = Path(__file__).resolve().parent.parent / "js" / "node_modules"
 
 
 @pytest.fixture(scope="module")
@@ -132,29 +135,47 @@ def _code(browser, name: str) -> str:
 
 
 def test_copy_as_code_snippets_run(server, browser, tmp_path):
-    """The curl and the OpenAI SDK snippets, exactly as the page shows them, make a video each."""
+    """Each snippet, exactly as the page shows it, makes its video through its own API: curl (fal's
+    queue), the OpenAI SDK, AI/ML API's requests flow, OneRouter's curl and fal's JS client (fal's
+    Python client wants https, which this server does not speak: its snippet says so)."""
     open_studio(browser, server.url)
     choose_model(browser, "t2v", "fal-ai/kandinsky5/text-to-video")
     set_value(browser, "Prompt", "a snippet's fox")
     set_value(browser, "Steps", "2")
     set_value(browser, "Seed", "9001")
-    curl, openai_py = _code(browser, "curl"), _code(browser, "openai")
-    assert "Key local" in curl and '"seed": 9001' in curl and f"BASE={server.url}" in curl
-    assert f'base_url="{server.url}/v1"' in openai_py and '"num_inference_steps": 2' in openai_py
+    code = {
+        name: text(browser, f"code-{name}") for name in ("curl", "openai", "aimlapi", "onerouter", "fal-js", "fal-py")
+    }
+    assert "Key local" in code["curl"] and '"seed": 9001' in code["curl"] and f"BASE={server.url}" in code["curl"]
+    assert f'base_url="{server.url}/v1"' in code["openai"] and '"num_inference_steps": 2' in code["openai"]
+    assert "speaks https only" in code["fal-py"] and f'"localhost:{server.port}"' in code["fal-py"]
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HTTP_PROXY", "HTTPS_PROXY", "http_proxy"))}
-    (tmp_path / "curl").mkdir()
-    done = subprocess.run(["bash", "-c", curl], cwd=tmp_path / "curl", capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert (tmp_path / "curl" / "k5serve.mp4").read_bytes()[4:8] == b"ftyp"  # the fake engine's "mp4"
-
-    (tmp_path / "py").mkdir()
-    cmd = [sys.executable, "-c", openai_py]
-    done = subprocess.run(cmd, cwd=tmp_path / "py", capture_output=True, text=True, timeout=120, env=env)
-    assert done.returncode == 0 and "saved k5serve.mp4" in done.stdout, done.stdout + done.stderr
-    assert (tmp_path / "py" / "k5serve.mp4").read_bytes()[4:8] == b"ftyp"
+    (tmp_path / "node_modules").symlink_to(JS_MODULES)
+    (tmp_path / "run.mjs").write_text(code["fal-js"])
+    commands = {
+        "curl": ["bash", "-c", code["curl"]],
+        "openai": [sys.executable, "-c", code["openai"]],
+        "aimlapi": [sys.executable, "-c", code["aimlapi"]],
+        "onerouter": ["bash", "-c", code["onerouter"]],
+        "fal-js": ["node", str(tmp_path / "run.mjs")],
+    }
+    env = {**os.environ, "NO_PROXY": "localhost,127.0.0.1", "no_proxy": "localhost,127.0.0.1"}  # loopback only
+    runs = {}
+    for name, cmd in commands.items():  # all at once: the server queues their jobs
+        (tmp_path / name).mkdir()
+        runs[name] = subprocess.Popen(
+            cmd, cwd=tmp_path / name, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+    out = {name: run.communicate(timeout=120)[0] for name, run in runs.items()}
+    for name, run in runs.items():
+        assert run.returncode == 0, f"{name}: {out[name]}"
+    for name in ("curl", "openai"):  # these two download the video
+        assert (tmp_path / name / "k5serve.mp4").read_bytes()[4:8] == b"ftyp", name  # the fake engine's "mp4"
+    for name in ("aimlapi", "onerouter", "fal-js"):  # these print its URL
+        assert f"{server.url}/files/" in out[name] and ".mp4" in out[name], f"{name}: {out[name]}"
 
     with server.client() as client:
-        jobs = client.get("/api/jobs", params={"limit": 2}).json()["jobs"]
-    assert {j["contract"] for j in jobs} == {"fal", "openai"}  # one job per snippet, as the page set it
-    assert all((j["resolved"]["steps"], j["resolved"]["seed"]) == (2, 9001) for j in jobs)
+        jobs = client.get("/api/jobs", params={"limit": 5}).json()["jobs"]
+    assert sorted(j["contract"] for j in jobs) == ["aimlapi", "fal", "fal", "onerouter", "openai"]
+    assert all((j["resolved"]["steps"], j["resolved"]["seed"]) == (2, 9001) for j in jobs)  # as the page set it
+    assert all(j["status"] == "succeeded" for j in jobs)

@@ -179,3 +179,32 @@ def test_copy_as_code_snippets_run(server, browser, tmp_path):
     assert sorted(j["contract"] for j in jobs) == ["aimlapi", "fal", "fal", "onerouter", "openai"]
     assert all((j["resolved"]["steps"], j["resolved"]["seed"]) == (2, 9001) for j in jobs)  # as the page set it
     assert all(j["status"] == "succeeded" for j in jobs)
+
+
+DROP_OR_PASTE = """
+const [how, b64] = arguments;
+const file = new File([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))], "x.png", { type: "image/png" });
+const dt = new DataTransfer();
+dt.items.add(file);
+const init = { bubbles: true, cancelable: true };
+if (how === "drop") document.getElementById("drop").dispatchEvent(new DragEvent("drop", { ...init, dataTransfer: dt }));
+else document.dispatchEvent(new ClipboardEvent("paste", { ...init, clipboardData: dt }));
+"""
+
+
+def test_image_by_drop_and_by_paste(server, browser, test_image):
+    import base64
+    import io
+
+    from PIL import Image
+
+    open_studio(browser, server.url)
+    choose_model(browser, "i2v", TINY.replace("t2v", "i2v"))
+    preview = "return document.getElementById('image-preview').getAttribute('src') || ''"
+    other = io.BytesIO()
+    Image.new("RGB", (32, 48), (200, 30, 30)).save(other, "PNG")
+    for how, data in (("drop", test_image.read_bytes()), ("paste", other.getvalue())):
+        b64 = base64.b64encode(data).decode()
+        browser.execute_script(DROP_OR_PASTE, how, b64)
+        wait_until(lambda b=b64: browser.execute_script(preview) == f"data:image/png;base64,{b}", what=f"{how} preview")
+    assert "base64 -w0 image.png" in text(browser, "code-curl")  # the snippets read the image from a file

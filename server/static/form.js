@@ -6,11 +6,13 @@ import { $, el } from "./api.js";
 let table = null;           // GET /api/models
 let image = null;           // data: URI of the chosen image (file, paste or drop)
 let lastSeed = null;        // the seed the last job ran with ("Reuse")
+const sentImages = new Map();  // job id -> the image this page sent with it (re-run reuses it)
 let changed = () => {};
 
 export function mode() { return document.querySelector("input[name=mode]:checked").value; }
 export function model() { return table.models.find((m) => m.id === $("model").value); }
 export function modelTable() { return table; }
+export function rememberImage(jobId) { if (image && model().task === "i2v") sentImages.set(jobId, image); }
 export function setLastSeed(seed) { lastSeed = seed; $("seed-reuse") && ($("seed-reuse").disabled = seed === null); }
 
 function controlId(f) { return f.name === "prompt" ? "prompt" : f.name === "image_url" ? "image" : f.name === "seed" ? "seed" : "f-" + f.name; }
@@ -49,6 +51,7 @@ function imageField(f) {
   const preview = el("img", { id: "image-preview", alt: "the chosen image", class: image ? "" : "hidden" });
   if (image) preview.src = image;
   const zone = el("div", { class: "drop", id: "drop", tabindex: "0" }, "Drop an image here, or paste one (Ctrl+V)", preview);
+  zone.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); file.click(); } });
   zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
   zone.addEventListener("dragleave", () => zone.classList.remove("over"));
   zone.addEventListener("drop", (e) => {
@@ -61,14 +64,16 @@ function imageField(f) {
     el("small", { class: "hint" }, hint(f)), el("small", { class: "error", id: "err-" + f.name }));
 }
 
+function showImage(dataUri) {
+  image = dataUri;
+  const preview = $("image-preview");
+  if (preview) { preview.src = image; preview.classList.remove("hidden"); }
+  check(false); changed();
+}
+
 export function readImage(file) {
   const reader = new FileReader();
-  reader.onload = () => {
-    image = reader.result;
-    const preview = $("image-preview");
-    if (preview) { preview.src = image; preview.classList.remove("hidden"); }
-    check(false); changed();
-  };
+  reader.onload = () => showImage(reader.result);
   reader.readAsDataURL(file);
 }
 
@@ -239,7 +244,8 @@ export function applyJob(job) {
       if (aspect) { set("aspect_ratio", aspect); if (res && res.options.includes(tier)) set("resolution", tier); }
     }
   }
-  if (m.task === "i2v" && req.image && !image) $("form-error").textContent = "Choose the image again: the server keeps no copy for re-runs.";
+  if (m.task === "i2v" && sentImages.has(job.id)) showImage(sentImages.get(job.id));
+  else if (m.task === "i2v" && req.image && !image) $("form-error").textContent = "Choose the image again: the server keeps no copy for re-runs.";
   describeModel(m); check(false); changed();
   return true;
 }

@@ -6,7 +6,7 @@
 //   workers.js   /readyz: workers and what they hold
 "use strict";
 import { $, apiKey, call, explain, setApiKey, ServerError } from "./api.js";
-import { applyJob, bodyJSON, check, initForm, inputs, setLastSeed, modelTable } from "./form.js";
+import { applyJob, bodyJSON, check, initForm, inputs, modelTable, rememberImage, setLastSeed } from "./form.js";
 import { fail, initWatch, reset, watch } from "./watch.js";
 import { initHistory, refresh } from "./history.js";
 import { initSnippets, renderSnippets } from "./snippets.js";
@@ -35,6 +35,7 @@ async function submit(event) {
   reset("submitting");
   try {
     const sub = await call("/" + model.id, { method: "POST", raw: bodyJSON(body) });
+    rememberImage(sub.request_id);
     refresh();
     const job = await watch(sub.request_id, () => {});
     if (job && job.resolved) setLastSeed(job.resolved.seed);
@@ -48,6 +49,7 @@ async function submit(event) {
 }
 
 function rerun(job) {
+  $("form-error").textContent = "";
   if (!applyJob(job)) { $("form-error").textContent = `model ${job.model} is not one the studio can submit`; return; }
   $("prompt").focus();
   window.scrollTo({ top: 0, behavior: "smooth" });

@@ -90,3 +90,21 @@ def wait_finished(browser, timeout: float = 120) -> str:
     done = ("succeeded", "failed", "canceled", "error")
     wait_until(lambda: text(browser, "status") in done, timeout=timeout, interval=0.1, what="the job to end")
     return text(browser, "status")
+
+
+_DROP_OR_PASTE = """
+const [how, b64] = arguments;
+const file = new File([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))], "x.png", { type: "image/png" });
+const dt = new DataTransfer();
+dt.items.add(file);
+const init = { bubbles: true, cancelable: true };
+if (how === "drop") document.getElementById("drop").dispatchEvent(new DragEvent("drop", { ...init, dataTransfer: dt }));
+else document.dispatchEvent(new ClipboardEvent("paste", { ...init, clipboardData: dt }));
+"""
+
+
+def give_image(browser, how: str, png: bytes) -> None:
+    """Hand the page an image as a person would: dropped on the drop zone ("drop") or pasted ("paste")."""
+    import base64
+
+    browser.execute_script(_DROP_OR_PASTE, how, base64.b64encode(png).decode())

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from browser import choose_model, chromium, control, open_studio, set_value, text, wait_finished
+from browser import choose_model, chromium, control, give_image, open_studio, set_value, text, wait_finished
 from server_fixtures import ServerProcess, server_process, wait_until
 
 KEY = "studio-secret"
@@ -31,6 +31,16 @@ def server(tmp_path_factory, tiny_weights_dir) -> Iterator[ServerProcess]:
 def browser():
     with chromium() as driver:
         yield driver
+
+
+def _red_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (32, 48), (200, 30, 30)).save(out, "PNG")
+    return out.getvalue()
 
 
 def job(server: ServerProcess, job_id: str) -> dict:
@@ -113,6 +123,17 @@ def test_image_to_video_upload(server, browser, test_image):
     ran = job(server, job_id)
     assert ran["model"] == "fal-ai/kandinsky5-pro/image-to-video" and ran["request"]["image"] is True
     assert (ran["resolved"]["steps"], ran["resolved"]["seed"], ran["resolved"]["acceleration"]) == (2, 77, "none")
+
+    # re-run from the gallery: the settings and, sent from this page, the image come back
+    sent = browser.execute_script("return document.getElementById('image-preview').src")
+    set_value(browser, "Seed", "1")
+    give_image(browser, "drop", _red_png())  # another image meanwhile
+    wait_until(lambda: browser.execute_script("return document.getElementById('image-preview').src") != sent)
+    rerun = f"article.tile[data-id='{job_id}'] button.rerun"
+    wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, rerun), what="the job in the gallery")
+    browser.execute_script("document.querySelector(arguments[0]).click()", rerun)
+    assert control(browser, "Seed").get_attribute("value") == "77" and text(browser, "form-error") == ""
+    assert browser.execute_script("return document.getElementById('image-preview').src") == sent
 
 
 def test_invalid_values_are_explained_before_submit(server, browser):

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from browser import choose_model, chromium, control, open_studio, set_value, text, wait_finished
+from browser import choose_model, chromium, control, give_image, open_studio, set_value, text, wait_finished
 from server_fixtures import ServerProcess, server_process, wait_until
 
 FAKE = {"K5SERVE_FAKE_STEP_TIME": "0.2", "K5SERVE_FAKE_DECODE_CHUNKS": "3", "K5SERVE_FAKE_DECODE_TIME": "0.5"}
@@ -181,17 +181,6 @@ def test_copy_as_code_snippets_run(server, browser, tmp_path):
     assert all(j["status"] == "succeeded" for j in jobs)
 
 
-DROP_OR_PASTE = """
-const [how, b64] = arguments;
-const file = new File([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))], "x.png", { type: "image/png" });
-const dt = new DataTransfer();
-dt.items.add(file);
-const init = { bubbles: true, cancelable: true };
-if (how === "drop") document.getElementById("drop").dispatchEvent(new DragEvent("drop", { ...init, dataTransfer: dt }));
-else document.dispatchEvent(new ClipboardEvent("paste", { ...init, clipboardData: dt }));
-"""
-
-
 def test_image_by_drop_and_by_paste(server, browser, test_image):
     import base64
     import io
@@ -205,6 +194,6 @@ def test_image_by_drop_and_by_paste(server, browser, test_image):
     Image.new("RGB", (32, 48), (200, 30, 30)).save(other, "PNG")
     for how, data in (("drop", test_image.read_bytes()), ("paste", other.getvalue())):
         b64 = base64.b64encode(data).decode()
-        browser.execute_script(DROP_OR_PASTE, how, b64)
+        give_image(browser, how, data)
         wait_until(lambda b=b64: browser.execute_script(preview) == f"data:image/png;base64,{b}", what=f"{how} preview")
     assert "base64 -w0 image.png" in text(browser, "code-curl")  # the snippets read the image from a file

@@ -29,6 +29,8 @@ from .variants import (
 )
 
 MAX_STEPS = 100
+MIN_GUIDANCE, MAX_GUIDANCE = 1.0, 20.0
+MAX_SEED = 2**63 - 1
 # "none": exact. "regular": MagCache step caching (approximate; fal's default). See docs/performance.md.
 ACCELERATIONS = ("none", "regular")
 
@@ -176,7 +178,11 @@ def resolve(req: GenerationRequest, default_seed: int | None = None) -> Resolved
         raise _bad("steps", steps, f"steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
 
     guidance = variant.guidance if req.guidance is None else req.guidance
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 1.0 <= guidance <= 20.0:
+    if (
+        isinstance(guidance, bool)
+        or not isinstance(guidance, (int, float))
+        or not MIN_GUIDANCE <= guidance <= MAX_GUIDANCE
+    ):
         raise _bad("guidance", guidance, f"guidance must be a number from 1 to 20, got {guidance!r}")
 
     # Frames: explicit count, or from the clip length, or the variant's full clip.
@@ -218,7 +224,7 @@ def resolve(req: GenerationRequest, default_seed: int | None = None) -> Resolved
         import secrets
 
         seed = secrets.randbelow(2**31)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise _bad("seed", seed, f"seed must be an integer from 0 to 2**63-1, got {seed!r}")
 
     negative = req.negative_prompt

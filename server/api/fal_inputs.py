@@ -81,6 +81,7 @@ class LocalInput(_Input):
     duration: str | int | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    acceleration: Literal["none", "regular"] | None = None  # None: "none" (exact), unlike fal's Pro default
 
 
 def schema_for(model_id: str, aliases: Mapping[str, str] | None = None) -> type[_Input] | None:

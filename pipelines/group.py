@@ -146,7 +146,9 @@ class GroupEngine:
                 self._collect()  # the ranks stopped at the same step ("cancelled"), or had finished
                 raise
             except BaseException as exc:
-                self._fail(exc)
+                lost = self._fail(exc)
+                if lost is not None:
+                    raise lost from exc
                 raise
             _raise_first(None, self._collect())
             return result
@@ -221,18 +223,25 @@ class GroupEngine:
         self._stop()
         return lost
 
-    def _fail(self, exc: BaseException) -> None:
-        """Mid-run failure on rank 0 (or a collective that saw a peer fail): a rank's own error, when
-        one sent it, is the better message; the group is torn down either way."""
-        for rank, (_proc, conn) in enumerate(self._ranks, start=1):
+    def _fail(self, exc: BaseException):
+        """Mid-run failure on rank 0 (or a collective that saw a peer fail). The group is torn down
+        either way; returns WorkerLost when a rank had died (a rank's own error, when it sent one,
+        is added to `exc` as a note)."""
+        lost = None
+        for rank, (proc, conn) in enumerate(self._ranks, start=1):
             if conn.poll(1.0):
                 try:
                     kind, payload = conn.recv()
                 except (EOFError, OSError):
-                    continue
+                    kind, payload = "gone", None
                 if kind == "error":
                     exc.add_note(f"rank {rank} ({self.devices[rank]}) failed first: {payload!r}")
+                    continue
+            proc.join(1.0)
+            if lost is None and not proc.is_alive():
+                lost = self._lost(rank, proc)
         self._stop()
+        return lost
 
     def _stop(self) -> None:
         for _proc, conn in self._ranks:

@@ -80,7 +80,8 @@ class GroupEngine:
         self._kwargs = engine_kwargs
         self.engine = Engine(device=self.devices[0], **engine_kwargs)
         self.demo = self.engine.demo
-        served = self.engine.models or ([TINY_T2V, TINY_I2V] if self.demo else self.engine.present)
+        # what will run: in demo mode the tiny model stands in for every variant
+        served = [TINY_T2V, TINY_I2V] if self.demo else (self.engine.models or self.engine.present)
         problem = sp_degree_problem(served, len(self.devices))
         if problem:
             raise ValueError(problem)

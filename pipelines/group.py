@@ -70,6 +70,8 @@ class GroupEngine:
         from .member import backend_for
 
         backend_for(devices)  # one kind of device
+        if engine_kwargs.get("offload") or engine_kwargs.get("memory_mode") == "offload_model":
+            raise ValueError("model offload cannot run in a sequence-parallel group (each rank holds the transformer)")
         if engine_kwargs.get("compile"):
             log.warning("torch.compile is off in a sequence-parallel group (not yet verified with the collectives)")
         engine_kwargs["compile"] = False

@@ -60,6 +60,8 @@ class Member:
         if backend == "nccl":
             torch.cuda.set_device(self.device)
         loopback_only()
+        if dist.is_initialized():
+            raise RuntimeError("this process already holds a sequence-parallel group (one per worker process)")
         dist.init_process_group(
             backend,
             init_method=f"tcp://127.0.0.1:{port}",

@@ -28,7 +28,7 @@ from pipelines.engine import Engine
 from pipelines.errors import Cancelled
 from pipelines.group import GroupEngine, build_engine
 from pipelines.request import GenerationRequest
-from pipelines.variants import NABLA_TRANSFORMER_CONFIG
+from pipelines.variants import ATTENTION_HEADS, NABLA_TRANSFORMER_CONFIG
 from pipelines.video import read_mp4
 from server.engine_protocol import WorkerLost
 
@@ -86,6 +86,8 @@ def test_regular_attention_split_across_two_ranks_equals_one_process(group, sing
         hook.remove()
     alone = single.generate_frames(single.prepare(i2v(test_image))).frames
     assert seen and set(seen) == {5 * 4 * 4 // 2}  # 5 latent frames x 4 x 4 patches, half each
+    heads = group.engine.pipeline(I2V).transformer.visual_transformer_blocks[0].self_attention.num_heads
+    assert heads == ATTENTION_HEADS["tiny"]  # what valid_sp_degrees reads, torch-free
     assert np.array_equal(split, alone)
 
 

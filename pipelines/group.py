@@ -89,6 +89,7 @@ class GroupEngine:
             raise ValueError(problem)
         self.member = None
         self._ranks: list[tuple[multiprocessing.Process, object]] = []
+        self._pending: dict[int, tuple[str, object]] = {}  # a rank's reply read early (while joining)
         self._lock = threading.Lock()
 
     # ---- EngineLike ------------------------------------------------------------------------
@@ -179,12 +180,39 @@ class GroupEngine:
             there.close()
             self._ranks.append((proc, here))
         try:
-            self.member = Member(0, self.devices, port, self.timeout_s, self.cfg_parallel)
+            self.member = self._join(lambda: Member(0, self.devices, port, self.timeout_s, self.cfg_parallel))
             _raise_first(None, self._collect())  # "ready"
         except BaseException:
             self._stop()
             raise
         log.info("sequence-parallel group on %s ready", self.device)
+
+    def _join(self, make):
+        """Rank 0's rendezvous, watched: a rank that fails before it joins (a bad device, an import
+        error) would leave it waiting out the whole timeout, so it runs in a thread while this one
+        watches the ranks. (A rendezvous given up on stays blocked in its daemon thread until its
+        timeout.)"""
+        box: dict = {}
+
+        def join() -> None:
+            try:
+                box["member"] = make()
+            except BaseException as exc:
+                box["error"] = exc
+
+        thread = threading.Thread(target=join, name="k5serve-rendezvous", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(POLL_S)
+            for rank, (proc, conn) in enumerate(self._ranks, start=1):
+                if rank not in self._pending and conn.poll(0):
+                    self._pending[rank] = conn.recv()  # "ready", or its error sent before it could join
+                    _raise_first(None, [self._pending[rank]])
+                if thread.is_alive() and not proc.is_alive():
+                    raise self._lost(rank, proc)
+        if "error" in box:
+            raise box["error"]
+        return box["member"]
 
     def _load(self, r: ResolvedRequest, cancel: Cancellation) -> None:
         """Every rank loads the variant; all go on only if all loaded and no cancel came meanwhile."""
@@ -207,6 +235,9 @@ class GroupEngine:
         """One reply from every rank, in rank order; WorkerLost for a rank that died first."""
         replies = []
         for rank, (proc, conn) in enumerate(self._ranks, start=1):
+            if rank in self._pending:
+                replies.append(self._pending.pop(rank))
+                continue
             while not conn.poll(POLL_S):
                 if not proc.is_alive() and not conn.poll(0):
                     raise self._lost(rank, proc)
@@ -256,7 +287,7 @@ class GroupEngine:
                 proc.kill()
                 proc.join(5.0)
             conn.close()
-        self._ranks = []
+        self._ranks, self._pending = [], {}
         if self.member is not None:
             self.member.leave()
             self.member = None

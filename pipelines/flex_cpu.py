@@ -32,6 +32,7 @@ def use_dense_flex_on_cpu() -> None:
     wrapped.__dict__.update({k: v for k, v in vars(module).items() if not k.startswith("__")})
     wrapped.flex_attention = flex_attention
     wrapped._k5_dense_cpu = True
+    wrapped._k5_original = getattr(module, "_k5_original", module)  # loader.stock_flex_attention: stock diffusers
     attention_dispatch.flex_attention = wrapped
 
 

@@ -81,14 +81,14 @@ class Member:
 
     def plan(self, guidance: float) -> None:
         """Set this rank's layout for a request with `guidance` (module docstring)."""
-        half = self.size // 2
-        if guidance > 1.0 and self.cfg_parallel and self.size % 2 == 0:
-            self.branch, index = divmod(self.rank, half)
-            self.pair = self.pairs[index]
-            self.layout.shard = Shard(self.halves[self.branch], index, half) if half > 1 else None
+        branch, index, degree = split_for(self.rank, self.size, guidance, self.cfg_parallel)
+        self.branch = branch
+        if branch is None:
+            self.pair = None
+            self.layout.shard = Shard(self.world, index, degree)
         else:
-            self.branch, self.pair = None, None
-            self.layout.shard = Shard(self.world, self.rank, self.size)
+            self.pair = self.pairs[index]
+            self.layout.shard = Shard(self.halves[branch], index, degree) if degree > 1 else None
 
     def load(self, engine, variant: str):
         """The variant's pipeline on this rank, its transformer split by this group's layout."""
@@ -142,6 +142,15 @@ class Member:
     def leave(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def split_for(rank: int, size: int, guidance: float, cfg_parallel: bool = True) -> tuple[int | None, int, int]:
+    """(CFG branch or None, this rank's index among the ranks sharing its tokens, their number) for
+    a request with `guidance` on a group of `size` (module docstring)."""
+    if guidance > 1.0 and cfg_parallel and size % 2 == 0:
+        branch, index = divmod(rank, size // 2)
+        return branch, index, size // 2
+    return None, rank, size
 
 
 class _GroupToken:

@@ -27,6 +27,7 @@ from pipelines.cancel import CancelToken
 from pipelines.engine import Engine
 from pipelines.errors import Cancelled
 from pipelines.group import GroupEngine, build_engine
+from pipelines.member import split_for
 from pipelines.request import GenerationRequest
 from pipelines.variants import ATTENTION_HEADS, NABLA_TRANSFORMER_CONFIG
 from pipelines.video import read_mp4
@@ -139,3 +140,18 @@ def test_a_rank_that_dies_mid_run_is_an_exception_not_a_hang(group, test_image, 
     with pytest.raises(WorkerLost, match="rank 1"):
         group.generate_frames(group.prepare(i2v(test_image, steps=3)), on_step=kill_rank1)
     assert group.member is None and not group._ranks
+
+
+@pytest.mark.parametrize(
+    ("size", "guidance", "cfg_parallel", "expected"),
+    [
+        (2, 1.0, True, [(None, 0, 2), (None, 1, 2)]),  # no CFG: tokens split 2 ways
+        (2, 5.0, True, [(0, 0, 1), (1, 0, 1)]),  # pure CFG parallel
+        (2, 5.0, False, [(None, 0, 2), (None, 1, 2)]),  # CFG batched on both, tokens split
+        (4, 5.0, True, [(0, 0, 2), (0, 1, 2), (1, 0, 2), (1, 1, 2)]),  # CFG 2 x sequence 2
+        (8, 1.0, True, [(None, r, 8) for r in range(8)]),
+        (7, 5.0, True, [(None, r, 7) for r in range(7)]),  # odd: no halves, CFG batched
+    ],
+)
+def test_the_layout_of_a_request_on_a_group(size, guidance, cfg_parallel, expected):
+    assert [split_for(rank, size, guidance, cfg_parallel) for rank in range(size)] == expected

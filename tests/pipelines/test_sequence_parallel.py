@@ -130,7 +130,7 @@ def test_a_degree_that_does_not_divide_the_heads_is_refused_naming_the_valid_one
 
 
 def test_a_rank_that_dies_mid_run_is_an_exception_not_a_hang(group, test_image, tmp_path):
-    """Last in the module: it tears the group down. The next job starts a fresh one."""
+    """Last in the module: it tears the group down; the next job starts a fresh one."""
     pid = group._ranks[0][0].pid
 
     def kill_rank1(i, n):
@@ -140,6 +140,8 @@ def test_a_rank_that_dies_mid_run_is_an_exception_not_a_hang(group, test_image, 
     with pytest.raises(WorkerLost, match="rank 1"):
         group.generate_frames(group.prepare(i2v(test_image, steps=3)), on_step=kill_rank1)
     assert group.member is None and not group._ranks
+    again = group.generate_frames(group.prepare(i2v(test_image)))  # a fresh rank 1, a new process group
+    assert again.frames.shape == (17, 64, 64, 3) and group._ranks[0][0].pid != pid
 
 
 @pytest.mark.parametrize(

@@ -68,6 +68,7 @@ class GroupEngine:
     ):
         from .engine import Engine
         from .member import backend_for
+        from .ulysses import Layout
 
         backend_for(devices)  # one kind of device
         if engine_kwargs.get("offload") or engine_kwargs.get("memory_mode") == "offload_model":
@@ -88,6 +89,7 @@ class GroupEngine:
         if problem:
             raise ValueError(problem)
         self.member = None
+        self._layout = Layout()  # rank 0's, kept across restarts of the group (its pipelines stay loaded)
         self._ranks: list[tuple[multiprocessing.Process, object]] = []
         self._pending: dict[int, tuple[str, object]] = {}  # a rank's reply read early (while joining)
         self._lock = threading.Lock()
@@ -180,7 +182,9 @@ class GroupEngine:
             there.close()
             self._ranks.append((proc, here))
         try:
-            self.member = self._join(lambda: Member(0, self.devices, port, self.timeout_s, self.cfg_parallel))
+            self.member = self._join(
+                lambda: Member(0, self.devices, port, self.timeout_s, self.cfg_parallel, layout=self._layout)
+            )
             _raise_first(None, self._collect())  # "ready"
         except BaseException:
             self._stop()

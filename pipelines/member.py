@@ -48,12 +48,22 @@ def loopback_only() -> None:
 class Member:
     """This process's place in the group; implements generation.Group for the engine."""
 
-    def __init__(self, rank: int, devices: list[str], port: int, timeout_s: float, cfg_parallel: bool = True):
+    def __init__(
+        self,
+        rank: int,
+        devices: list[str],
+        port: int,
+        timeout_s: float,
+        cfg_parallel: bool = True,
+        layout: Layout | None = None,
+    ):
+        """`layout`: the one this process's transformers were installed with, when a group is
+        started again in a process that keeps its pipelines loaded (rank 0 after a failure)."""
         self.rank, self.size, self.devices = rank, len(devices), list(devices)
         self.device = devices[rank]
         self.leader = rank == 0
         self.cfg_parallel = cfg_parallel
-        self.layout = Layout()
+        self.layout = layout if layout is not None else Layout()
         self.branch: int | None = None  # 0 cond / 1 uncond in a CFG-parallel request
         self.pair: dist.ProcessGroup | None = None
         backend = backend_for(devices)

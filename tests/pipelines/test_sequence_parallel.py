@@ -131,6 +131,7 @@ def test_a_degree_that_does_not_divide_the_heads_is_refused_naming_the_valid_one
 
 def test_a_rank_that_dies_mid_run_is_an_exception_not_a_hang(group, test_image, tmp_path):
     """Last in the module: it tears the group down; the next job starts a fresh one."""
+    group.warmup()  # started (a no-op start when earlier tests started it), the tiny models loaded on both
     pid = group._ranks[0][0].pid
 
     def kill_rank1(i, n):

@@ -31,7 +31,7 @@ from .variants import TINY_I2V, TINY_T2V, sp_degree_problem
 
 log = logging.getLogger(__name__)
 
-COLLECTIVE_TIMEOUT_S = 600.0  # one collective; the first step also waits for the slowest rank's compile-free start
+COLLECTIVE_TIMEOUT_S = 600.0  # one collective (gloo: a dead peer fails it at once; NCCL: only at this limit)
 POLL_S = 0.2
 
 

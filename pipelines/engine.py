@@ -71,6 +71,8 @@ class Engine:
         self._pipes = LoadedPipelines(self.source, self.options, self.placements.mode)
         self._settings = generation.Settings(self.device, cfg_batch, vae_tiling)
         self._lock = threading.Lock()
+        # The sequence-parallel group this engine is a rank of, during a group's job (pipelines/group.py)
+        self.group: generation.Group | None = None
 
         unknown = [m for m in models or [] if m not in VARIANTS]
         if unknown:
@@ -237,6 +239,7 @@ class Engine:
                 on_step=on_step,
                 on_phase=on_phase,
                 decode=decode,
+                group=self.group,
             )
 
     def _resolved(self, req: ResolvedRequest | GenerationRequest) -> ResolvedRequest:

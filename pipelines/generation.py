@@ -15,7 +15,7 @@ import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from . import memory
 from .cancel import Cancellation
@@ -72,9 +72,12 @@ def run(
     on_step: StepCallback | None = None,
     on_phase: PhaseCallback | None = None,
     decode: bool = True,
+    group: Group | None = None,
 ) -> Frames:
     """Stages 2-4 for `r` on `pipe` (loaded; `clock` has timed the load). `decode=False` stops after
-    the denoising loop and returns the latents (warm-up)."""
+    the denoising loop and returns the latents (warm-up). With `group` this process is one rank of a
+    sequence-parallel group (pipelines/group.py): only its leader encodes (the others receive the
+    embeddings) and decodes; every rank denoises."""
     import torch
 
     from .denoise import StepRunner, magcache_for
@@ -87,17 +90,20 @@ def run(
     try:
         with torch.no_grad():
             # 2. encode prompt (the negative one comes from the cache after its first job)
-            with clock.stage("encode_prompt"), text_encoders_on(pipe, settings.device):
-                revised = expand(pipe, r) if r.expand_prompt else None  # the official pipelines' rewrite
-                prompt = encode_prompt(pipe, revised if revised is not None else r.prompt)
-                negative = None
-                if cfg:
-                    negative = negatives.get(r.variant.name, r.negative_prompt, lambda text: encode_prompt(pipe, text))
+            with clock.stage("encode_prompt"):
+                encoded = None
+                if group is None or group.leader:
+                    with text_encoders_on(pipe, settings.device):
+                        encoded = _encode(pipe, r, negatives, cfg)
+                if group is not None:
+                    encoded = group.share_prompts(encoded)  # the leader's, on every rank
+                revised, prompt, negative = encoded
 
             # 3. denoise
             pair = (negative.qwen, negative.clip) if negative is not None else None
             batch = settings.cfg_batch and (plan is None or plan.cfg_batch)
-            runner = StepRunner(pipe.transformer, pair, batch_cfg=batch, magcache=cache)
+            make_runner = StepRunner if group is None else group.step_runner
+            runner = make_runner(pipe.transformer, pair, batch_cfg=batch, magcache=cache)
             steps = StepMonitor(runner, clock, r.steps, on_step, cancel)
             with clock.stage("denoise"), runner.install():
                 image = load_image(r.image, r.width, r.height) if r.variant.task == "i2v" else None
@@ -114,7 +120,7 @@ def run(
                 memory_plan=plan_dict(plan),
                 revised_prompt=revised,
             )
-            if not decode:
+            if not decode or (group is not None and not group.leader):
                 return done
             cancel.raise_if_cancelled()  # the last chance to skip the VAE
 
@@ -125,6 +131,30 @@ def run(
             return done
     finally:
         pipe.maybe_free_model_hooks()  # model offload: every model back off the GPU, also on failure
+
+
+class Group(Protocol):
+    """This process as one rank of a sequence-parallel group (pipelines/group.py implements it)."""
+
+    leader: bool  # rank 0: encodes, decodes, writes
+
+    def share_prompts(self, encoded: tuple | None) -> tuple:
+        """The leader's (revised, prompt, negative) on every rank (the others pass None)."""
+        ...
+
+    def step_runner(self, transformer, negative, *, batch_cfg: bool, magcache) -> Any:
+        """The StepRunner (denoise.py) for this rank and request: CFG-parallel where the layout says so."""
+        ...
+
+
+def _encode(pipe, r: ResolvedRequest, negatives: NegativePromptCache, cfg: bool) -> tuple:
+    """Stage 2: (revised prompt or None, prompt embeddings, negative embeddings or None)."""
+    revised = expand(pipe, r) if r.expand_prompt else None  # the official pipelines' rewrite
+    prompt = encode_prompt(pipe, revised if revised is not None else r.prompt)
+    negative = None
+    if cfg:
+        negative = negatives.get(r.variant.name, r.negative_prompt, lambda text: encode_prompt(pipe, text))
+    return revised, prompt, negative
 
 
 def encode_prompt(pipe, text: str) -> PromptEmbeds:

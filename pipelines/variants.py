@@ -257,6 +257,42 @@ def parse_aliases(text: str | None) -> dict[str, str]:
     return aliases
 
 
+# Attention heads of each family's transformer: model_dim / head_dim, head_dim = sum(axes_dims)
+# (kandinsky_model.md §3; pipelines/tiny.py for the demo model). Ulysses sequence parallelism
+# (pipelines/ulysses.py) gives each rank heads / degree whole heads.
+ATTENTION_HEADS = {
+    "lite": 1792 // (16 + 24 + 24),  # 28
+    "pro": 4096 // (32 + 48 + 48),  # 32
+    "tiny": 48 // (8 + 8 + 8),  # 2
+}
+
+
+MAX_SP_DEGREE = 8  # GPUs in one node (one NVLink island): a group never spans nodes
+
+
+def valid_sp_degrees(name: str) -> list[int]:
+    """Sequence-parallel degrees variant `name` can run with: the divisors of its heads up to
+    MAX_SP_DEGREE, 1 excluded (Lite 28 heads -> 2, 4, 7; Pro 32 -> 2, 4, 8; tiny 2 -> 2)."""
+    heads = ATTENTION_HEADS[VARIANTS[name].family]
+    return [d for d in range(2, min(heads, MAX_SP_DEGREE) + 1) if heads % d == 0]
+
+
+def sp_degree_problem(names: list[str], degree: int) -> str | None:
+    """Why a group of `degree` devices cannot serve the variants `names` (None: it can), naming the
+    valid degrees: the start-up refusal and the admission refusal say this."""
+    if degree == 1:
+        return None
+    for name in names:
+        valid = valid_sp_degrees(name)
+        if degree not in valid:
+            heads = ATTENTION_HEADS[VARIANTS[name].family]
+            return (
+                f"sequence-parallel degree {degree} does not fit {name} ({heads} attention heads, split "
+                f"evenly across the devices of a group); valid degrees: {', '.join(map(str, valid))}"
+            )
+    return None
+
+
 def known_model_ids() -> list[str]:
     return sorted(PUBLIC_MODELS) + sorted(VARIANTS)
 

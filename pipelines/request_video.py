@@ -68,7 +68,9 @@ def resolve_source(req, variant: Variant) -> SourcePlan | None:
 
 def _video_to_video(req, variant: Variant) -> SourcePlan:
     if variant.task != "t2v":
-        raise InvalidRequest("model", variant.name, f"video-to-video runs on text-to-video models; {variant.name} is I2V")
+        raise InvalidRequest(
+            "model", variant.name, f"video-to-video runs on text-to-video models; {variant.name} is I2V"
+        )
     given = _given(req, "image", "width", "height", "num_frames", "seconds")
     if given:
         raise InvalidRequest(given, getattr(req, given), f"a remix keeps the source's size and length: drop {given}")

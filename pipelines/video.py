@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -80,10 +81,8 @@ class Mp4Writer:
 
     def __exit__(self, *exc) -> None:
         if self.tmp.exists():  # not committed
-            try:
+            with contextlib.suppress(Exception):  # the write already failed: the temp file goes either way
                 self._writer.close()
-            except Exception:  # noqa: BLE001 - the write already failed; the temp file goes either way
-                pass
             self.tmp.unlink(missing_ok=True)
 
 

@@ -228,7 +228,7 @@ def video_object(job: Job) -> dict:
         "expires_at": None,
         "prompt": job.prompt,
         **_made(job),
-        "remixed_from_video_id": None,
+        "remixed_from_video_id": job.meta.get("remixed_from_video_id"),  # openai_edits.py sets it
         "error": error,
     }
 
@@ -265,6 +265,9 @@ def _new_video_id() -> str:
 
 def router(services: Services) -> APIRouter:
     api = APIRouter(dependencies=[Depends(require_key(services.keys))])
+    from .openai_edits import router as edits_router  # here: openai_edits imports this module
+
+    api.include_router(edits_router(services))  # remix, edits, extensions (before the remix stub below)
     manager, storage = services.manager, services.storage
 
     def find(video_id: str) -> Job:

@@ -118,7 +118,7 @@ def test_a_clip_longer_than_one_pass_is_chained_in_one_run(engine, tmp_path):
     )
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]  # one progress scale across both passes
     assert phases[0] == "decoding" and phases[-1] == "writing"  # only the last pass's decode is a phase
-    frames, meta = read_mp4(result.path)
+    frames, _meta = read_mp4(result.path)
     assert result.num_frames == len(frames) == 41 and frames.shape[1:3] == (48, 64)
     assert probe(str(result.path)).frames == 41
 

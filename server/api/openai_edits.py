@@ -1,0 +1,161 @@
+"""OpenAI Videos: remix, edits and extensions, made for real on Kandinsky 5 (docs/sora-edits.md).
+
+    POST /v1/videos/{video_id}/remix   {"prompt"}                      video-to-video of a finished video
+    POST /v1/videos/edits              prompt + video (file, or {"id"}) video-to-video of a finished or uploaded video
+    POST /v1/videos/extensions         prompt + seconds + video          continues it: I2V from its last frame
+
+A router that openai.py includes (one contract: ids, refusals and the Video object are openai.py's,
+reused here). The source of a finished video is its stored mp4; an uploaded one comes in through
+the create route's body reader and its limits (K5SERVE_IMAGE_MAX_BYTES). Both go through the one
+admission path as a Draft with a `video`. The model of a video given by id is the source's (as
+Sora: "the API infers the model from the source video"); an upload takes `model` like create does.
+The new video's `remixed_from_video_id` names its source when it was given by id.
+Extensions beyond OpenAI's schema (send them through the SDK's `extra_body`): `strength` (remix
+and edits, (0, 1], default pipelines.request_video.DEFAULT_STRENGTH), `num_inference_steps`,
+`seed`, `negative_prompt`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from pipelines.request import GenerationRequest
+from pipelines.variants import VARIANTS, text_variant
+
+from ..admission import Draft
+from ..jobs import Job, JobStatus, short_value
+from ..services import Services
+from . import openai as oa
+
+REMIXED_FROM = "remixed_from_video_id"  # Job.meta key: the id of the video this one was made from
+_SECONDS = re.compile(r"^\d{1,2}$")
+
+
+def _strength(fields: dict) -> float | None:
+    value = fields.get("strength")
+    if value is None or value == "":
+        return None
+    try:
+        strength = float(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else None
+    except ValueError:
+        strength = None
+    if strength is None or not 0 < strength <= 1:
+        raise oa.invalid("strength", f"Invalid value: {short_value(value)!r}. strength must be a number in (0, 1].")
+    return strength
+
+
+def _extension_seconds(fields: dict) -> int | None:
+    """Sora's extension `seconds`: the length of the new segment, 1 to 20 (Sora: 4, 8, 12, 16, 20)."""
+    value = fields.get("seconds")
+    if value is None or value == "":
+        return None
+    text = str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
+    if not _SECONDS.match(text) or not 1 <= int(text) <= 20:
+        raise oa.invalid(
+            "seconds", f"Invalid value: {short_value(value)!r}. An extension adds 1 to 20 seconds (Sora: 4 to 20)."
+        )
+    return int(text)
+
+
+def _video_ref(fields: dict) -> str | bytes:
+    """`video`: an uploaded file's bytes, or the id of a video ({"id": ...}, `video[id]`, or a string)."""
+    value = fields.get("video")
+    if isinstance(value, dict):
+        value = value.get("id")
+    if isinstance(value, bytes) and value:
+        return value
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    raise oa.invalid(
+        "video",
+        "Missing required parameter: 'video' (an mp4 file, or {'id': <video id>}).",
+        "missing_required_parameter",
+    )
+
+
+def router(services: Services) -> APIRouter:
+    api = APIRouter()  # openai.py's router includes it: its key check applies
+    manager, storage = services.manager, services.storage
+
+    def source_of(video_id: str) -> tuple[Job, Path]:
+        """A finished video of this contract and its stored mp4."""
+        job = manager.get(video_id)
+        if job is None or job.contract != oa.NAME or job.request is None:
+            raise oa.openai_error(
+                404, f"Video with id '{short_value(video_id, 100)}' not found.", "video_id", "not_found"
+            )
+        if job.status is not JobStatus.SUCCEEDED or job.output is None:
+            status = oa.OPENAI_STATUS[job.status]
+            message = f"Video '{job.id}' is {status}, not completed; only a completed video is a source."
+            raise oa.invalid("video_id", message, "video_not_ready")
+        path = storage.find(job.file_id, job.output.file_name)
+        if path is None:
+            raise oa.openai_error(
+                404, f"The content of video '{job.id}' is no longer available.", "video_id", "not_found"
+            )
+        return job, path
+
+    def request_for(
+        fields: dict, source: Job | None, *, remix: bool, seconds: int | None
+    ) -> tuple[str, GenerationRequest]:
+        """(model to report, request): the source's model and settings when given by id, else the
+        body's model (create's default when absent)."""
+        prompt = oa._text(fields, "prompt")
+        if prompt is None or not prompt.strip():
+            raise oa.invalid("prompt", "Missing required parameter: 'prompt'.", "missing_required_parameter")
+        values = dict(
+            prompt=prompt,
+            negative_prompt=oa._text(fields, "negative_prompt"),
+            seed=oa._int(fields, "seed"),
+            strength=_strength(fields) if remix else None,
+            seconds=seconds,
+        )
+        steps = oa._int(fields, "num_inference_steps")
+        if source is not None:
+            asked = source.request
+            if steps is None:
+                steps = asked.steps
+            negative = values["negative_prompt"] or asked.negative_prompt
+            model, variant, guidance = source.model, VARIANTS[asked.variant], asked.guidance
+            values.update(negative_prompt=negative, variant=variant.name, steps=steps, guidance=guidance)
+        else:
+            model, base = oa._request(fields, None, False, prompt=prompt, steps=steps)
+            values.update(variant=base.variant, steps=base.steps, guidance=base.guidance)
+        if remix:  # video-to-video runs on the family's text-to-video model
+            values["variant"] = text_variant(VARIANTS[values["variant"]]).name
+        return model, GenerationRequest(**values)
+
+    async def admit(request: Request, fields: dict, ref: str | bytes, *, remix: bool) -> JSONResponse:
+        source, video = None, ref
+        if isinstance(ref, str):
+            source, video = source_of(ref)
+        seconds = None if remix else _extension_seconds(fields)
+        model, greq = request_for(fields, source, remix=remix, seconds=seconds)
+        if source is not None and not remix:  # Sora: six extensions at most, counted along the chain
+            before = source.resolved.extensions if source.resolved is not None else 0
+            greq = GenerationRequest(**{**greq.to_dict(), "source_extensions": before})
+        meta = {REMIXED_FROM: source.id} if source is not None else {}
+        draft = Draft(model, greq, video=video, extend=not remix)
+        job = await services.admission.admit(oa.CONTRACT, draft, base_url=services.base_url(request), meta=meta)
+        return JSONResponse(oa.video_object(job), headers={"openai-poll-after-ms": oa.POLL_AFTER_MS})
+
+    @api.post("/v1/videos/{video_id}/remix")
+    async def remix(video_id: str, request: Request):
+        fields = await oa.read_fields(request, services.intake.max_bytes)
+        return await admit(request, fields, video_id, remix=True)
+
+    @api.post("/v1/videos/edits")
+    async def edits(request: Request):
+        fields = await oa.read_fields(request, services.intake.max_bytes)
+        return await admit(request, fields, _video_ref(fields), remix=True)
+
+    @api.post("/v1/videos/extensions")
+    async def extensions(request: Request):
+        fields = await oa.read_fields(request, services.intake.max_bytes)
+        return await admit(request, fields, _video_ref(fields), remix=False)
+
+    return api

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sys
 import uuid
 from typing import Any
 
@@ -31,6 +32,7 @@ from ..errors import BadInput, ModelUnavailable, QueueFull, Refused, TooLarge, U
 from ..jobs import ErrorKind, Job, JobStatus, short_value
 from ..services import Services
 from ..web import ResponseError, require_key
+from . import openai_edits
 
 NAME = "openai"
 DEFAULT_T2V = "kandinsky5-lite-t2v-sft-{seconds}s"  # OpenAI's default is sora-2; ours is Lite sft
@@ -265,9 +267,7 @@ def _new_video_id() -> str:
 
 def router(services: Services) -> APIRouter:
     api = APIRouter(dependencies=[Depends(require_key(services.keys))])
-    from .openai_edits import router as edits_router  # here: openai_edits imports this module
-
-    api.include_router(edits_router(services))  # remix, edits, extensions (before the remix stub below)
+    api.include_router(openai_edits.router(services, sys.modules[__name__]))  # remix, edits, extensions
     manager, storage = services.manager, services.storage
 
     def find(video_id: str) -> Job:

@@ -1,15 +1,17 @@
 """OpenAI Videos: remix, edits and extensions, made for real on Kandinsky 5 (docs/sora-edits.md).
 
-    POST /v1/videos/{video_id}/remix   {"prompt"}                      video-to-video of a finished video
-    POST /v1/videos/edits              prompt + video (file, or {"id"}) video-to-video of a finished or uploaded video
-    POST /v1/videos/extensions         prompt + seconds + video          continues it: I2V from its last frame
+    POST /v1/videos/{video_id}/remix   prompt                   video-to-video of a finished video
+    POST /v1/videos/edits              prompt, video            the same, of a finished (id) or uploaded video
+    POST /v1/videos/extensions         prompt, seconds, video   continues it: I2V from its last frame
 
-A router that openai.py includes (one contract: ids, refusals and the Video object are openai.py's,
-reused here). The source of a finished video is its stored mp4; an uploaded one comes in through
-the create route's body reader and its limits (K5SERVE_IMAGE_MAX_BYTES). Both go through the one
-admission path as a Draft with a `video`. The model of a video given by id is the source's (as
-Sora: "the API infers the model from the source video"); an upload takes `model` like create does.
-The new video's `remixed_from_video_id` names its source when it was given by id.
+A router that openai.py includes, handing itself over as `oa` (one contract: its body reader, field
+parsers, error envelope, ids and Video object are openai.py's, used here, not copied; passed in
+rather than imported, so the two modules do not import each other). The source of a finished
+video is its stored mp4; an uploaded one comes in through the create route's body reader and its
+limits (K5SERVE_IMAGE_MAX_BYTES). Both go through the one admission path as a Draft with a `video`.
+The model of a video given by id is the source's (as Sora: "the API infers the model from the
+source video"); an upload takes `model` like create does. The new video's `remixed_from_video_id`
+names its source when it was given by id.
 Extensions beyond OpenAI's schema (send them through the SDK's `extra_body`): `strength` (remix
 and edits, (0, 1], default pipelines.request_video.DEFAULT_STRENGTH), `num_inference_steps`,
 `seed`, `negative_prompt`.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import ModuleType
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -29,13 +32,12 @@ from pipelines.variants import VARIANTS, text_variant
 from ..admission import Draft
 from ..jobs import Job, JobStatus, short_value
 from ..services import Services
-from . import openai as oa
 
 REMIXED_FROM = "remixed_from_video_id"  # Job.meta key: the id of the video this one was made from
 _SECONDS = re.compile(r"^\d{1,2}$")
 
 
-def _strength(fields: dict) -> float | None:
+def _strength(oa: ModuleType, fields: dict) -> float | None:
     value = fields.get("strength")
     if value is None or value == "":
         return None
@@ -48,7 +50,7 @@ def _strength(fields: dict) -> float | None:
     return strength
 
 
-def _extension_seconds(fields: dict) -> int | None:
+def _extension_seconds(oa: ModuleType, fields: dict) -> int | None:
     """Sora's extension `seconds`: the length of the new segment, 1 to 20 (Sora: 4, 8, 12, 16, 20)."""
     value = fields.get("seconds")
     if value is None or value == "":
@@ -61,7 +63,7 @@ def _extension_seconds(fields: dict) -> int | None:
     return int(text)
 
 
-def _video_ref(fields: dict) -> str | bytes:
+def _video_ref(oa: ModuleType, fields: dict) -> str | bytes:
     """`video`: an uploaded file's bytes, or the id of a video ({"id": ...}, `video[id]`, or a string)."""
     value = fields.get("video")
     if isinstance(value, dict):
@@ -77,7 +79,8 @@ def _video_ref(fields: dict) -> str | bytes:
     )
 
 
-def router(services: Services) -> APIRouter:
+def router(services: Services, oa: ModuleType) -> APIRouter:
+    """The three routes; `oa` is server.api.openai (see the module docstring)."""
     api = APIRouter()  # openai.py's router includes it: its key check applies
     manager, storage = services.manager, services.storage
 
@@ -111,7 +114,7 @@ def router(services: Services) -> APIRouter:
             prompt=prompt,
             negative_prompt=oa._text(fields, "negative_prompt"),
             seed=oa._int(fields, "seed"),
-            strength=_strength(fields) if remix else None,
+            strength=_strength(oa, fields) if remix else None,
             seconds=seconds,
         )
         steps = oa._int(fields, "num_inference_steps")
@@ -133,7 +136,7 @@ def router(services: Services) -> APIRouter:
         source, video = None, ref
         if isinstance(ref, str):
             source, video = source_of(ref)
-        seconds = None if remix else _extension_seconds(fields)
+        seconds = None if remix else _extension_seconds(oa, fields)
         model, greq = request_for(fields, source, remix=remix, seconds=seconds)
         if source is not None and not remix:  # Sora: six extensions at most, counted along the chain
             before = source.resolved.extensions if source.resolved is not None else 0
@@ -151,11 +154,11 @@ def router(services: Services) -> APIRouter:
     @api.post("/v1/videos/edits")
     async def edits(request: Request):
         fields = await oa.read_fields(request, services.intake.max_bytes)
-        return await admit(request, fields, _video_ref(fields), remix=True)
+        return await admit(request, fields, _video_ref(oa, fields), remix=True)
 
     @api.post("/v1/videos/extensions")
     async def extensions(request: Request):
         fields = await oa.read_fields(request, services.intake.max_bytes)
-        return await admit(request, fields, _video_ref(fields), remix=False)
+        return await admit(request, fields, _video_ref(oa, fields), remix=False)
 
     return api

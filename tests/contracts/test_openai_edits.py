@@ -94,8 +94,11 @@ def test_an_extension_is_the_stitched_total(live_sdk, source):
 
 
 def test_refusals_are_4xx_in_the_openai_envelope(tmp_path):
-    with app_client(fakes.FakeEngine(), tmp_path) as client:
-        sdk = openai.OpenAI(api_key="k", base_url="http://testserver/v1", http_client=client, max_retries=0)
+    with app_client(fakes.FakeEngine(), tmp_path, api_keys=["sk-local"]) as client:
+        stranger = openai.OpenAI(api_key="k", base_url="http://testserver/v1", http_client=client, max_retries=0)
+        with pytest.raises(openai.AuthenticationError):  # the contract's key check covers these routes
+            stranger.videos.edit(prompt="x", video=openai.omit, extra_body={"video": {"id": "video_1"}})
+        sdk = openai.OpenAI(api_key="sk-local", base_url="http://testserver/v1", http_client=client, max_retries=0)
         with pytest.raises(openai.NotFoundError):
             sdk.videos.remix("video_nope", prompt="x")
         with pytest.raises(openai.BadRequestError) as bad:

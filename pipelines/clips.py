@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -42,33 +43,41 @@ class ClipInfo:
 
 def probe(path: str, field: str = "video") -> ClipInfo:
     """Size, rate and frame count at 24 fps of the video at `path`; InvalidRequest naming `field`
-    when it is missing, not a video, too large, or longer than MAX_TOTAL_SECONDS."""
+    when it is missing, not a video, too large, or longer than MAX_TOTAL_SECONDS. The frames are
+    counted by decoding them through read_frames' own rate filter (scaled down: cheap), so the count
+    is the number read_frames yields."""
     import imageio_ffmpeg
 
     try:
-        reader = imageio_ffmpeg.read_frames(path, output_params=["-vf", f"fps={FPS},scale=16:16"])
-        meta = next(reader)
+        meta = _meta(path)
     except (OSError, RuntimeError, StopIteration) as exc:
-        raise InvalidRequest(field, path, f"{field} is not a readable video ({_first_line(exc)})") from exc
+        raise InvalidRequest(field, Path(path).name, f"{field} is not a readable video ({_first_line(exc)})") from exc
+    width, height = _display_size(meta)
+    fps = float(meta.get("fps") or 0.0)
+    if not width or not height or max(width, height) > MAX_SOURCE_SIDE:
+        message = f"{field} is {width}x{height}; sides up to {MAX_SOURCE_SIDE} px are read"
+        raise InvalidRequest(field, f"{width}x{height}", message)
+    reader = imageio_ffmpeg.read_frames(path, output_params=["-vf", ",".join([*_rate(meta), "scale=16:16"])])
+    frames = 0
     try:
-        width, height = _display_size(meta)
-        fps = float(meta.get("fps") or 0.0)
-        if not width or not height or max(width, height) > MAX_SOURCE_SIDE:
-            raise InvalidRequest(
-                field, f"{width}x{height}", f"{field} is {width}x{height}; sides up to {MAX_SOURCE_SIDE} px are read"
-            )
-        frames = 0
-        for _ in reader:  # decoded at 24 fps, scaled to 16x16: the count is exact and cheap
+        next(reader)
+        for _ in reader:
             frames += 1
             if frames > MAX_TOTAL_FRAMES:
-                raise InvalidRequest(field, path, f"{field} is longer than {MAX_TOTAL_SECONDS} s, the longest clip")
+                message = f"{field} is longer than {MAX_TOTAL_SECONDS} s, the longest clip"
+                raise InvalidRequest(field, Path(path).name, message)
     except RuntimeError as exc:
-        raise InvalidRequest(field, path, f"{field} is not a readable video ({_first_line(exc)})") from exc
+        raise InvalidRequest(field, Path(path).name, f"{field} is not a readable video ({_first_line(exc)})") from exc
     finally:
         reader.close()
     if frames == 0:
-        raise InvalidRequest(field, path, f"{field} has no video frames")
+        raise InvalidRequest(field, Path(path).name, f"{field} has no video frames")
     return ClipInfo(width, height, fps, frames)
+
+
+def _rate(meta: dict) -> list[str]:
+    """The filter that makes a clip 24 fps: none for a 24 fps clip (its frames are read as they are)."""
+    return [] if abs(float(meta.get("fps") or 0.0) - FPS) <= 1e-3 else [f"fps={FPS}"]
 
 
 def read_frames(path: str, width: int, height: int, limit: int | None = None) -> Iterator[np.ndarray]:
@@ -77,9 +86,7 @@ def read_frames(path: str, width: int, height: int, limit: int | None = None) ->
     import imageio_ffmpeg
 
     info = _meta(path)
-    filters = []
-    if abs(info["fps"] - FPS) > 1e-3:
-        filters.append(f"fps={FPS}")
+    filters = _rate(info)
     if _display_size(info) != (width, height):
         # centre crop to the target aspect, then scale: pipelines/images.crop_to_aspect's fit
         filters.append(f"crop='min(iw,ih*{width}/{height})':'min(ih,iw*{height}/{width})'")

@@ -8,6 +8,7 @@ docs/sora-edits.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from .clips import MAX_EXTENSION_SECONDS, MAX_EXTENSIONS, MAX_TOTAL_FRAMES, MAX_TOTAL_SECONDS, MIN_PASS_ADDED, probe
 from .errors import InvalidRequest
@@ -56,7 +57,7 @@ def _given(req, *names: str) -> str | None:
 def resolve_source(req, variant: Variant) -> SourcePlan | None:
     """The plan for a request with `video` or `extend` (None for one without). Raises InvalidRequest."""
     if req.video and req.extend:
-        raise InvalidRequest("video", req.video, "give a video to remix or one to extend, not both")
+        raise InvalidRequest("video", Path(req.video).name, "give a video to remix or one to extend, not both")
     if req.video:
         return _video_to_video(req, variant)
     if req.extend:
@@ -82,7 +83,7 @@ def _video_to_video(req, variant: Variant) -> SourcePlan:
     if frames > variant.max_frames:
         raise InvalidRequest(
             "video",
-            req.video,
+            Path(req.video).name,
             f"the video is {info.frames} frames ({info.frames / FPS:.1f} s at 24 fps); video-to-video on "
             f"{variant.name} makes at most {variant.max_frames} frames in one pass",
         )
@@ -113,7 +114,8 @@ def _extension(req, variant: Variant) -> SourcePlan:
     if isinstance(before, bool) or not isinstance(before, int) or before < 0:
         raise InvalidRequest("source_extensions", before, "source_extensions must be a non-negative integer")
     if before >= MAX_EXTENSIONS:
-        raise InvalidRequest("video", req.extend, f"the video was extended {before} times already; the limit is six")
+        message = f"the video was extended {before} times already; the limit is six"
+        raise InvalidRequest("video", Path(req.extend).name, message)
     info = probe(req.extend)
     total = info.frames + added
     if total > MAX_TOTAL_FRAMES:

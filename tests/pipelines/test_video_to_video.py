@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from pipelines.clips import plan_passes, probe, read_frames
+from pipelines.clips import probe, read_frames
 from pipelines.errors import InvalidRequest
 from pipelines.extension import continuation_pass, run_passes
 from pipelines.request import GenerationRequest, ResolvedRequest, resolve
@@ -123,10 +123,7 @@ def test_a_clip_longer_than_one_pass_is_chained_in_one_run(engine, tmp_path):
     assert probe(str(result.path)).frames == 41
 
 
-def test_pass_planning_and_limits(source):
-    assert plan_passes(289, 121, 120) == [121, 84, 84]
-    assert plan_passes(125, 121, 120) == [109, 16]  # the last pass adds at least 16 frames
-    assert plan_passes(121, 121, 120) == [121]
+def test_extension_limits(source):
     with pytest.raises(InvalidRequest):
         resolve(GenerationRequest(variant=T2V, prompt=PROMPT, extend=str(source), seconds=21))
     with pytest.raises(InvalidRequest) as bad:

@@ -6,7 +6,7 @@ frame rates are resampled, keeping the duration) and fitted to the size that run
 its aspect, then scaled (the same fit as an I2V image, pipelines/images.py). When it already is
 24 fps at that size (a k5serve output), the frames are the file's own, untouched.
 
-Limits follow Sora's extensions (../docs/sora-edits.md): an extension adds at most 20 s, a clip is
+Limits follow Sora's extensions (docs/sora.md, "Remix, edits and extensions"): an extension adds at most 20 s, a clip is
 extended at most six times, and no clip is longer than 120 s.
 """
 

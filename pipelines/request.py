@@ -6,6 +6,7 @@ Validation names the bad value and never rounds silently.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from .variants import (
     continuation_variant,
     demo_frames,
     demo_size,
+    family,
+    for_frames,
     frames_for_seconds,
     nearest_size,
     resolve_model,
@@ -156,12 +159,25 @@ def request_for_model(
     seconds: int | None = None,
     steps: int | None = None,
     guidance: float | None = None,
+    aliases: Mapping[str, str] | None = None,
+    task: str | None = None,
     **fields: object,
 ) -> GenerationRequest:
-    """The request for a public model id (fal's, AI/ML API's, ...) or a local variant name: the public
-    id's own steps and guidance where the client gave none. The variant's defaults are filled in later,
-    by resolve(). Raises KeyError for an unknown id, ValueError for a clip length the model cannot make."""
-    variant, public = resolve_model(model, seconds)
+    """The request for a public model id (fal's, AI/ML API's, ...), a local variant name or an alias
+    (`aliases`, the server's K5SERVE_MODEL_ALIASES over variants.DEFAULT_ALIASES: every contract passes
+    it): the public id's own steps and guidance where the client gave none. The variant's defaults are
+    filled in later, by resolve(). A model family's name (a public id or an alias, not a variant's
+    own name) moves to its member for `task` ("t2v" / "i2v") and `num_frames`: the shortest that makes
+    them in one pass, else the longest (variants.family, variants.for_frames). Raises KeyError for an
+    unknown id, ValueError for a clip length the model cannot make."""
+    variant, public = resolve_model(model, seconds, aliases)
+    frames = fields.get("num_frames")
+    if model not in VARIANTS and (task is not None or isinstance(frames, int)):
+        members = family(variant, task or variant.task)
+        if isinstance(frames, int):
+            variant = for_frames(members, frames)
+        else:
+            variant = next((m for m in members if m.seconds == variant.seconds), members[0])
     if public is not None:
         steps = public.steps if steps is None else steps
         guidance = public.guidance if guidance is None else guidance

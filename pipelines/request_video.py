@@ -2,7 +2,7 @@
 
 Called by request.resolve; torch-free (the source is probed with ffmpeg, clips.probe). What comes
 out is plain values for the ResolvedRequest: size, frames and the passes' variant. Docs:
-docs/sora-edits.md.
+docs/sora.md, "Remix, edits and extensions".
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .clips import MAX_EXTENSION_SECONDS, MAX_EXTENSIONS, MAX_TOTAL_FRAMES, MAX_TOTAL_SECONDS, MIN_PASS_ADDED, probe
 from .errors import InvalidRequest
-from .variants import FPS, Variant, continuation_variant, demo_size, nearest_size
+from .variants import FPS, Variant, continuation_variant, fit_size
 
 # A remix or edit with no strength runs this share of the schedule from the noised source. The
 # Kandinsky 5 schedule is shifted (shift 5: the noise level at strength s is 5s/(1+4s)), so 0.5
@@ -29,18 +29,6 @@ class SourcePlan:
     source_frames: int = 0
     extensions: int = 0
     continuation: Variant | None = None
-
-
-def fit_size(variant: Variant, width: int, height: int) -> tuple[int, int]:
-    """The source's own size when `variant` can make it, else the nearest it can (same aspect
-    first; the tiny models: scaled to fit DEMO_MAX_SIDE)."""
-    if variant.sizes is None:
-        if width % 16 == 0 and height % 16 == 0 and max(width, height) <= 256:
-            return width, height
-        return demo_size(width, height)
-    if (width, height) in variant.sizes:
-        return width, height
-    return nearest_size(variant.sizes, width, height)
 
 
 def steps_to_run(steps: int, strength: float) -> int:

@@ -8,8 +8,8 @@ import pytest
 
 from pipelines.clips import plan_passes, probe, read_frames
 from pipelines.errors import InvalidRequest
-from pipelines.request_video import fit_size, steps_to_run
-from pipelines.variants import VARIANTS
+from pipelines.request_video import steps_to_run
+from pipelines.variants import VARIANTS, fit_size
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from server_fixtures import app_client
 from server.api.openai_edits import REMIXED_FROM
 
 FAST = {"num_inference_steps": 2}
+TINY = "kandinsky5-tiny-t2v"  # the tiny model by name, at 64x48: the cheapest real videos (CPU)
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,11 @@ def live_sdk(live_server):
 
 @pytest.fixture(scope="module")
 def source(live_sdk):
-    """A finished demo video (25 frames at 256x160) and its mp4."""
-    video = live_sdk.videos.create_and_poll(prompt="a red fox in snow", poll_interval_ms=100, extra_body=FAST)
+    """A finished video (the tiny model: 25 frames at 64x48) and its mp4."""
+    video = live_sdk.videos.create_and_poll(
+        prompt="a red fox in snow", model=TINY, size="64x48", poll_interval_ms=100, extra_body=FAST
+    )
+    assert (video.size, video.seconds) == ("64x48", "1")
     assert video.status == "completed", video
     return video, live_sdk.videos.download_content(video.id).content
 
@@ -68,9 +72,9 @@ def test_edit_by_id_through_extra_body_and_of_an_uploaded_mp4(live_sdk, source):
     uploaded = live_sdk.videos.edit(
         prompt="make it snow harder",
         video=("clip.mp4", data, "video/mp4"),
-        extra_body={"model": "kandinsky5-lite-t2v-distilled-5s", **FAST},
+        extra_body={"model": TINY, **FAST},
     )
-    assert uploaded.remixed_from_video_id is None and uploaded.model == "kandinsky5-lite-t2v-distilled-5s"
+    assert uploaded.remixed_from_video_id is None and uploaded.model == TINY
     done, frames = finished(live_sdk, uploaded)
     assert frames.shape == frames_of(data).shape and done.size == src.size
 
@@ -79,11 +83,11 @@ def test_edit_by_id_through_extra_body_and_of_an_uploaded_mp4(live_sdk, source):
 def test_an_extension_is_the_stitched_total(live_sdk, source):
     src, data = source
     video = live_sdk.videos.extend(
-        prompt="the fox runs on", seconds="4", video=openai.omit, extra_body={"video": {"id": src.id}, **FAST}
+        prompt="the fox runs on", seconds="1", video=openai.omit, extra_body={"video": {"id": src.id}, **FAST}
     )
     done, frames = finished(live_sdk, video)
     first = frames_of(data)
-    # demo mode adds one tiny pass (24 frames) to the 25 of the source, with no frame twice at the seam
+    # 1 s more: 24 frames after the 25 of the source, with no frame twice at the seam
     assert len(frames) == len(first) + 24 and frames.shape[1:] == first.shape[1:]
     assert done.seconds == str(round(len(frames) / 24)) and done.remixed_from_video_id == src.id
     kept = abs(frames[: len(first)].astype(int) - first.astype(int)).mean()  # the source leads (re-encoded)

@@ -145,3 +145,14 @@ def _token():
     from pipelines.cancel import CancelToken
 
     return CancelToken()
+
+
+def test_demo_mode_makes_remixes_extensions_and_long_clips_on_the_tiny_models(engine, source):
+    lite = "kandinsky5-lite-t2v-sft-5s"  # no weights here: demo mode
+    remix = engine.prepare(GenerationRequest(variant=lite, prompt=PROMPT, video=str(source)))
+    assert (remix.demo, remix.variant.name, remix.num_frames, remix.strength) == (True, T2V, 9, 0.5)
+    assert (remix.width, remix.height) == (256, 160)  # Lite's 768x512 for a 4:3 source, at demo size
+    ext = engine.prepare(GenerationRequest(variant=lite, prompt=PROMPT, extend=str(source), seconds=4))
+    assert ext.demo and ext.continuation == "kandinsky5-tiny-i2v" and ext.passes == [9, 24]  # one tiny pass
+    long = engine.prepare(GenerationRequest(variant=lite, prompt=PROMPT, num_frames=289))
+    assert long.demo and long.continuation is None and long.passes == [25]  # cut to one tiny pass

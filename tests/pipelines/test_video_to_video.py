@@ -156,3 +156,18 @@ def test_demo_mode_makes_remixes_extensions_and_long_clips_on_the_tiny_models(en
     assert ext.demo and ext.continuation == "kandinsky5-tiny-i2v" and ext.passes == [9, 24]  # one tiny pass
     long = engine.prepare(GenerationRequest(variant=lite, prompt=PROMPT, num_frames=289))
     assert long.demo and long.continuation is None and long.passes == [25]  # cut to one tiny pass
+
+
+def test_a_cancel_in_a_later_pass_stops_the_run_and_leaves_no_file(engine, tmp_path):
+    from pipelines.cancel import CancelToken
+    from pipelines.errors import Cancelled
+
+    token, out = CancelToken(), tmp_path / "cut.mp4"
+
+    def on_step(i, n):
+        if i == 3:  # the first step of the second pass
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        engine.generate(engine.prepare(t2v(num_frames=41)), out, on_step=on_step, cancel=token)
+    assert list(tmp_path.iterdir()) == []  # not the first pass's frames, nor a temp file

@@ -55,12 +55,12 @@ def _extension_seconds(fields: dict) -> int | None:
     value = fields.get("seconds")
     if value is None or value == "":
         return None
-    text = str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
-    if not _SECONDS.match(text) or not 1 <= int(text) <= 20:
+    word = str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
+    if not _SECONDS.match(word) or not 1 <= int(word) <= 20:
         raise invalid(
             "seconds", f"Invalid value: {short_value(value)!r}. An extension adds 1 to 20 seconds (Sora: 4 to 20)."
         )
-    return int(text)
+    return int(word)
 
 
 def _video_ref(fields: dict) -> str | bytes:
@@ -100,8 +100,9 @@ def router(services: Services) -> APIRouter:
     def request_for(
         fields: dict, source: Job | None, *, remix: bool, seconds: int | None
     ) -> tuple[str, GenerationRequest]:
-        """(model to report, request): the source's model and settings when given by id, else the
-        body's model (create's default when absent)."""
+        """(model to report, request): the source's model when given by id (a remix also takes its
+        steps and guidance; an extension's I2V passes take their own model's), else the body's model
+        (create's default when absent)."""
         prompt = prompt_of(fields)
         values = dict(
             prompt=prompt,
@@ -113,14 +114,16 @@ def router(services: Services) -> APIRouter:
         steps = integer(fields, "num_inference_steps")
         if source is not None:
             asked = source.request
-            if steps is None:
+            if steps is None and remix:
                 steps = asked.steps
             negative = values["negative_prompt"] or asked.negative_prompt
-            model, variant, guidance = source.model, VARIANTS[asked.variant], asked.guidance
+            guidance = asked.guidance if remix else None
+            model, variant = source.model, VARIANTS[asked.variant]
             values.update(negative_prompt=negative, variant=variant.name, steps=steps, guidance=guidance)
         else:
             model, base = uploaded_model(fields, prompt, steps)
-            values.update(variant=base.variant, steps=base.steps, guidance=base.guidance)
+            steps, guidance = (base.steps, base.guidance) if remix else (steps, None)
+            values.update(variant=base.variant, steps=steps, guidance=guidance)
         if remix:  # video-to-video runs on the family's text-to-video model
             values["variant"] = text_variant(VARIANTS[values["variant"]]).name
         return model, GenerationRequest(**values)

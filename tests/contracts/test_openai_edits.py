@@ -6,9 +6,15 @@ What the SDK has: `videos.remix(video_id, prompt=...)` (JSON body), `videos.edit
 client (openai_videos.md §7.3), so a video by id goes through `extra_body={"video": {"id": ...}}`
 with `video=openai.omit` (on the wire: the part `video[id]`); an uploaded mp4 is the `video` file
 and its model comes through `extra_body={"model": ...}`. k5serve's extras (`strength`,
-`num_inference_steps`) ride in `extra_body` too. No `client.post` is needed."""
+`num_inference_steps`) ride in `extra_body` too. No `client.post` is needed. The npm package sends
+the typed `video: {id}` itself (tests/js/openai_edits_scenarios.js)."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
 
 import fakes
 import httpx2
@@ -121,3 +127,22 @@ def test_refusals_are_4xx_in_the_openai_envelope(tmp_path):
         with pytest.raises(openai.BadRequestError) as bad:
             sdk.videos.remix(src.id, prompt="")
         assert bad.value.param == "prompt"
+
+
+@pytest.mark.slow
+def test_node_sdk_edits_and_extends_by_id_natively(live_server, source):
+    """openai (npm) sends `video: {id}` itself, as the part video[id]: no extra_body needed."""
+    js = Path(__file__).parent.parent / "js"
+    assert (js / "node_modules" / "openai").is_dir(), "run `make test` (npm install in tests/js)"
+    src, data = source
+    env = {**os.environ, "K5SERVE_URL": live_server.url, "NODE_EXTRA_CA_CERTS": str(live_server.ca)}
+    proc = subprocess.run(
+        ["node", "openai_edits_scenarios.js", src.id], cwd=js, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, f"{proc.stderr}\n--- server log ---\n{live_server.log_tail()}"
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    edited, extended = out["edited"], out["extended"]
+    assert edited["status"] == extended["status"] == "completed", out
+    assert (edited["size"], edited["seconds"], edited["remixed_from_video_id"]) == (src.size, src.seconds, src.id)
+    assert extended["seconds"] == "2" and extended["remixed_from_video_id"] == src.id  # 25 + 24 frames
+    assert len(frames_of(data)) == 25

@@ -126,19 +126,20 @@ UNAUTHORIZED = "Incorrect API key provided. Send 'Authorization: Bearer <key>' w
 # server.errors -> (HTTP status, message, param, code, type). QueueFull and Unavailable are the only
 # retryable answers (429, 503): they pass; everything else is permanent and 4xx.
 REFUSALS = {
-    BadInput: lambda e: (
-        400,
-        e.message_for(CONTRACT.wire_field(e.field)),
-        CONTRACT.wire_field(e.field),
-        "invalid_value",
-        "invalid_request_error",
-    ),
+    BadInput: lambda e: (400, _worded(e), CONTRACT.wire_field(e.field), "invalid_value", "invalid_request_error"),
     ModelUnavailable: lambda e: (404, e.message, "model", "model_not_found", "invalid_request_error"),
     QueueFull: lambda e: (429, e.message, None, "rate_limit_exceeded", "requests"),
     Unavailable: lambda e: (503, e.message, None, "service_unavailable", "server_error"),
     Unauthorized: lambda e: (401, UNAUTHORIZED, None, "invalid_api_key", "invalid_request_error"),
     TooLarge: lambda e: (413, e.message, None, "request_too_large", "invalid_request_error"),
 }
+
+
+def _worded(exc: BadInput) -> str:
+    """The engine's message in the client's words; a frame count stays one, said in seconds too."""
+    if exc.field == "num_frames":
+        return f"{exc.message} (seconds s make s x 24 + 1 frames)"
+    return exc.message_for(CONTRACT.wire_field(exc.field))
 
 
 def refusal(_request: Request, exc: Refused) -> JSONResponse:

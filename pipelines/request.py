@@ -11,7 +11,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .cancel import CancelToken  # noqa: F401 - re-exported: the server imports it from here
+from .clips import MAX_TOTAL_FRAMES, MAX_TOTAL_SECONDS, MIN_PASS_ADDED, plan_passes
 from .errors import InvalidRequest
+from .request_video import SourcePlan, resolve_source
 from .variants import (
     HD_SIZES,
     SD_SIZES,
@@ -19,6 +21,7 @@ from .variants import (
     TINY_T2V,
     VARIANTS,
     Variant,
+    continuation_variant,
     demo_frames,
     demo_size,
     family,
@@ -56,6 +59,13 @@ class GenerationRequest:
     # rewrite the prompt with Qwen2.5-VL first, as the official pipelines do (pipelines/expand.py);
     # None -> off here; the server fills in its default (K5SERVE_EXPAND_PROMPTS) at admission
     expand_prompt: bool | None = None
+    # video-to-video (remix, edit): path of a local source video; size and length come from it, and
+    # `strength` in (0, 1] is the share of the schedule that runs (None -> DEFAULT_STRENGTH)
+    video: str | None = None
+    strength: float | None = None
+    # extension: path of a local video to continue; num_frames / seconds then count the frames added
+    extend: str | None = None
+    source_extensions: int = 0  # how many extensions the source already is (Sora: at most six in all)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,6 +94,24 @@ class ResolvedRequest:
     acceleration: str = "none"
     nominal_size: tuple[int, int] | None = None  # (width, height) asked for, when demo mode shrank it
     expand_prompt: bool = False  # stage 2 rewrites the prompt first (pipelines/expand.py)
+    video: str | None = None  # video-to-video source (pipelines/video_to_video.py)
+    strength: float = 1.0  # share of the schedule that runs from the noised source; 1.0 = from noise
+    extend: str | None = None  # the video this one continues (pipelines/extension.py)
+    source_frames: int = 0  # frames taken from `extend` (24 fps, fitted to width x height)
+    extensions: int = 0  # extensions this clip is made of, this one included
+    # more than one pass (an extension, or a clip longer than the variant makes at once): the I2V
+    # variant of the continuation passes and their steps and guidance; None: one pass
+    continuation: str | None = None
+    continuation_steps: int | None = None
+    continuation_guidance: float | None = None
+
+    @property
+    def passes(self) -> list[int]:
+        """Frames per pass: [first, added, ...] (pipelines/clips.plan_passes); [num_frames]: one pass."""
+        if self.continuation is None:
+            return [self.num_frames]
+        first = self.source_frames if self.extend else self.variant.max_frames
+        return plan_passes(self.num_frames, first, VARIANTS[self.continuation].max_frames - 1)
 
     def to_dict(self) -> dict:
         """JSON-safe form, stored with the job at admission: the worker runs exactly this."""
@@ -102,15 +130,27 @@ class ResolvedRequest:
         )
 
     def as_demo(self) -> ResolvedRequest:
-        """The same request on the tiny model at demo size (design.md: demo mode)."""
+        """The same request on the tiny model at demo size (design.md: demo mode). A clip longer
+        than one tiny pass is cut to one; an extension adds one tiny pass (16 to 24 frames)."""
         if self.variant.demo:
             return self
         width, height = demo_size(self.width, self.height)
         tiny = VARIANTS[TINY_I2V if self.variant.task == "i2v" else TINY_T2V]
-        frames = demo_frames(self.num_frames, tiny.task)
+        continuation, frames = None, demo_frames(self.num_frames, tiny.task)
+        if self.extend:
+            continuation = VARIANTS[TINY_I2V]
+            added = max(MIN_PASS_ADDED, min(self.num_frames - self.source_frames, continuation.max_frames - 1))
+            frames = self.source_frames + added
         nominal = (self.width, self.height)
         return replace(
-            self, variant=tiny, width=width, height=height, num_frames=frames, demo=True, nominal_size=nominal
+            self,
+            variant=tiny,
+            width=width,
+            height=height,
+            num_frames=frames,
+            demo=True,
+            nominal_size=nominal,
+            continuation=continuation.name if continuation else None,
         )
 
 
@@ -185,39 +225,24 @@ def resolve(req: GenerationRequest, default_seed: int | None = None) -> Resolved
     ):
         raise _bad("guidance", guidance, f"guidance must be a number from 1 to 20, got {guidance!r}")
 
-    # Frames: explicit count, or from the clip length, or the variant's full clip.
-    if req.num_frames is not None and req.seconds is not None:
-        raise _bad("num_frames", req.num_frames, "give num_frames or seconds, not both")
-    if req.seconds is not None:
-        if variant.demo:
-            frames = variant.max_frames
-        elif req.seconds != variant.seconds:
-            raise _bad(
-                "duration",
-                req.seconds,
-                f"duration {req.seconds}s is not available for {variant.name} (it makes {variant.seconds}s clips)",
-            )
-        else:
-            frames = frames_for_seconds(req.seconds)
-    else:
-        frames = variant.max_frames if req.num_frames is None else req.num_frames
-    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
-        raise _bad("num_frames", frames, f"num_frames must be a positive integer, got {frames!r}")
-    if (frames - 1) % 4 != 0:
-        raise _bad("num_frames", frames, f"num_frames must be 4k+1 (e.g. 17, 121, 241), got {frames}")
-    if frames > variant.max_frames:
-        raise _bad("num_frames", frames, f"num_frames {frames} exceeds {variant.max_frames} for {variant.name}")
+    source = resolve_source(req, variant)  # remix / edit / extension: size and length from the video
+    frames = source.num_frames if source is not None else _resolve_frames(req, variant)
+    first = frames if source is None else source.source_frames or frames
+    cont = source.continuation if source is not None else None
+    if cont is None and frames > variant.max_frames:  # longer than one pass: continued by I2V passes
+        cont = continuation_variant(variant)
+        first = plan_passes(frames, variant.max_frames, cont.max_frames - 1)[0]
 
-    if variant.task == "i2v":
+    if variant.task == "i2v" and not req.extend:
         if not req.image:
             raise _bad("image", req.image, f"{variant.name} is image-to-video and needs an image")
         # normalize_first_frame uses latent frames >= 4 as reference: fewer than 17 frames gives NaN video.
-        if frames < 17:
-            raise _bad("num_frames", frames, f"image-to-video needs at least 17 frames, got {frames}")
-    elif req.image:
+        if first < 17:
+            raise _bad("num_frames", frames, f"image-to-video needs at least 17 frames in its first pass, got {first}")
+    elif req.image and not req.extend:
         raise _bad("image", req.image, f"{variant.name} is text-to-video and takes no image")
 
-    width, height = _resolve_size(req, variant)
+    width, height = (source.width, source.height) if source is not None else _resolve_size(req, variant)
 
     seed = req.seed if req.seed is not None else default_seed
     if seed is None:
@@ -254,7 +279,46 @@ def resolve(req: GenerationRequest, default_seed: int | None = None) -> Resolved
         requested=req,
         acceleration=acceleration,
         expand_prompt=bool(expand),
+        **_source_fields(req, source, cont),
     )
+
+
+def _resolve_frames(req: GenerationRequest, variant: Variant) -> int:
+    """Frames of a request with no source: an explicit count, the clip length, or the variant's
+    full clip. More than the variant makes in one pass is allowed (continued by I2V passes), up to
+    MAX_TOTAL_FRAMES (120 s)."""
+    if req.num_frames is not None and req.seconds is not None:
+        raise _bad("num_frames", req.num_frames, "give num_frames or seconds, not both")
+    if req.seconds is not None:
+        if variant.demo:
+            return variant.max_frames
+        if req.seconds != variant.seconds:
+            raise _bad(
+                "duration",
+                req.seconds,
+                f"duration {req.seconds}s is not available for {variant.name} (it makes {variant.seconds}s clips)",
+            )
+        return frames_for_seconds(req.seconds)
+    frames = variant.max_frames if req.num_frames is None else req.num_frames
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise _bad("num_frames", frames, f"num_frames must be a positive integer, got {frames!r}")
+    if (frames - 1) % 4 != 0:
+        raise _bad("num_frames", frames, f"num_frames must be 4k+1 (e.g. 17, 121, 241), got {frames}")
+    if frames > MAX_TOTAL_FRAMES:
+        raise _bad("num_frames", frames, f"num_frames {frames} exceeds {MAX_TOTAL_FRAMES} ({MAX_TOTAL_SECONDS} s)")
+    return frames
+
+
+def _source_fields(req: GenerationRequest, source: SourcePlan | None, cont: Variant | None) -> dict:
+    """The ResolvedRequest fields of a remix / edit / extension / multi-pass clip."""
+    fields: dict = {"video": req.video, "extend": req.extend}
+    if source is not None:
+        fields.update(strength=source.strength, source_frames=source.source_frames, extensions=source.extensions)
+    if cont is not None:
+        steps = cont.steps if req.steps is None else req.steps
+        guidance = cont.guidance if req.guidance is None else req.guidance
+        fields.update(continuation=cont.name, continuation_steps=steps, continuation_guidance=float(guidance))
+    return fields
 
 
 def _resolve_size(req: GenerationRequest, variant: Variant) -> tuple[int, int]:

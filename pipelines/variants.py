@@ -198,6 +198,32 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in _CATALOGUE}
 TINY_T2V = "kandinsky5-tiny-t2v"
 TINY_I2V = "kandinsky5-tiny-i2v"
 
+# The I2V model that continues a clip (extensions, clips longer than one pass: pipelines/extension.py)
+# and the T2V model a video-to-video of an image-to-video clip runs on, per family and kind.
+_CONTINUED_BY = {"lite": "kandinsky5-lite-i2v-5s", "tiny": TINY_I2V}
+_PRO_I2V = {"distilled": "kandinsky5-pro-i2v-distilled-5s", "sft": "kandinsky5-pro-i2v-sft-5s"}
+_T2V_OF = {
+    "kandinsky5-lite-i2v-5s": "kandinsky5-lite-t2v-sft-5s",
+    "kandinsky5-pro-i2v-sft-5s": "kandinsky5-pro-t2v-sft-5s",
+    "kandinsky5-pro-i2v-distilled-5s": "kandinsky5-pro-t2v-distilled-5s",
+    TINY_I2V: TINY_T2V,
+}
+
+
+def continuation_variant(variant: Variant) -> Variant:
+    """The image-to-video variant that continues `variant`'s clips from their last frame: itself for
+    an I2V variant, else its family's (Pro distilled by Pro distilled, other Pro by Pro sft)."""
+    if variant.task == "i2v":
+        return variant
+    if variant.family == "pro":
+        return VARIANTS[_PRO_I2V["distilled" if "distilled" in variant.name else "sft"]]
+    return VARIANTS[_CONTINUED_BY[variant.family]]
+
+
+def text_variant(variant: Variant) -> Variant:
+    """The text-to-video variant of `variant`'s family: itself for T2V (video-to-video runs on T2V)."""
+    return variant if variant.task == "t2v" else VARIANTS[_T2V_OF[variant.name]]
+
 
 @dataclass(frozen=True)
 class PublicModel:

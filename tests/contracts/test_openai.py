@@ -258,10 +258,10 @@ def test_sora_clips_longer_than_one_pass_ask_for_their_frames(tmp_path):
     engine = FullSizeEngine()
     with app_client(engine, tmp_path) as client:
         response = client.post("/v1/videos", json={"prompt": "x", "model": "sora-2", "seconds": "12", **FAST})
-        if response.status_code == 200:  # a build that chains passes: the whole clip is reported
-            assert response.json()["seconds"] == "12"
-        else:  # seam (issue 15): until chained extension lands, one pass is all a variant makes
-            assert "289" in assert_error(response, 400, "seconds")
+        assert response.status_code == 200, response.text  # the whole clip is made and reported
+        assert response.json()["seconds"] == "12"
+        wait_until(lambda: engine.calls, what="the run")
+        assert engine.prepare(engine.calls[0]).passes == [241, 48]  # one Lite 10 s pass, one I2V pass
 
 
 def test_model_aliases_setting_is_honoured_by_every_contract(tmp_path):

@@ -104,6 +104,19 @@ class GroupEngine:
         problem = sp_degree_problem([r.variant.name], len(self.devices))
         if problem:
             raise InvalidRequest("model", req.variant, problem)
+        # a clip made in passes or from a source video runs its passes on rank 0 only: the other
+        # ranks would wait at the first pass's collectives. Refused until the group runs passes.
+        if r.continuation is not None or r.video:
+            what = (
+                "a video-to-video (remix / edit)"
+                if r.video
+                else "a clip made in passes (an extension, or longer than one pass)"
+            )
+            raise InvalidRequest(
+                "model",
+                req.variant,
+                f"{what} does not run on a sequence-parallel group yet; serve it on a single-device worker",
+            )
         return r
 
     def memory_in_use(self) -> int | None:

@@ -25,7 +25,7 @@ import pytest
 
 from pipelines.cancel import CancelToken
 from pipelines.engine import Engine
-from pipelines.errors import Cancelled
+from pipelines.errors import Cancelled, InvalidRequest
 from pipelines.group import GroupEngine, build_engine
 from pipelines.member import split_for
 from pipelines.request import GenerationRequest
@@ -122,6 +122,13 @@ def test_progress_from_rank0_and_a_cancel_stops_every_rank_at_the_same_step(grou
     phases = []
     result = group.generate(group.prepare(i2v(test_image)), tmp_path / "y.mp4", on_phase=lambda *p: phases.append(p))
     assert read_mp4(result.path)[0].shape[0] == 17 and phases[-1] == ("writing", 0, 1)
+
+
+def test_a_clip_made_in_passes_is_refused_on_a_group_not_run_on_rank0_alone(group):
+    # Engine.generate runs the passes of a long clip itself; on a group only rank 0 would, and the
+    # other ranks would wait at the first pass's collectives (found merging issue 15's extensions)
+    with pytest.raises(InvalidRequest, match="does not run on a sequence-parallel group"):
+        group.prepare(nabla(variant=T2V, width=64, height=64, num_frames=41))  # tiny: 25 frames a pass
 
 
 def test_a_degree_that_does_not_divide_the_heads_is_refused_naming_the_valid_ones(weights):

@@ -1,0 +1,193 @@
+"""The engine's side of a Ray worker: the actor that builds and runs one engine on a cluster node.
+
+Imported by the front end too (to name the actor class), so importing it is torch-free and does not
+import ray: `EngineActor` is a plain class that server/ray_engine.py turns into a Ray actor with
+`ray.remote(...)`. The engine itself is built inside the actor process by an importable factory
+("module:function", called as `factory(devices, **kwargs)`): `pipelines.group:build_engine` for the
+real engine (torch loads there, on the node), a FakeEngine factory in tests.
+
+The actor is threaded (max_concurrency > 1): while one thread runs `generate`, others answer
+`progress` (a long poll over the run's event list), `cancel` and `describe`. The finished mp4 goes
+back as bytes (Ray's object store moves it between nodes), so the front end writes it into its
+own storage and result URLs work as with a local engine; nothing assumes a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipelines.cancel import CancelToken
+from pipelines.errors import Cancelled, DeviceFailure, EngineError, InvalidRequest, OutOfMemory, WeightsMissing
+from pipelines.request import GenerationRequest, GenerationResult, ResolvedRequest
+
+PROGRESS_WAIT = 0.5  # seconds a progress long poll waits for news before answering "nothing yet"
+
+
+def load_factory(path: str):
+    """ "package.module:function" -> the function (ValueError names a malformed or missing path)."""
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"engine factory must look like 'module:function', got {path!r}")
+    factory = getattr(importlib.import_module(module_name), attr, None)
+    if not callable(factory):
+        raise ValueError(f"engine factory {path!r}: {module_name} has no callable {attr!r}")
+    return factory
+
+
+@dataclass
+class _Run:
+    """One generate call as the actor sees it: its cancel token and the progress events so far."""
+
+    cancel: CancelToken = field(default_factory=CancelToken)
+    events: list[tuple] = field(default_factory=list)  # ("step", i, n) or ("phase", name, i, n)
+    done: bool = False
+
+
+class EngineActor:
+    """One engine in one actor process. Every method returns plain data (it crosses the wire)."""
+
+    def __init__(self, factory: str, devices: list[str], engine_kwargs: dict) -> None:
+        self.engine = load_factory(factory)(list(devices), **engine_kwargs)
+        self._runs: dict[str, _Run] = {}
+        self._news = threading.Condition()
+        self._stopping = threading.Event()
+        self._scratch = Path(tempfile.mkdtemp(prefix="k5serve-actor-"))
+
+    # ---- identity and state ----------------------------------------------------------------------
+
+    def info(self) -> dict:
+        """Who and where: the /readyz worker row's pid and node come from here."""
+        import ray  # only ever called inside an actor, where ray is loaded
+
+        context = ray.get_runtime_context()
+        return {
+            "pid": os.getpid(),
+            "node_id": context.get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "demo": bool(self.engine.demo),
+            "device": str(self.engine.device),
+            "available": list(self.engine.available()),
+        }
+
+    def warmup(self) -> None:
+        self.engine.warmup()
+
+    def available(self) -> list[str]:
+        return list(self.engine.available())
+
+    def memory_in_use(self) -> int | None:
+        return self.engine.memory_in_use()
+
+    def describe(self) -> dict:
+        return self.engine.describe()
+
+    def prepare(self, req: GenerationRequest) -> tuple[str, object]:
+        return _outcome(lambda: self.engine.prepare(req))
+
+    def watch(self) -> None:
+        """Returns only when the actor is stopped: the proxy keeps one call pending and reads the
+        actor's death from it without a round trip (ray.wait on it answers at once)."""
+        self._stopping.wait()
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        shutil.rmtree(self._scratch, ignore_errors=True)
+
+    # ---- one run ------------------------------------------------------------------------------------
+
+    def generate(self, run_id: str, req: ResolvedRequest) -> tuple[str, object]:
+        """Run `req`; ("ok", (result as dict, mp4 bytes)) or ("error", what _outcome says)."""
+        run = self._runs.setdefault(run_id, _Run())
+        output = self._scratch / f"{run_id}.mp4"
+
+        def on_step(i: int, n: int) -> None:
+            self._event(run, ("step", i, n))
+
+        def on_phase(phase: str, i: int, n: int) -> None:
+            self._event(run, ("phase", phase, i, n))
+
+        def go() -> tuple[dict, bytes]:
+            result = self.engine.generate(req, output, on_step=on_step, on_phase=on_phase, cancel=run.cancel)
+            return _result_dict(result), Path(result.path).read_bytes()
+
+        try:
+            return _outcome(go)
+        finally:
+            output.unlink(missing_ok=True)
+            with self._news:
+                run.done = True
+                self._news.notify_all()
+
+    def progress(self, run_id: str, since: int) -> tuple[list[tuple], bool]:
+        """Events after the first `since` ones, waiting up to PROGRESS_WAIT s for one; and whether
+        the run has finished (then the caller stops asking and the record is dropped)."""
+        run = self._runs.setdefault(run_id, _Run())
+        with self._news:
+            self._news.wait_for(lambda: len(run.events) > since or run.done, timeout=PROGRESS_WAIT)
+            events, done = run.events[since:], run.done
+        if done:
+            self._runs.pop(run_id, None)
+        return events, done
+
+    def cancel(self, run_id: str) -> None:
+        """Honoured at the engine's next step or phase boundary (or before it starts)."""
+        self._runs.setdefault(run_id, _Run()).cancel.cancel()
+
+    def _event(self, run: _Run, event: tuple) -> None:
+        with self._news:
+            run.events.append(event)
+            self._news.notify_all()
+
+
+def _result_dict(result: GenerationResult) -> dict:
+    from dataclasses import asdict
+
+    data = asdict(result)
+    data["path"] = str(result.path)
+    return data
+
+
+# Errors cross the wire as plain data: the engine's exceptions have constructors pickle cannot replay.
+def _outcome(call) -> tuple[str, object]:
+    try:
+        return "ok", call()
+    except Exception as exc:
+        return "error", error_to_data(exc)
+
+
+def error_to_data(exc: Exception) -> dict:
+    if isinstance(exc, InvalidRequest):
+        return {"type": "InvalidRequest", "field": exc.field, "value": _plain(exc.value), "message": exc.message}
+    if isinstance(exc, WeightsMissing):
+        return {"type": "WeightsMissing", "variant": exc.variant, "path": exc.path, "missing": list(exc.missing)}
+    if isinstance(exc, OSError):
+        return {"type": "OSError", "errno": exc.errno, "message": exc.strerror or str(exc)}
+    for kind in (Cancelled, OutOfMemory, DeviceFailure):
+        if isinstance(exc, kind):
+            return {"type": kind.__name__, "message": str(exc)}
+    kind = "EngineError" if isinstance(exc, EngineError) else "RuntimeError"
+    return {"type": kind, "message": f"{type(exc).__name__}: {exc}"}
+
+
+def error_from_data(data: dict) -> Exception:
+    """The exception the actor raised, rebuilt on the front end (the worker maps it to a JobError)."""
+    kind = data["type"]
+    if kind == "InvalidRequest":
+        return InvalidRequest(data["field"], data["value"], data["message"])
+    if kind == "WeightsMissing":
+        return WeightsMissing(data["variant"], data["path"], data["missing"])
+    if kind == "OSError":
+        return OSError(data["errno"], data["message"])
+    simple = {"Cancelled": Cancelled, "OutOfMemory": OutOfMemory, "DeviceFailure": DeviceFailure}
+    return simple.get(kind, EngineError if kind == "EngineError" else RuntimeError)(data["message"])
+
+
+def _plain(value: object) -> object:
+    return value if isinstance(value, str | int | float | bool | type(None)) else repr(value)

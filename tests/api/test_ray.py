@@ -1,0 +1,207 @@
+"""Workers as Ray actors (issue 13, item 4), on ONE local Ray cluster per module: fake GPUs (a
+`num_gpus` resource on a CPU box), bound to loopback, a FakeEngine built inside each actor process
+from an importable factory path (tests/ray_fakes.py), exactly where the real engine would be built.
+
+Ray is the `ray` extra, which `make test` installs: without it these tests fail (no skip), so CI
+always runs them. Kill points use the fake's pause folders, never sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+
+from pipelines.cancel import CancelToken
+from pipelines.errors import Cancelled, InvalidRequest
+from pipelines.request import GenerationRequest
+from server.engine_protocol import WorkerLost
+
+TESTS = Path(__file__).resolve().parents[1]
+FACTORY = "ray_fakes:fake_engine"
+FAKE_GPUS = 2
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A one-node cluster started here: 2 fake GPUs, loopback only, no dashboard."""
+    # Ray picks the host's outward address unless told to stay local; this must precede `import ray`.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    # token auth on (Ray's default) with a token of our own: no ~/.ray/auth_token left behind
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
+    # the actors (started by the raylet, which inherits this environment) import ray_fakes and fakes
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS.parent), str(TESTS), saved) if p)
+    import ray  # the `ray` extra; an ImportError here fails the module, as it should in CI
+
+    from server.ray_cluster import connect
+
+    connect(
+        "local",
+        num_cpus=4,
+        num_gpus=FAKE_GPUS,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+    )
+    yield ray
+    ray.shutdown()
+    if saved is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = saved
+
+
+@pytest.fixture
+def engines(ray_cluster):
+    """Make RayEngines (started); every one is killed after the test, freeing its fake GPUs."""
+    from server.ray_engine import RayEngine
+
+    made: list[RayEngine] = []
+
+    def make(worker_id: str, gpus: int = 1, **engine_kwargs: object) -> RayEngine:
+        engine = RayEngine(worker_id, ("cuda",) * gpus, factory=FACTORY, engine_kwargs=engine_kwargs)
+        made.append(engine)
+        engine.start()
+        engine.warmup()
+        return engine
+
+    yield make
+    for engine in made:
+        engine.kill()
+
+
+def _request(engine, steps: int = 4):
+    return engine.prepare(GenerationRequest(variant="kandinsky5-tiny-t2v", prompt="a fox", steps=steps, seed=7))
+
+
+def _wait_for(path: Path, timeout: float = 20.0) -> None:
+    event = threading.Event()
+    while not path.exists() and not event.wait(0.02):
+        timeout -= 0.02
+        assert timeout > 0, f"{path} never appeared"
+
+
+class Running:
+    """engine.generate in a thread: the test acts while it runs, then reads what it returned or raised."""
+
+    def __init__(self, engine, request, output: Path, cancel: CancelToken | None = None):
+        self.steps: list[tuple[int, int]] = []
+        self.phases: list[tuple[str, int, int]] = []
+        self.result = self.error = None
+
+        def go() -> None:
+            try:
+                self.result = engine.generate(
+                    request,
+                    output,
+                    on_step=lambda i, n: self.steps.append((i, n)),
+                    on_phase=lambda p, i, n: self.phases.append((p, i, n)),
+                    cancel=cancel,
+                )
+            except Exception as exc:
+                self.error = exc
+
+        self.thread = threading.Thread(target=go, daemon=True)
+        self.thread.start()
+
+    def join(self) -> None:
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "generate did not return"
+
+
+def test_actor_runs_the_engine_and_the_mp4_comes_back(engines, tmp_path):
+    engine = engines("one", decode_chunks=2)
+    assert engine.alive and engine.pid != os.getpid() and engine.node == "127.0.0.1"
+    assert engine.device == "cuda:0" or engine.device == "cuda:1"  # the fake GPU Ray gave it
+    assert engine.demo and "kandinsky5-tiny-t2v" in engine.available()
+    run = Running(engine, _request(engine), tmp_path / "out.mp4")
+    run.join()
+    assert run.error is None
+    assert run.steps == [(i, 4) for i in range(1, 5)]
+    assert run.phases == [("decoding", 0, 2), ("decoding", 1, 2), ("decoding", 2, 2), ("writing", 0, 1)]
+    data = (tmp_path / "out.mp4").read_bytes()
+    assert data.startswith(b"\x00\x00\x00\x18ftyp") and run.result.file_size == len(data)
+    assert run.result.path == tmp_path / "out.mp4" and not (tmp_path / "out.mp4.part").exists()
+    assert engine.describe()["variants"] == ["kandinsky5-tiny-t2v"]
+
+
+def test_two_actors_generate_at_once_on_their_own_gpus(engines, tmp_path):
+    a, b = (tmp_path / "a", tmp_path / "b")
+    a.mkdir(), b.mkdir()
+    first = engines("a", pause_at="step", pause_dir=str(a))
+    second = engines("b", pause_at="step", pause_dir=str(b))
+    assert {first.device, second.device} == {"cuda:0", "cuda:1"} and first.pid != second.pid
+    runs = [Running(e, _request(e), tmp_path / f"{e.worker_id}.mp4") for e in (first, second)]
+    _wait_for(a / "paused-step")
+    _wait_for(b / "paused-step")  # both runs are inside their engines now, neither finished
+    assert all(r.result is None and r.error is None for r in runs)
+    (a / "release").touch(), (b / "release").touch()
+    for run in runs:
+        run.join()
+        assert run.error is None and run.steps[-1] == (4, 4)
+    assert (tmp_path / "a.mp4").read_bytes() != b"" and (tmp_path / "b.mp4").exists()
+
+
+def test_cancel_reaches_the_actor_mid_run(engines, tmp_path):
+    engine = engines("cancel", pause_at="step", pause_dir=str(tmp_path))
+    token = CancelToken()
+    run = Running(engine, _request(engine, steps=8), tmp_path / "out.mp4", cancel=token)
+    _wait_for(tmp_path / "paused-step")  # paused after step 1: only the cancel can end the wait
+    token.cancel()
+    run.join()
+    assert isinstance(run.error, Cancelled) and run.steps == [(1, 8)]
+    assert not (tmp_path / "out.mp4").exists()
+    assert engine.alive  # a cancel ends the run, not the worker
+
+
+def test_actor_killed_mid_run_raises_worker_lost(engines, tmp_path):
+    engine = engines("doomed", pause_at="step", pause_dir=str(tmp_path))
+    run = Running(engine, _request(engine), tmp_path / "out.mp4")
+    _wait_for(tmp_path / "paused-step")
+    os.kill(engine.pid, signal.SIGKILL)  # the process /readyz names: a crash, an OOM kill, a lost node
+    run.join()
+    assert isinstance(run.error, WorkerLost) and str(engine.pid) in str(run.error)
+    assert not engine.alive and not (tmp_path / "out.mp4").exists()
+    with pytest.raises(WorkerLost):
+        engine.describe()
+
+
+def test_engine_errors_cross_as_their_own_types(engines):
+    engine = engines("errors")
+    with pytest.raises(InvalidRequest) as caught:
+        engine.prepare(GenerationRequest(variant="kandinsky5-tiny-t2v", prompt="a fox", steps=0))
+    assert caught.value.field == "steps"
+
+
+def test_a_group_is_packed_on_one_node_and_waits_for_free_gpus(engines):
+    from server.ray_engine import RayEngine
+
+    group = engines("group", gpus=2)
+    assert group.device == "cuda:0,cuda:1"  # both fake GPUs, one actor, one node
+    late = RayEngine("late", ("cuda",), factory=FACTORY, start_timeout=0.5)
+    with pytest.raises(WorkerLost, match="no node had"):
+        late.start()  # every GPU is held by the group: the placement group cannot be placed
+    group.stop()
+    assert not group.alive
+    engines("after")  # the group's GPUs were given back
+
+
+def test_plan_one_worker_per_gpu_or_per_group_on_one_node():
+    from server.ray_cluster import plan
+
+    nodes = [
+        {"NodeManagerAddress": "10.0.0.2", "NodeID": "b", "Alive": True, "Resources": {"GPU": 8.0, "CPU": 64.0}},
+        {"NodeManagerAddress": "10.0.0.1", "NodeID": "a", "Alive": True, "Resources": {"GPU": 2.0}},
+        {"NodeManagerAddress": "10.0.0.3", "NodeID": "c", "Alive": False, "Resources": {"GPU": 8.0}},
+        {"NodeManagerAddress": "10.0.0.4", "NodeID": "d", "Alive": True, "Resources": {"CPU": 8.0}},
+    ]
+    assert [w for w, _ in plan(nodes)] == ["ray-10.0.0.1-0", "ray-10.0.0.1-1"] + [f"ray-10.0.0.2-{k}" for k in range(8)]
+    grouped = plan(nodes, sp_degree=4)  # the 2-GPU node cannot hold a group of 4
+    assert grouped == [("ray-10.0.0.2-0", ("cuda",) * 4), ("ray-10.0.0.2-1", ("cuda",) * 4)]
+    with pytest.raises(ValueError, match="sp_degree"):
+        plan(nodes, sp_degree=0)

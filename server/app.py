@@ -173,14 +173,7 @@ def bind(host: str, port: int) -> socket.socket:
 def _build_engine(settings: Settings) -> EngineLike:
     from pipelines.engine import Engine  # torch comes in here, and only here
 
-    return Engine(
-        settings.weights_dir,
-        settings.device,
-        settings.models,
-        settings.require_weights,
-        memory_mode=settings.memory_mode,
-        compile={"auto": None, "on": True, "off": False}[settings.compile],
-    )
+    return Engine(device=settings.device, **settings.engine_options())
 
 
 def run(settings: Settings, engine: EngineLike | None = None) -> int:

@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="rewrite prompts with Qwen2.5-VL first, as the official pipelines (default: off, as diffusers)",
     )
+    serve.add_argument(
+        "--ray-address",
+        default=None,
+        help="run the workers as Ray actors on this cluster's GPUs (auto: the one `ray start` made here)",
+    )
 
     gen = sub.add_parser("generate", help="make one video and exit")
     gen.add_argument("prompt")

@@ -3,8 +3,8 @@
 Imported by the front end too (to name the actor class), so importing it is torch-free and does not
 import ray: `EngineActor` is a plain class that server/ray_engine.py turns into a Ray actor with
 `ray.remote(...)`. The engine itself is built inside the actor process by an importable factory
-("module:function", called as `factory(devices, **kwargs)`): `pipelines.group:build_engine` for the
-real engine (torch loads there, on the node), a FakeEngine factory in tests.
+("module:function", called as `factory(devices, **kwargs)`): `server.ray_actor:build_engine` for the
+real engine (`build_engine` below: torch loads there, on the node), a FakeEngine factory in tests.
 
 The actor is threaded (max_concurrency > 1): while one thread runs `generate`, others answer
 `progress` (a long poll over the run's event list), `cancel` and `describe`. The finished mp4 goes
@@ -38,6 +38,18 @@ def load_factory(path: str):
     if not callable(factory):
         raise ValueError(f"engine factory {path!r}: {module_name} has no callable {attr!r}")
     return factory
+
+
+def build_engine(devices: list[str], **engine_kwargs: object):
+    """The real engine, built in the actor (torch loads here, on the node): one device -> Engine;
+    a sequence-parallel group -> pipelines.group's GroupEngine (helper sp's seam)."""
+    if len(devices) == 1:
+        from pipelines.engine import Engine
+
+        return Engine(device=devices[0], **engine_kwargs)
+    from pipelines.group import build_engine as build_group
+
+    return build_group(list(devices), **engine_kwargs)
 
 
 @dataclass

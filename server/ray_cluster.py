@@ -63,9 +63,7 @@ def plan(nodes: list[dict], sp_degree: int = 1) -> list[tuple[str, tuple[str, ..
     return workers
 
 
-def engine_factory(
-    engine_kwargs: dict, factory: str = DEFAULT_FACTORY, **options: Any
-) -> Callable[[Any], RayEngine]:
+def engine_factory(engine_kwargs: dict, factory: str = DEFAULT_FACTORY, **options: Any) -> Callable[[Any], RayEngine]:
     """The worker pool's engine factory: a WorkerSpec (id, devices) -> a RayEngine, not started."""
 
     def make(spec: Any) -> RayEngine:

@@ -17,6 +17,7 @@ The mp4 comes back as bytes and is written here, atomically, at the path the wor
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from pipelines.request import GenerationRequest, GenerationResult, ResolvedReque
 from .engine_protocol import WorkerLost
 from .ray_actor import EngineActor, error_from_data
 
-DEFAULT_FACTORY = "pipelines.group:build_engine"
+DEFAULT_FACTORY = "server.ray_actor:build_engine"
 POLL_SECONDS = 0.1  # how often a running job's local cancel token is looked at
 START_TIMEOUT = 600.0  # seconds to wait for a placement group (GPUs free) and the actor's engine
 
@@ -107,10 +108,9 @@ class RayEngine:
     def stop(self) -> None:
         """Let the actor clean up, then end it and free its GPUs."""
         if self._actor is not None and self.alive:
-            try:
+            # dead already, or stuck: kill() below ends it either way
+            with contextlib.suppress(Exception):
                 _ray().get(self._actor.shutdown.remote(), timeout=10)
-            except Exception:  # dead already, or stuck: kill() below ends it either way
-                pass
         self.kill()
 
     def kill(self) -> None:
@@ -201,10 +201,8 @@ class RayEngine:
         if self._group is not None:
             from ray.util.placement_group import remove_placement_group
 
-            try:
+            with contextlib.suppress(Exception):  # the cluster is gone: nothing left to free
                 remove_placement_group(self._group)
-            except Exception:  # the cluster is gone: nothing left to free
-                pass
             self._group = None
 
 

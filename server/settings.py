@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     # Rewrite each prompt with Qwen2.5-VL before encoding, as the official pipelines do by default
     # (pipelines/expand.py). Off: the exact diffusers pipeline. A request's own switch wins.
     expand_prompts: bool = False
+    # Join this Ray cluster and run the workers as Ray actors on its GPUs ("auto": the cluster
+    # `ray start` made on this host; needs the ray extra). None: no Ray (docs/scale-out.md).
+    ray_address: str | None = None
 
     # Not CLI flags: tuning knobs with safe defaults (still settable through K5SERVE_*).
     webhook_timeout: float = Field(15.0, gt=0)  # fal delivery policy: 15 s per attempt
@@ -85,6 +88,11 @@ class Settings(BaseSettings):
         Allowlist(value)  # a ValueError names the entry that is not an address, a CIDR block or a name
         return value
 
+    @field_validator("ray_address")
+    @classmethod
+    def _blank_ray_address(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
+
     @field_validator("public_url")
     @classmethod
     def _check_public_url(cls, value: str | None) -> str | None:
@@ -113,6 +121,17 @@ class Settings(BaseSettings):
         if self.fal_run_port is not None and self.fal_run_port == self.port and self.port != 0:
             raise ValueError(f"fal_run_port must differ from port (both are {self.port})")
         return self
+
+    def engine_options(self) -> dict:
+        """The engine's keyword arguments besides its device (pipelines.engine.Engine), as plain
+        data: they travel to the process or Ray actor that builds the engine."""
+        return {
+            "weights_dir": str(self.weights_dir),
+            "models": self.models,
+            "require_weights": self.require_weights,
+            "memory_mode": self.memory_mode,
+            "compile": {"auto": None, "on": True, "off": False}[self.compile],
+        }
 
     @property
     def tls(self) -> bool:

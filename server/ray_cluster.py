@@ -8,15 +8,19 @@ the engines (server/ray_engine.py). Plan: one worker per GPU the cluster has, or
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .ray_engine import DEFAULT_FACTORY, RayEngine
 
-TOKEN_FILE = Path.home() / ".ray" / "auth_token"
+CURRENT_CLUSTER = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+TOKEN_FILE = Path.home() / ".ray" / "auth_token"  # what `ray get-auth-token --generate` writes
+LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray keeps every address on loopback
 
 
 class RayUnavailable(RuntimeError):
@@ -27,12 +31,19 @@ def connect(address: str, **init_kwargs: Any) -> Any:
     """Join the cluster at `address` ("auto": the one `ray start` made on this host) once per
     process; returns the ray module ("local" starts a private one-machine cluster: tests).
 
-    A cluster started by `ray start` (Ray >= 2.60) wants its auth token: joining one with
-    ~/.ray/auth_token present and RAY_AUTH_MODE unset switches token mode on. Ray reads that
-    variable when it is imported, so this must be the process's first import of ray."""
-    joining = address != "local"
-    if joining and "RAY_AUTH_MODE" not in os.environ and TOKEN_FILE.is_file() and "ray" not in sys.modules:
-        os.environ["RAY_AUTH_MODE"] = "token"
+    A head bound to loopback (one workstation: docs/scale-out.md) is only reachable by a driver
+    that also stays on loopback: Ray otherwise looks for it at the host's outward address. So for
+    a loopback address (or "auto" naming one) this sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which
+    Ray reads when it is imported: this must be the process's first import of ray.
+
+    Token auth: Ray turns it on for "auto" when ~/.ray/auth_token exists, but not for an explicit
+    address (its driver then fails with InvalidAuthToken); with the file present and RAY_AUTH_MODE
+    unset, token mode is switched on here for every address."""
+    if "ray" not in sys.modules:
+        if _loopback(address):
+            os.environ.setdefault(LOOPBACK_SWITCH, "0")
+        if address != "local" and TOKEN_FILE.is_file():
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
     try:
         import ray
     except ImportError as exc:
@@ -43,6 +54,20 @@ def connect(address: str, **init_kwargs: Any) -> Any:
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise RayUnavailable(f"cannot join the Ray cluster at {address!r}: {exc}") from exc
     return ray
+
+
+def _loopback(address: str) -> bool:
+    """Is `address` (host:port, ray://host:port, or "auto") a head on this host's loopback?"""
+    if address == "auto":
+        try:  # where `ray start` on this host wrote its head's address
+            address = CURRENT_CLUSTER.read_text().strip()
+        except OSError:
+            return False
+    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def plan(nodes: list[dict], sp_degree: int = 1) -> list[tuple[str, tuple[str, ...]]]:

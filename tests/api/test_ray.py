@@ -205,3 +205,10 @@ def test_plan_one_worker_per_gpu_or_per_group_on_one_node():
     assert grouped == [("ray-10.0.0.2-0", ("cuda",) * 4), ("ray-10.0.0.2-1", ("cuda",) * 4)]
     with pytest.raises(ValueError, match="sp_degree"):
         plan(nodes, sp_degree=0)
+
+
+def test_a_loopback_head_keeps_the_driver_on_loopback():
+    from server.ray_cluster import _loopback
+
+    assert _loopback("127.0.0.1:6379") and _loopback("ray://localhost:10001") and _loopback("[::1]:6379")
+    assert not _loopback("10.0.0.1:6379") and not _loopback("head.example:6379")

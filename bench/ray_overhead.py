@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
     sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
     from fakes import FakeEngine
+
     from pipelines.request import GenerationRequest
     from server.ray_cluster import connect
     from server.ray_engine import RayEngine

@@ -4,9 +4,9 @@ these check what would otherwise only fail on one, e.g. a Ray version the extra 
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -86,7 +86,7 @@ class RayEngine:
         actor_class = ray.remote(
             num_cpus=1,
             num_gpus=self.gpus,
-            max_concurrency=4,  # generate + progress + cancel/describe + watch
+            max_concurrency=8,  # watch + generate + progress, and room for cancel, describe, prepare
             max_restarts=0,  # the pool restarts workers (and requeues their job); Ray must not
         )(EngineActor)
         self._actor = actor_class.options(

@@ -28,7 +28,7 @@ FAKE_GPUS = 2
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A one-node cluster started here: 2 fake GPUs, loopback only, no dashboard."""
+    """A one-node cluster started here: 2 fake GPUs, loopback only, no dashboard (a test may add a node)."""
     # Ray picks the host's outward address unless told to stay local; this must precede `import ray`.
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     # token auth on (Ray's default) with a token of our own: no ~/.ray/auth_token left behind
@@ -38,18 +38,18 @@ def ray_cluster():
     saved = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS.parent), str(TESTS), saved) if p)
     import ray  # the `ray` extra; an ImportError here fails the module, as it should in CI
+    from ray.cluster_utils import Cluster  # a head here; tests may add nodes (test_a_lost_node...)
 
     from server.ray_cluster import connect
 
-    connect(
-        "local",
-        num_cpus=4,
-        num_gpus=FAKE_GPUS,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 4, "num_gpus": FAKE_GPUS, "include_dashboard": False},
     )
-    yield ray
+    connect(cluster.address)
+    yield cluster
     ray.shutdown()
+    cluster.shutdown()
     if saved is None:
         os.environ.pop("PYTHONPATH", None)
     else:
@@ -169,6 +169,23 @@ def test_actor_killed_mid_run_raises_worker_lost(engines, tmp_path):
     assert not engine.alive and not (tmp_path / "out.mp4").exists()
     with pytest.raises(WorkerLost):
         engine.describe()
+
+
+def test_a_lost_node_loses_only_its_workers(ray_cluster, engines, tmp_path):
+    here = [engines("head-0"), engines("head-1")]  # the head's two fake GPUs
+    node = ray_cluster.add_node(num_cpus=2, num_gpus=1)
+    remote = engines("remote", pause_at="step", pause_dir=str(tmp_path))  # only the new node has a GPU left
+    assert remote.node_id not in {e.node_id for e in here}
+    run = Running(remote, _request(remote), tmp_path / "out.mp4")
+    _wait_for(tmp_path / "paused-step")
+    ray_cluster.remove_node(node, allow_graceful=False)  # the machine is gone, mid-job
+    run.join()
+    assert isinstance(run.error, WorkerLost) and not remote.alive
+    for engine in here:  # the head's workers never noticed
+        assert engine.alive
+        ok = Running(engine, _request(engine), tmp_path / f"{engine.worker_id}.mp4")
+        ok.join()
+        assert ok.error is None
 
 
 def test_engine_errors_cross_as_their_own_types(engines):

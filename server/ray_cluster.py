@@ -107,3 +107,10 @@ def workers_for(ray: Any, sp_degree: int, address: str) -> list[tuple[str, tuple
             "start its nodes with GPUs (ray start --num-gpus N) or lower --sp-degree"
         )
     return layout
+
+
+def from_settings(settings: Any, sp_degree: int = 1) -> tuple[list[tuple[str, tuple[str, ...]]], Callable]:
+    """`k5serve serve --ray-address`: join the cluster, and return the worker layout (id, devices)
+    and the engine factory the worker pool starts them with. RayUnavailable says what is wrong."""
+    ray = connect(settings.ray_address)
+    return workers_for(ray, sp_degree, settings.ray_address), engine_factory(settings.engine_options())

@@ -229,3 +229,21 @@ def test_a_loopback_head_keeps_the_driver_on_loopback():
 
     assert _loopback("127.0.0.1:6379") and _loopback("ray://localhost:10001") and _loopback("[::1]:6379")
     assert not _loopback("10.0.0.1:6379") and not _loopback("head.example:6379")
+
+
+def test_one_machine_never_imports_ray_and_a_missing_extra_is_named():
+    """In a fresh interpreter: the front end's Ray modules import neither ray nor torch, and
+    --ray-address without the extra says how to install it."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; import server.app, server.ray_engine, server.ray_cluster as rc\n"
+        "assert 'ray' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)\n"
+        "sys.modules['ray'] = None  # as if the extra were not installed\n"
+        "try:\n    rc.connect('auto')\nexcept rc.RayUnavailable as exc:\n    print(exc)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(TESTS.parent)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "--ray-address needs Ray: pip install 'k5serve[ray]'"

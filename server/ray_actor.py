@@ -65,7 +65,13 @@ class EngineActor:
     """One engine in one actor process. Every method returns plain data (it crosses the wire)."""
 
     def __init__(self, factory: str, devices: list[str], engine_kwargs: dict) -> None:
-        self.engine = load_factory(factory)(list(devices), **engine_kwargs)
+        # An engine that cannot be built (bad factory path, missing weights) is reported by info(),
+        # as its own error: an actor dying in __init__ would read as a lost worker, and be retried.
+        self._error: dict | None = None
+        try:
+            self.engine = load_factory(factory)(list(devices), **engine_kwargs)
+        except Exception as exc:
+            self._error = error_to_data(exc)
         self._runs: dict[str, _Run] = {}
         self._news = threading.Condition()
         self._stopping = threading.Event()
@@ -77,6 +83,8 @@ class EngineActor:
         """Who and where: the /readyz worker row's pid and node come from here."""
         import ray  # only ever called inside an actor, where ray is loaded
 
+        if self._error is not None:
+            return {"error": self._error}
         context = ray.get_runtime_context()
         return {
             "pid": os.getpid(),
@@ -88,8 +96,8 @@ class EngineActor:
             "available": list(self.engine.available()),
         }
 
-    def warmup(self) -> None:
-        self.engine.warmup()
+    def warmup(self) -> tuple[str, object]:
+        return _outcome(self.engine.warmup)
 
     def available(self) -> list[str]:
         return list(self.engine.available())

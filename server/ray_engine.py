@@ -94,6 +94,9 @@ class RayEngine:
             scheduling_strategy=PlacementGroupSchedulingStrategy(self._group, placement_group_bundle_index=0),
         ).remote(self.factory, list(_actor_devices(self.devices)), self.engine_kwargs)
         info = self._call("info")
+        if "error" in info:  # the engine could not be built there: its own error, not a lost worker
+            self.kill()
+            raise error_from_data(info["error"])
         self.pid, self.node, self.node_id = info["pid"], info["node_ip"], info["node_id"]
         self.demo, self._available = info["demo"], info["available"]
         self.device = ",".join(f"cuda:{g}" for g in info["gpu_ids"]) if self.gpus else info["device"]
@@ -103,7 +106,7 @@ class RayEngine:
     def warmup(self) -> None:
         if self._actor is None:
             self.start()
-        self._get(self._warmup)
+        self._unwrap(self._get(self._warmup))
 
     def stop(self) -> None:
         """Let the actor clean up, then end it and free its GPUs."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.cancel import CancelToken
-from pipelines.errors import Cancelled, InvalidRequest
+from pipelines.errors import Cancelled, InvalidRequest, OutOfMemory
 from pipelines.request import GenerationRequest
 from server.engine_protocol import WorkerLost
 
@@ -193,6 +193,22 @@ def test_engine_errors_cross_as_their_own_types(engines):
     with pytest.raises(InvalidRequest) as caught:
         engine.prepare(GenerationRequest(variant="kandinsky5-tiny-t2v", prompt="a fox", steps=0))
     assert caught.value.field == "steps"
+
+
+def test_an_engine_that_cannot_be_built_says_why(ray_cluster):
+    from server.ray_engine import RayEngine
+
+    broken = RayEngine("broken", ("cuda",), factory="ray_fakes:no_such_factory")
+    with pytest.raises(RuntimeError, match="no callable 'no_such_factory'"):
+        broken.start()  # its own error, not WorkerLost: restarting would not help
+    assert not broken.alive
+    failing = RayEngine("failing", ("cuda",), factory=FACTORY, engine_kwargs={"warmup_error": OutOfMemory("no room")})
+    try:
+        failing.start()
+        with pytest.raises(OutOfMemory, match="no room"):
+            failing.warmup()
+    finally:
+        failing.kill()
 
 
 def test_a_group_is_packed_on_one_node_and_waits_for_free_gpus(engines):

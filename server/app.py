@@ -188,7 +188,7 @@ def run(settings: Settings, engine: EngineLike | None = None) -> int:
     except (WeightsMissing, ValueError) as exc:
         print(f"k5serve: {exc}", file=sys.stderr)
         return 2
-    if engine.demo:
+    if (engine.front if isinstance(engine, Workers) else engine).demo:
         log.warning(_DEMO_BANNER, settings.weights_dir)
     app = create_app(settings, engine)
     try:

@@ -3,8 +3,9 @@
 Imported by the front end too (to name the actor class), so importing it is torch-free and does not
 import ray: `EngineActor` is a plain class that server/ray_engine.py turns into a Ray actor with
 `ray.remote(...)`. The engine itself is built inside the actor process by an importable factory
-("module:function", called as `factory(devices, **kwargs)`): `server.ray_actor:build_engine` for the
-real engine (`build_engine` below: torch loads there, on the node), a FakeEngine factory in tests.
+("module:function", called as `factory(devices, **kwargs)`, as in worker processes): settings'
+engine_factory (server.worker_main:build_engine: torch loads there, on the node), a FakeEngine
+factory in tests.
 
 The actor is threaded (max_concurrency > 1): while one thread runs `generate`, others answer
 `progress` (a long poll over the run's event list), `cancel` and `describe`. The finished mp4 goes
@@ -14,7 +15,6 @@ own storage and result URLs work as with a local engine; nothing assumes a share
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import tempfile
@@ -23,33 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.cancel import CancelToken
-from pipelines.errors import Cancelled, DeviceFailure, EngineError, InvalidRequest, OutOfMemory, WeightsMissing
+from pipelines.errors import DeviceFailure
 from pipelines.request import GenerationRequest, GenerationResult, ResolvedRequest
 
+from .worker_main import encode_error, load_factory
+
 PROGRESS_WAIT = 0.5  # seconds a progress long poll waits for news before answering "nothing yet"
-
-
-def load_factory(path: str):
-    """ "package.module:function" -> the function (ValueError names a malformed or missing path)."""
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"engine factory must look like 'module:function', got {path!r}")
-    factory = getattr(importlib.import_module(module_name), attr, None)
-    if not callable(factory):
-        raise ValueError(f"engine factory {path!r}: {module_name} has no callable {attr!r}")
-    return factory
-
-
-def build_engine(devices: list[str], **engine_kwargs: object):
-    """The real engine, built in the actor (torch loads here, on the node): one device -> Engine;
-    a sequence-parallel group -> pipelines.group's GroupEngine (helper sp's seam)."""
-    if len(devices) == 1:
-        from pipelines.engine import Engine
-
-        return Engine(device=devices[0], **engine_kwargs)
-    from pipelines.group import build_engine as build_group
-
-    return build_group(list(devices), **engine_kwargs)
 
 
 @dataclass
@@ -67,11 +46,11 @@ class EngineActor:
     def __init__(self, factory: str, devices: list[str], engine_kwargs: dict) -> None:
         # An engine that cannot be built (bad factory path, missing weights) is reported by info(),
         # as its own error: an actor dying in __init__ would read as a lost worker, and be retried.
-        self._error: dict | None = None
+        self._error: tuple | None = None
         try:
             self.engine = load_factory(factory)(list(devices), **engine_kwargs)
         except Exception as exc:
-            self._error = error_to_data(exc)
+            self._error = encode_error(exc)
         self._runs: dict[str, _Run] = {}
         self._news = threading.Condition()
         self._stopping = threading.Event()
@@ -96,7 +75,7 @@ class EngineActor:
             "available": list(self.engine.available()),
         }
 
-    def warmup(self) -> tuple[str, object]:
+    def warmup(self) -> tuple:
         return _outcome(self.engine.warmup)
 
     def available(self) -> list[str]:
@@ -108,7 +87,7 @@ class EngineActor:
     def describe(self) -> dict:
         return self.engine.describe()
 
-    def prepare(self, req: GenerationRequest) -> tuple[str, object]:
+    def prepare(self, req: GenerationRequest) -> tuple:
         return _outcome(lambda: self.engine.prepare(req))
 
     def watch(self) -> None:
@@ -122,7 +101,7 @@ class EngineActor:
 
     # ---- one run ------------------------------------------------------------------------------------
 
-    def generate(self, run_id: str, req: ResolvedRequest) -> tuple[str, object]:
+    def generate(self, run_id: str, req: ResolvedRequest) -> tuple:
         """Run `req`; ("ok", (result as dict, mp4 bytes)) or ("error", what _outcome says)."""
         run = self._runs.setdefault(run_id, _Run())
         output = self._scratch / f"{run_id}.mp4"
@@ -174,40 +153,13 @@ def _result_dict(result: GenerationResult) -> dict:
     return data
 
 
-# Errors cross the wire as plain data: the engine's exceptions have constructors pickle cannot replay.
-def _outcome(call) -> tuple[str, object]:
+# Errors cross the wire as data (worker_main's codec: the engine's own exceptions take arguments
+# pickle does not replay). A DeviceFailure is "lost": the proxy ends this actor, whose CUDA context
+# is poisoned, and the pool starts a fresh one (as worker processes do).
+def _outcome(call) -> tuple:
     try:
         return "ok", call()
+    except DeviceFailure as exc:
+        return "lost", str(exc)
     except Exception as exc:
-        return "error", error_to_data(exc)
-
-
-def error_to_data(exc: Exception) -> dict:
-    if isinstance(exc, InvalidRequest):
-        return {"type": "InvalidRequest", "field": exc.field, "value": _plain(exc.value), "message": exc.message}
-    if isinstance(exc, WeightsMissing):
-        return {"type": "WeightsMissing", "variant": exc.variant, "path": exc.path, "missing": list(exc.missing)}
-    if isinstance(exc, OSError):
-        return {"type": "OSError", "errno": exc.errno, "message": exc.strerror or str(exc)}
-    for kind in (Cancelled, OutOfMemory, DeviceFailure):
-        if isinstance(exc, kind):
-            return {"type": kind.__name__, "message": str(exc)}
-    kind = "EngineError" if isinstance(exc, EngineError) else "RuntimeError"
-    return {"type": kind, "message": f"{type(exc).__name__}: {exc}"}
-
-
-def error_from_data(data: dict) -> Exception:
-    """The exception the actor raised, rebuilt on the front end (the worker maps it to a JobError)."""
-    kind = data["type"]
-    if kind == "InvalidRequest":
-        return InvalidRequest(data["field"], data["value"], data["message"])
-    if kind == "WeightsMissing":
-        return WeightsMissing(data["variant"], data["path"], data["missing"])
-    if kind == "OSError":
-        return OSError(data["errno"], data["message"])
-    simple = {"Cancelled": Cancelled, "OutOfMemory": OutOfMemory, "DeviceFailure": DeviceFailure}
-    return simple.get(kind, EngineError if kind == "EngineError" else RuntimeError)(data["message"])
-
-
-def _plain(value: object) -> object:
-    return value if isinstance(value, str | int | float | bool | type(None)) else repr(value)
+        return "error", encode_error(exc)

@@ -12,11 +12,12 @@ import ipaddress
 import os
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .ray_engine import DEFAULT_FACTORY, RayEngine
+from .devices import WorkerSpec
+from .pool import FrontEngine, Workers
+from .ray_engine import RayEngine
 
 CURRENT_CLUSTER = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
 TOKEN_FILE = Path.home() / ".ray" / "auth_token"  # what `ray get-auth-token --generate` writes
@@ -88,15 +89,6 @@ def plan(nodes: list[dict], sp_degree: int = 1) -> list[tuple[str, tuple[str, ..
     return workers
 
 
-def engine_factory(engine_kwargs: dict, factory: str = DEFAULT_FACTORY, **options: Any) -> Callable[[Any], RayEngine]:
-    """The worker pool's engine factory: a WorkerSpec (id, devices) -> a RayEngine, not started."""
-
-    def make(spec: Any) -> RayEngine:
-        return RayEngine(spec.id, tuple(spec.devices), factory=factory, engine_kwargs=engine_kwargs, **options)
-
-    return make
-
-
 def workers_for(ray: Any, sp_degree: int, address: str) -> list[tuple[str, tuple[str, ...]]]:
     """The plan for the joined cluster; RayUnavailable when it has no whole group of GPUs."""
     layout = plan(ray.nodes(), sp_degree)
@@ -109,8 +101,29 @@ def workers_for(ray: Any, sp_degree: int, address: str) -> list[tuple[str, tuple
     return layout
 
 
-def from_settings(settings: Any, sp_degree: int = 1) -> tuple[list[tuple[str, tuple[str, ...]]], Callable]:
-    """`k5serve serve --ray-address`: join the cluster, and return the worker layout (id, devices)
-    and the engine factory the worker pool starts them with. RayUnavailable says what is wrong."""
+def ray_workers(settings: Any) -> Workers:
+    """`k5serve serve --ray-address`: join the cluster and lay out one worker per GPU (or per group
+    of --sp-degree GPUs on one node), each a RayEngine that builds settings.engine_factory's engine
+    in its actor. Admission stays here (FrontEngine): it reads the weights folder at the same path
+    as the actors, and has no device memory to plan against (the GPUs are elsewhere). Raises
+    RayUnavailable (no extra, no cluster, no GPUs), ValueError or WeightsMissing like local_workers."""
+    from pipelines.placement import Placement
+    from pipelines.preparer import Preparer
+    from pipelines.sources import WeightsFolder
+
     ray = connect(settings.ray_address)
-    return workers_for(ray, sp_degree, settings.ray_address), engine_factory(settings.engine_options())
+    specs = [
+        WorkerSpec(worker_id, devices)
+        for worker_id, devices in workers_for(ray, settings.sp_degree, settings.ray_address)
+    ]
+    options = settings.engine_options()
+
+    def factory(spec: WorkerSpec) -> RayEngine:
+        return RayEngine(spec.id, spec.devices, factory=settings.engine_factory, engine_kwargs=options)
+
+    preparer = Preparer(
+        WeightsFolder(settings.weights_dir), Placement(None, settings.memory_mode), settings.models,
+        settings.require_weights, str(settings.weights_dir),
+    )  # fmt: skip
+    device = f"ray:{settings.ray_address} ({len(specs)} workers)"
+    return Workers(specs, factory, FrontEngine(preparer, device=device))

@@ -28,9 +28,9 @@ from pipelines.cancel import Cancellation
 from pipelines.request import GenerationRequest, GenerationResult, ResolvedRequest
 
 from .engine_protocol import WorkerLost
-from .ray_actor import EngineActor, error_from_data
+from .ray_actor import EngineActor
+from .worker_main import DEFAULT_FACTORY, decode_error
 
-DEFAULT_FACTORY = "server.ray_actor:build_engine"
 POLL_SECONDS = 0.1  # how often a running job's local cancel token is looked at
 START_TIMEOUT = 600.0  # seconds to wait for a placement group (GPUs free) and the actor's engine
 
@@ -77,6 +77,11 @@ class RayEngine:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        if self.alive:
+            raise RuntimeError(f"worker {self.worker_id} is already running (pid {self.pid})")
+        self._actor = self._watch = self._warmup = None  # a restart: what the last actor left
+        self._lost = False
+
         bundle = {"GPU": float(self.gpus), "CPU": 1.0} if self.gpus else {"CPU": 1.0}
         self._group = placement_group([bundle], strategy="STRICT_PACK", name=f"k5serve-{self.worker_id}")
         ready, _ = ray.wait([self._group.ready()], timeout=self.start_timeout)
@@ -96,7 +101,7 @@ class RayEngine:
         info = self._call("info")
         if "error" in info:  # the engine could not be built there: its own error, not a lost worker
             self.kill()
-            raise error_from_data(info["error"])
+            raise decode_error(info["error"])
         self.pid, self.node, self.node_id = info["pid"], info["node_ip"], info["node_id"]
         self.demo, self._available = info["demo"], info["available"]
         self.device = ",".join(f"cuda:{g}" for g in info["gpu_ids"]) if self.gpus else info["device"]
@@ -192,12 +197,13 @@ class RayEngine:
             self._lost = True
             raise WorkerLost(f"worker {self.worker_id} (Ray actor pid {self.pid} on {self.node}) died: {exc}") from exc
 
-    @staticmethod
-    def _unwrap(outcome: tuple[str, object]) -> Any:
+    def _unwrap(self, outcome: tuple) -> Any:
         status, value = outcome
+        if status == "lost":  # a DeviceFailure: the actor's CUDA context is poisoned, end it
+            self.kill()
+            raise WorkerLost(f"worker {self.worker_id} (Ray actor pid {self.pid} on {self.node}): {value}")
         if status == "error":
-            assert isinstance(value, dict)
-            raise error_from_data(value)
+            raise decode_error(value)
         return value
 
     def _release(self) -> None:

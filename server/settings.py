@@ -27,7 +27,11 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     weights_dir: Path = Path("weights")
     data_dir: Path = Path("data")
-    device: str = "auto"
+    device: str = "auto"  # one device; --devices (below) wins when given
+    # The workers, one per device or group (server/devices.py): auto | all | cuda:0,cuda:2 | cpu,cpu;
+    # a `+` joins devices into one sequence-parallel group. None: --device as a one-device list.
+    devices: str | None = None
+    sp_degree: int = Field(1, ge=1)  # group consecutive devices in runs of N (one video across N devices)
     models: Annotated[list[str] | None, NoDecode] = None
     # K5SERVE_API_KEY (the flag is --api-key, repeatable); K5SERVE_API_KEYS also works.
     api_keys: Annotated[list[str], NoDecode] = Field(
@@ -58,6 +62,10 @@ class Settings(BaseSettings):
     image_fetch_timeout: float = Field(15.0, gt=0)
     image_max_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     sse_keepalive: float = Field(15.0, gt=0)  # fal: "a comment line every 15 seconds"
+    # A job whose runs killed this many worker processes fails instead of running again (poison job).
+    worker_max_deaths: int = Field(2, ge=1)
+    # What a worker process calls to build its engine, "module:function(devices, **engine_options)".
+    engine_factory: str = "server.worker_main:build_engine"
 
     # Input limits (issue 5): each answers the contract's own 4xx when exceeded.
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)  # any request body (JSON or multipart)

@@ -32,6 +32,7 @@ from .ray_actor import EngineActor
 from .worker_main import DEFAULT_FACTORY, decode_error
 
 POLL_SECONDS = 0.1  # how often a running job's local cancel token is looked at
+REPORT_TIMEOUT = 5.0  # seconds /readyz and /metrics wait for an actor's describe() or memory figure
 START_TIMEOUT = 600.0  # seconds to wait for a placement group (GPUs free) and the actor's engine
 
 
@@ -144,10 +145,10 @@ class RayEngine:
         return self._unwrap(self._call("prepare", req))
 
     def memory_in_use(self) -> int | None:
-        return self._call("memory_in_use")
+        return self._call("memory_in_use", timeout=REPORT_TIMEOUT)
 
     def describe(self) -> dict:
-        return self._call("describe")
+        return self._call("describe", timeout=REPORT_TIMEOUT)
 
     def generate(
         self,
@@ -182,17 +183,18 @@ class RayEngine:
 
     # ---- parts ---------------------------------------------------------------------------------------
 
-    def _call(self, method: str, *args: object) -> Any:
+    def _call(self, method: str, *args: object, timeout: float | None = None) -> Any:
         if self._actor is None:
             raise RuntimeError(f"worker {self.worker_id} is not started")
-        return self._get(getattr(self._actor, method).remote(*args))
+        return self._get(getattr(self._actor, method).remote(*args), timeout)
 
-    def _get(self, ref: Any) -> Any:
-        """ray.get, with the actor's or node's death turned into WorkerLost."""
+    def _get(self, ref: Any, timeout: float | None = None) -> Any:
+        """ray.get, with the actor's or node's death turned into WorkerLost (a timeout raises
+        ray's GetTimeoutError: a slow answer is not a death)."""
         from ray import exceptions as rex
 
         try:
-            return _ray().get(ref)
+            return _ray().get(ref, timeout=timeout)
         except (rex.RayActorError, rex.ObjectLostError, rex.NodeDiedError) as exc:
             self._lost = True
             raise WorkerLost(f"worker {self.worker_id} (Ray actor pid {self.pid} on {self.node}) died: {exc}") from exc

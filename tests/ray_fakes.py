@@ -8,6 +8,12 @@ from pathlib import Path
 from fakes import FakeEngine
 
 
+# what `k5serve serve` passes every engine (Settings.engine_options): a fake has no use for them
+ENGINE_OPTIONS = ("weights_dir", "models", "require_weights", "memory_mode", "compile")
+
+
 def fake_engine(devices: list[str], *, pause_dir: str | None = None, **kwargs: object) -> FakeEngine:
-    """A FakeEngine on `devices` (as the actor sees them); `pause_dir` as a string (it crossed the wire)."""
-    return FakeEngine(device=",".join(devices), pause_dir=Path(pause_dir) if pause_dir else None, **kwargs)
+    """A FakeEngine on `devices` (as the actor sees them); `pause_dir` as a string (it crossed the
+    wire); FakeEngine's keywords pass through, the real engine's options are dropped."""
+    fake = {k: v for k, v in kwargs.items() if k not in ENGINE_OPTIONS}
+    return FakeEngine(device=",".join(devices), pause_dir=Path(pause_dir) if pause_dir else None, **fake)

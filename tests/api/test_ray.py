@@ -263,3 +263,53 @@ def test_one_machine_never_imports_ray_and_a_missing_extra_is_named():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "--ray-address needs Ray: pip install 'k5serve[ray]'"
+
+
+# ---- through the HTTP API: the worker pool driving Ray actors -------------------------------------------
+
+
+def test_two_actors_serve_two_jobs_at_once_and_a_killed_actors_job_runs_again(ray_cluster, tmp_path):
+    from fakes import FakeEngine
+    from server_fixtures import app_client, wait_until
+
+    from server.devices import WorkerSpec
+    from server.pool import FrontEngine, Workers
+    from server.ray_engine import RayEngine
+
+    pauses = {name: tmp_path / name for name in ("ray-a", "ray-b")}
+    for folder in pauses.values():
+        folder.mkdir()
+
+    def factory(spec: WorkerSpec) -> RayEngine:  # what ray_cluster.ray_workers makes, with a fake engine
+        kwargs = {"pause_at": "step", "pause_dir": str(pauses[spec.id])}
+        return RayEngine(spec.id, spec.devices, factory=FACTORY, engine_kwargs=kwargs)
+
+    specs = [WorkerSpec("ray-a", ("cuda",)), WorkerSpec("ray-b", ("cuda",))]
+    workers = Workers(specs, factory, FrontEngine(FakeEngine()))
+    with app_client(workers, tmp_path / "data") as client:
+        ids = [
+            client.post("/fal-ai/kandinsky5/text-to-video", json={"prompt": p, "num_inference_steps": 4}).json()[
+                "request_id"
+            ]
+            for p in ("first", "second")
+        ]
+        for folder in pauses.values():  # both jobs are inside their actors at once
+            wait_until(lambda f=folder: (f / "paused-step").exists(), timeout=30, what=f"{folder.name} running")
+        rows = {w["id"]: w for w in client.get("/readyz").json()["workers"]}
+        assert {r["state"] for r in rows.values()} == {"busy"} and {r["job"] for r in rows.values()} == set(ids)
+        assert all(r["node"] == "127.0.0.1" and r["pid"] not in (None, os.getpid()) for r in rows.values())
+        doomed = rows["ray-a"]
+        os.kill(doomed["pid"], signal.SIGKILL)  # mid-job: its job goes back to the queue
+        for folder in pauses.values():
+            (folder / "release").touch()  # the survivors, and any restarted actor, run to the end
+        for rid in ids:
+            wait_until(
+                lambda r=rid: client.get(f"/fal-ai/kandinsky5/requests/{r}/status").json()["status"] == "COMPLETED",
+                timeout=60,
+                what=f"{rid} completed",
+            )
+            video = client.get(client.get(f"/fal-ai/kandinsky5/requests/{rid}").json()["video"]["url"])
+            assert video.status_code == 200 and video.content.startswith(b"\x00\x00\x00\x18ftyp")
+        after = {w["id"]: w for w in client.get("/readyz").json()["workers"]}
+        assert after["ray-a"]["restarts"] == 1 and after["ray-a"]["pid"] != doomed["pid"]
+        assert after["ray-b"]["restarts"] == 0

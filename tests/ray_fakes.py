@@ -7,7 +7,6 @@ from pathlib import Path
 
 from fakes import FakeEngine
 
-
 # what `k5serve serve` passes every engine (Settings.engine_options): a fake has no use for them
 ENGINE_OPTIONS = ("weights_dir", "models", "require_weights", "memory_mode", "compile")
 

@@ -95,7 +95,7 @@ def workers_for(ray: Any, sp_degree: int, address: str) -> list[tuple[str, tuple
     if not layout:
         total = int(ray.cluster_resources().get("GPU", 0))
         raise RayUnavailable(
-            f"the Ray cluster at {address!r} has {total} GPU(s) and no node with {sp_degree} free: "
+            f"the Ray cluster at {address!r} has {total} GPU(s) and no node with {sp_degree} GPUs: "
             "start its nodes with GPUs (ray start --num-gpus N) or lower --sp-degree"
         )
     return layout

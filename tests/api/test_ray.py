@@ -313,3 +313,25 @@ def test_two_actors_serve_two_jobs_at_once_and_a_killed_actors_job_runs_again(ra
         after = {w["id"]: w for w in client.get("/readyz").json()["workers"]}
         assert after["ray-a"]["restarts"] == 1 and after["ray-a"]["pid"] != doomed["pid"]
         assert after["ray-b"]["restarts"] == 0
+
+
+def test_ray_address_lays_out_one_worker_per_gpu_or_per_group(ray_cluster, tmp_path):
+    """`k5serve serve --ray-address ADDR [--sp-degree N]`: the pool's layout and factory (no actor started)."""
+    from server.ray_cluster import RayUnavailable, ray_workers
+    from server.ray_engine import RayEngine
+    from server.settings import Settings
+
+    settings = Settings(ray_address=ray_cluster.address, engine_factory=FACTORY, weights_dir=tmp_path)
+    workers = ray_workers(settings)
+    assert [(s.id, s.devices) for s in workers.specs] == [
+        ("ray-127.0.0.1-0", ("cuda",)),
+        ("ray-127.0.0.1-1", ("cuda",)),
+    ]
+    engine = workers.factory(workers.specs[0])
+    assert isinstance(engine, RayEngine) and engine.factory == FACTORY and not engine.alive
+    assert engine.engine_kwargs == settings.engine_options()
+    assert workers.front.demo  # no checkpoint in the weights folder: admission serves the tiny stand-ins
+    paired = ray_workers(settings.model_copy(update={"sp_degree": 2}))
+    assert [s.devices for s in paired.specs] == [("cuda", "cuda")]  # one group, on the node that has both
+    with pytest.raises(RayUnavailable, match="no node with 4 GPUs"):
+        ray_workers(settings.model_copy(update={"sp_degree": 4}))

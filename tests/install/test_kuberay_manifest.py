@@ -54,3 +54,13 @@ def test_the_front_end_joins_as_driver_and_every_container_shares_the_token():
         assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "k5serve-ray-token"
     assert service["spec"]["selector"] == {"ray.io/cluster": "k5serve", "ray.io/node-type": "head"}
     assert service["spec"]["ports"][0]["targetPort"] == front["ports"][0]["containerPort"]
+
+
+def test_the_front_end_and_every_gpu_pod_see_the_weights_at_the_same_path():
+    """Actors get --weights-dir as a path (ray_cluster.ray_workers); admission reads it on the front end."""
+    cluster, _ = _docs()
+    front = next(c for c in _containers(cluster) if c["name"] == "k5serve")
+    path = next(e["value"] for e in front["env"] if e["name"] == "K5SERVE_WEIGHTS_DIR")
+    gpu_pods = [g["template"]["spec"]["containers"][0] for g in cluster["spec"]["workerGroupSpecs"]]
+    for container in [front, *gpu_pods]:
+        assert path in [m["mountPath"] for m in container["volumeMounts"]], container["name"]

@@ -181,6 +181,9 @@ class ProcessEngine:
     def _receive(self, cancel: Cancellation | None = None, deadline: float | None = None) -> tuple:
         """The next message, passing on a cancel meanwhile; WorkerLost if the process dies."""
         while True:
+            # passed on before each read: a busy pipe (a step every few ms) must not hold a cancel back
+            if cancel is not None and cancel.cancelled and self._cancel is not None and not self._cancel.cancelled:
+                self._cancel.cancel()  # the engine sees it at its next step
             try:
                 if self._conn.poll(POLL_SECONDS):
                     message = self._conn.recv()
@@ -190,8 +193,6 @@ class ProcessEngine:
                     return message
             except (EOFError, OSError) as exc:
                 raise self._lost("its process ended") from exc
-            if cancel is not None and cancel.cancelled and self._cancel is not None and not self._cancel.cancelled:
-                self._cancel.cancel()  # the engine sees it at its next step
             if not self._process.is_alive() and not self._conn.poll(0):
                 raise self._lost("its process ended")
             if deadline is not None and time.monotonic() > deadline:

@@ -384,3 +384,18 @@ def device_failure() -> FakeEngine:
 
 
 __all__ = ["FakeEngine", "engine_from_env", "fake_video_bytes", "pause", "worker_engine"]
+
+
+def failing_worker_engine(devices: list[str], **_options) -> FakeEngine:
+    """A worker process's fake that fails as K5SERVE_FAKE_FAILURE says: "device" (DeviceFailure at
+    step 1, a poisoned CUDA context), "setup" (warm-up raises), "invalid" (InvalidRequest)."""
+    from pipelines.errors import InvalidRequest
+
+    kind = os.environ.get("K5SERVE_FAKE_FAILURE", "")
+    failures = {
+        "device": {"fail": DeviceFailure("unrecoverable device error on cuda:0: an illegal memory access"),
+                   "fail_at_step": 1},
+        "setup": {"warmup_error": RuntimeError("no checkpoint here")},
+        "invalid": {"fail": InvalidRequest("steps", 0, "steps must be at least 1")},
+    }  # fmt: skip
+    return FakeEngine(device=devices[0], step_time=0.01, **failures.get(kind, {}))

@@ -131,9 +131,10 @@ class RayEngine:
 
     @property
     def alive(self) -> bool:
-        if self._actor is None or self._lost:
+        watch = self._watch  # None until start() has heard from the actor (/readyz asks meanwhile)
+        if watch is None or self._lost:
             return False
-        done, _ = _ray().wait([self._watch], timeout=0)
+        done, _ = _ray().wait([watch], timeout=0)
         return not done
 
     # ---- EngineLike -------------------------------------------------------------------------------

@@ -188,6 +188,23 @@ def test_a_lost_node_loses_only_its_workers(ray_cluster, engines, tmp_path):
         assert ok.error is None
 
 
+def test_alive_can_be_asked_while_the_actor_starts(ray_cluster):
+    """/readyz asks every worker's `alive` while a restart is under way (a bug: it raised then)."""
+    from server.ray_engine import RayEngine
+
+    engine = RayEngine("slow", ("cuda",), factory=FACTORY, engine_kwargs={"build_time": 1.0})
+    starting = threading.Thread(target=engine.start)
+    starting.start()
+    answers = []
+    while starting.is_alive():
+        answers.append(engine.alive)  # raises nothing, says False until start() returns
+    starting.join()
+    try:
+        assert answers and not any(answers) and engine.alive
+    finally:
+        engine.kill()
+
+
 def test_engine_errors_cross_as_their_own_types(engines):
     engine = engines("errors")
     with pytest.raises(InvalidRequest) as caught:

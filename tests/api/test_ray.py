@@ -197,10 +197,10 @@ def test_alive_can_be_asked_while_the_actor_starts(ray_cluster):
     starting.start()
     answers = []
     while starting.is_alive():
-        answers.append(engine.alive)  # raises nothing, says False until start() returns
+        answers.append(engine.alive)  # raises nothing; False until the actor has answered
     starting.join()
     try:
-        assert answers and not any(answers) and engine.alive
+        assert answers and answers[0] is False and engine.alive
     finally:
         engine.kill()
 

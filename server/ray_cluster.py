@@ -111,6 +111,10 @@ def ray_workers(settings: Any) -> Workers:
     from pipelines.preparer import Preparer
     from pipelines.sources import WeightsFolder
 
+    if settings.devices is not None:
+        raise ValueError(
+            "--devices and --ray-address exclude each other: with Ray the workers go to the cluster's GPUs"
+        )
     ray = connect(settings.ray_address)
     specs = [
         WorkerSpec(worker_id, devices)

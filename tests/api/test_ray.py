@@ -352,3 +352,15 @@ def test_ray_address_lays_out_one_worker_per_gpu_or_per_group(ray_cluster, tmp_p
     assert [s.devices for s in paired.specs] == [("cuda", "cuda")]  # one group, on the node that has both
     with pytest.raises(RayUnavailable, match="no node with 4 GPUs"):
         ray_workers(settings.model_copy(update={"sp_degree": 4}))
+    with pytest.raises(ValueError, match="--devices and --ray-address exclude each other"):
+        ray_workers(settings.model_copy(update={"devices": "cpu,cpu"}))
+
+
+def test_ray_address_setting(monkeypatch):
+    from server.settings import Settings
+
+    monkeypatch.setenv("K5SERVE_RAY_ADDRESS", " auto ")
+    assert Settings().ray_address == "auto"
+    monkeypatch.setenv("K5SERVE_RAY_ADDRESS", "")
+    assert Settings().ray_address is None  # unset or blank: no Ray
+    assert Settings(ray_address="10.0.0.1:6379").ray_address == "10.0.0.1:6379"

@@ -116,8 +116,7 @@ class WorkerPool:
         """Every worker stops taking jobs at once (running ones are interrupted and requeued), then
         each is joined and its engine stopped."""
         for worker in self.workers:
-            worker._stop.set()
-        self.manager.wake_workers()
+            worker.request_stop()
         for worker in self.workers:
             worker.stop(timeout)
 

@@ -95,14 +95,17 @@ class GpuWorker:
             return "busy"
         return self.health.value
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop taking jobs; a running job is interrupted at its next step and queued again; the
-        engine (its process) is stopped last."""
+    def request_stop(self) -> None:
+        """Take no more jobs; a running job is interrupted at its next step and queued again."""
         self._stop.set()
         self.manager.wake_workers()
         current = self._current
         if current is not None:
             current.cancel.cancel()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """`request_stop`, wait for the thread, then stop the engine (its process) last."""
+        self.request_stop()
         if self._thread.is_alive():
             self._thread.join(timeout)
         try:

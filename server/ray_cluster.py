@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +52,17 @@ def connect(address: str, **init_kwargs: Any) -> Any:
     except ImportError as exc:
         raise RayUnavailable("--ray-address needs Ray: pip install 'k5serve[ray]'") from exc
     if not ray.is_initialized():
+        # ray.init makes SIGTERM exit with status 15; the server's own shutdown (uvicorn, then the
+        # pool stopping its actors) should end as it does without Ray, so the handler is put back.
+        main = threading.current_thread() is threading.main_thread()
+        sigterm = signal.getsignal(signal.SIGTERM) if main else None
         try:
             ray.init(address=address, logging_level="WARNING", log_to_driver=False, **init_kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise RayUnavailable(f"cannot join the Ray cluster at {address!r}: {exc}") from exc
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, sigterm)
     return ray
 
 

@@ -364,3 +364,33 @@ def test_ray_address_setting(monkeypatch):
     monkeypatch.setenv("K5SERVE_RAY_ADDRESS", "")
     assert Settings().ray_address is None  # unset or blank: no Ray
     assert Settings(ray_address="10.0.0.1:6379").ray_address == "10.0.0.1:6379"
+
+
+def test_k5serve_serve_ray_address_serves_through_the_cluster(ray_cluster, tmp_path):
+    """The command line end to end: `k5serve serve --ray-address ADDR` joins this module's cluster as a
+    second driver, places one worker per fake GPU, and a fal job made by an actor downloads."""
+    from server_fixtures import server_process, wait_until
+
+    server = server_process(
+        tmp_path,
+        fake=False,
+        run_port=False,
+        weights_dir=tmp_path / "no-weights",  # demo: admission serves the tiny stand-ins
+        extra=["--ray-address", ray_cluster.address],
+        env={"K5SERVE_ENGINE_FACTORY": FACTORY},  # the actors build a fake (they import ray_fakes)
+    )
+    server.start(timeout=90)
+    try:
+        with server.client() as client:
+            rows = client.get("/readyz").json()["workers"]
+            assert [(r["id"], r["node"]) for r in rows] == [(f"ray-127.0.0.1-{k}", "127.0.0.1") for k in range(2)]
+            rid = client.post("/fal-ai/kandinsky5/text-to-video", json={"prompt": "a fox"}).json()["request_id"]
+            status = f"/fal-ai/kandinsky5/requests/{rid}/status"
+            wait_until(lambda: client.get(status).json()["status"] == "COMPLETED", timeout=60, what="the job")
+            video = client.get(client.get(f"/fal-ai/kandinsky5/requests/{rid}").json()["video"]["url"])
+            assert video.status_code == 200 and video.content.startswith(b"\x00\x00\x00\x18ftyp")
+    finally:
+        server.stop()
+    # as without Ray: uvicorn shuts down (the pool stops its actors), then re-raises the SIGTERM
+    assert "Application shutdown complete" in server.log_tail()
+    assert server.proc.returncode == -signal.SIGTERM, server.log_tail()

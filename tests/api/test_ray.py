@@ -192,7 +192,7 @@ def test_alive_can_be_asked_while_the_actor_starts(ray_cluster):
     """/readyz asks every worker's `alive` while a restart is under way (a bug: it raised then)."""
     from server.ray_engine import RayEngine
 
-    engine = RayEngine("slow", ("cuda",), factory=FACTORY, engine_kwargs={"build_time": 1.0})
+    engine = RayEngine("slow", ("cuda",), factory=FACTORY, engine_kwargs={"build_time": 0.3})
     starting = threading.Thread(target=engine.start)
     starting.start()
     answers = []

@@ -57,7 +57,7 @@ class RayEngine:
         self.start_timeout = start_timeout
         self.gpus = sum(1 for d in self.devices if d != "cpu")
         self.demo = False  # filled in from the actor at start()
-        self.device = ",".join(self.devices)
+        self.device = "+".join(self.devices)  # a group's devices joined by "+", as --devices writes it
         self.pid: int | None = None
         self.node: str | None = None  # the node's IP address (node_id: Ray's id of it)
         self.node_id: str | None = None
@@ -105,7 +105,7 @@ class RayEngine:
             raise decode_error(info["error"])
         self.pid, self.node, self.node_id = info["pid"], info["node_ip"], info["node_id"]
         self.demo, self._available = info["demo"], info["available"]
-        self.device = ",".join(f"cuda:{g}" for g in info["gpu_ids"]) if self.gpus else info["device"]
+        self.device = "+".join(f"cuda:{g}" for g in info["gpu_ids"]) if self.gpus else info["device"]
         self._watch = self._actor.watch.remote()
         self._warmup = self._actor.warmup.remote()
 
@@ -125,7 +125,8 @@ class RayEngine:
     def kill(self) -> None:
         """End the actor now (a running job is lost, as with kill -9) and free its GPUs."""
         if self._actor is not None:
-            _ray().kill(self._actor, no_restart=True)
+            with contextlib.suppress(Exception):  # gone with its node or the cluster: nothing to end
+                _ray().kill(self._actor, no_restart=True)
         self._lost = True
         self._release()
 

@@ -232,7 +232,7 @@ def test_a_group_is_packed_on_one_node_and_waits_for_free_gpus(engines):
     from server.ray_engine import RayEngine
 
     group = engines("group", gpus=2)
-    assert group.device == "cuda:0,cuda:1"  # both fake GPUs, one actor, one node
+    assert group.device == "cuda:0+cuda:1"  # both fake GPUs, one actor, one node
     late = RayEngine("late", ("cuda",), factory=FACTORY, start_timeout=0.5)
     with pytest.raises(WorkerLost, match="no node had"):
         late.start()  # every GPU is held by the group: the placement group cannot be placed

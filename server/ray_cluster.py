@@ -85,16 +85,17 @@ def plan(nodes: list[dict], sp_degree: int = 1) -> list[tuple[str, tuple[str, ..
 
     `nodes` as ray.nodes() returns them. Devices name how many GPUs a worker takes, not which: Ray
     picks them (the worker's `device` says which, once started). Ids are stable for a layout:
-    ray-<node ip>-<k>."""
+    ray-<node ip>-<k>, with the node's id in between where several nodes share an IP (one host)."""
     if sp_degree < 1:
         raise ValueError(f"sp_degree must be >= 1, got {sp_degree}")
+    live = sorted((n for n in nodes if n.get("Alive")), key=lambda n: (n["NodeManagerAddress"], n["NodeID"]))
+    ips = [n["NodeManagerAddress"] for n in live]
     workers = []
-    for node in sorted(nodes, key=lambda n: (n.get("NodeManagerAddress", ""), n.get("NodeID", ""))):
-        if not node.get("Alive"):
-            continue
-        gpus = int(node.get("Resources", {}).get("GPU", 0))
-        for k in range(gpus // sp_degree):
-            workers.append((f"ray-{node['NodeManagerAddress']}-{k}", tuple(["cuda"] * sp_degree)))
+    for node in live:
+        ip = node["NodeManagerAddress"]
+        name = ip if ips.count(ip) == 1 else f"{ip}-{node['NodeID'][:8]}"
+        for k in range(int(node.get("Resources", {}).get("GPU", 0)) // sp_degree):
+            workers.append((f"ray-{name}-{k}", tuple(["cuda"] * sp_degree)))
     return workers
 
 

@@ -44,7 +44,13 @@ def ray_cluster():
 
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 4, "num_gpus": FAKE_GPUS, "include_dashboard": False},
+        head_node_args={
+            "num_cpus": 4,
+            "num_gpus": FAKE_GPUS,
+            "include_dashboard": False,
+            # a removed node is marked dead within ~1 s instead of ~15 (test_a_lost_node...)
+            "_system_config": {"health_check_period_ms": 200, "health_check_failure_threshold": 3},
+        },
     )
     connect(cluster.address)
     yield cluster
@@ -73,6 +79,12 @@ def engines(ray_cluster):
     yield make
     for engine in made:
         engine.kill()
+
+
+def ray_cluster_nodes() -> list[dict]:
+    import ray
+
+    return ray.nodes()
 
 
 def _request(engine, steps: int = 4):
@@ -186,6 +198,13 @@ def test_a_lost_node_loses_only_its_workers(ray_cluster, engines, tmp_path):
         ok = Running(engine, _request(engine), tmp_path / f"{engine.worker_id}.mp4")
         ok.join()
         assert ok.error is None
+    # later tests plan workers from ray.nodes(): wait until the cluster has marked the node dead
+    from server_fixtures import wait_until
+
+    gone = node.node_id
+    wait_until(
+        lambda: not any(n["Alive"] for n in ray_cluster_nodes() if n["NodeID"] == gone), timeout=60, what="node death"
+    )
 
 
 def test_alive_can_be_asked_while_the_actor_starts(ray_cluster):
@@ -255,6 +274,8 @@ def test_plan_one_worker_per_gpu_or_per_group_on_one_node():
     assert grouped == [("ray-10.0.0.2-0", ("cuda",) * 4), ("ray-10.0.0.2-1", ("cuda",) * 4)]
     with pytest.raises(ValueError, match="sp_degree"):
         plan(nodes, sp_degree=0)
+    twins = [{**nodes[1], "NodeID": "a1b2c3d4e5"}, {**nodes[1], "NodeID": "f6e5d4c3b2"}]  # two raylets, one host
+    assert [w for w, _ in plan(twins)] == [f"ray-10.0.0.1-{n}-{k}" for n in ("a1b2c3d4", "f6e5d4c3") for k in (0, 1)]
 
 
 def test_a_loopback_head_keeps_the_driver_on_loopback():

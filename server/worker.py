@@ -134,6 +134,8 @@ class GpuWorker:
         self.health = Health.READY
         log.info("worker %s ready on %s%s", self.name, self.engine.device, " (DEMO MODE)" if self.engine.demo else "")
         while not self._stop.is_set():
+            if not self.engine.alive and not self._restart("its process ended while idle"):
+                return  # (checked before taking a job: a death between jobs is no job's fault)
             try:
                 event = self._one_job()
             except Exception:  # e.g. the store cannot write: never let the worker thread die
@@ -219,6 +221,8 @@ class GpuWorker:
         def on_phase(phase: str, done: int, total: int) -> None:  # decoding i/n, writing
             self.manager.handle(Progress(job.id, done, total, phase))
 
+        if not self.engine.alive:  # it died while idle: the job goes back, uncounted; the loop restarts it
+            return Interrupted(job.id)
         try:
             # the request as admitted; records from before admission stored it are resolved once here
             request = job.resolved if job.resolved is not None else self.engine.prepare(job.request)

@@ -8,8 +8,10 @@ from timings, and the kill -9 lands mid-job in exactly the process the test chos
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -138,6 +140,35 @@ def test_a_poison_job_fails_after_killing_two_workers_and_others_keep_serving(wo
             assert client.get(f"/{T2V.rsplit('/', 1)[0]}/requests/{ok}").status_code == 200
     finally:
         releaser.close()
+
+
+def test_workers_killed_while_idle_are_restarted_and_no_job_pays_for_it(workers):
+    server, pause = workers
+    releaser = Releaser(pause)
+    try:
+        with server.client() as client:
+            wait_until(lambda: all(w["state"] == "ready" for w in workers_of(client).values()), timeout=30)
+            idle = workers_of(client)
+            for worker in idle.values():
+                os.kill(worker["pid"], signal.SIGKILL)
+            # both dead as the server sees them (pid null) before a job arrives
+            wait_until(lambda: all(w["pid"] is None for w in workers_of(client).values()), timeout=10)
+            rid = submit(client, "after both workers died idle")
+            wait_until(lambda: status(client, rid) == "COMPLETED", timeout=60, what="the job to run on a fresh worker")
+            assert client.get(f"/{T2V.rsplit('/', 1)[0]}/requests/{rid}").status_code == 200
+            assert stored(server, rid)["worker_deaths"] == 0  # the job killed nobody
+            ran = next(w for w in workers_of(client).values() if w["restarts"] > idle[w["id"]]["restarts"])
+            assert ran["pid"] != idle[ran["id"]]["pid"]
+    finally:
+        releaser.close()
+
+
+def stored(server: ServerProcess, job_id: str) -> dict:
+    db = sqlite3.connect(server.log_path.parent / "data" / "jobs.sqlite3")
+    try:
+        return json.loads(db.execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()[0])
+    finally:
+        db.close()
 
 
 def test_the_front_end_never_loaded_torch(workers):

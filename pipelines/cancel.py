@@ -74,6 +74,11 @@ class ProcessCancelToken(_Token):
     def cancel(self) -> None:
         self._event.set()
 
+    def reset(self) -> None:
+        """Re-arm for the next run: a worker process keeps one token for its whole life, since a
+        token cannot be handed to a process after it has started."""
+        self._event.clear()
+
     @property
     def cancelled(self) -> bool:
         return self._event.is_set()

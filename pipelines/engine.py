@@ -10,7 +10,6 @@ device.py (device errors, memory), clock.py (stage timing).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from pathlib import Path
@@ -19,14 +18,13 @@ from . import device as dev
 from . import generation, memory
 from .cancel import Cancellation, CancelToken
 from .clock import StageClock
-from .errors import WeightsMissing
 from .generation import WRITING, Frames, PhaseCallback, StepCallback
 from .loader import LoadOptions, pick_device
 from .negatives import NegativePromptCache
 from .placement import MEMORY_MODES, Placement
-from .request import GenerationRequest, GenerationResult, ResolvedRequest, resolve
+from .preparer import Preparer
+from .request import GenerationRequest, GenerationResult, ResolvedRequest
 from .sources import LoadedPipelines, PipelineSource, WeightsFolder
-from .variants import VARIANTS
 
 log = logging.getLogger(__name__)
 
@@ -74,61 +72,24 @@ class Engine:
         self._lock = threading.Lock()
         # The sequence-parallel group this engine is a rank of, during a group's job (pipelines/group.py)
         self.group: generation.Group | None = None
-
-        unknown = [m for m in models or [] if m not in VARIANTS]
-        if unknown:
-            raise ValueError(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(sorted(VARIANTS))}")
-        self.models = list(models or [])
-        self.present = [n for n in self.source.complete() if not self.models or n in self.models]
-        self.demo = not self.present
-        if self.demo and require_weights:
-            wanted = self.models or ["kandinsky5-lite-t2v-distilled-5s"]
-            raise WeightsMissing(wanted[0], str(self.weights_dir / wanted[0]), ["a complete checkpoint"])
-        for name in self.models:
-            if not VARIANTS[name].demo and name not in self.present and not self.demo:
-                self._raise_missing(name)
+        # admission's half (torch-free, shared with the HTTP front end of process workers)
+        self.preparer = Preparer(self.source, self.placements, models, require_weights, str(self.weights_dir))
+        self.models, self.present, self.demo = self.preparer.models, self.preparer.present, self.preparer.demo
 
     # ---- what can run --------------------------------------------------------------------
 
     def available(self) -> list[str]:
         """Variant names this engine serves (all of them in demo mode, via the tiny model)."""
-        if self.demo:
-            return sorted(VARIANTS)
-        return sorted(self.present + [n for n, v in VARIANTS.items() if v.demo])
+        return self.preparer.available()
 
     def prepare(self, req: GenerationRequest) -> ResolvedRequest:
-        """Validate and resolve `req` for this engine: defaults, demo stand-in, fit check.
+        """Validate and resolve `req` for this engine: defaults, demo stand-in, fit check
+        (pipelines/preparer.py).
 
         Raises InvalidRequest or WeightsMissing. The server calls it once, at admission, and stores
         the result; `generate` runs that result as it is.
         """
-        resolved = resolve(req)
-        if resolved.variant.demo:
-            return resolved
-        if self.demo:
-            return resolved.as_demo()
-        if resolved.variant.name not in self.present:
-            self._raise_missing(resolved.variant.name)
-        if resolved.continuation is None:
-            self.placements.check_fits(resolved)
-            return resolved
-        # a clip in passes (pipelines/extension.py): each pass must run here
-        if resolved.continuation not in self.present:
-            self._raise_missing(resolved.continuation)
-        from .extension import continuation_pass
-
-        passes = resolved.passes
-        if not resolved.extend:
-            self.placements.check_fits(dataclasses.replace(resolved, num_frames=passes[0], continuation=None))
-        for added in sorted(set(passes[1:])):
-            self.placements.check_fits(continuation_pass(resolved, 1, added, resolved.prompt))
-        return resolved
-
-    def _raise_missing(self, name: str) -> None:
-        if self.models and name not in self.models and name in self.source.complete():
-            folder = str(self.weights_dir / name)
-            raise WeightsMissing(name, folder, [f"--models entry (serving only {', '.join(self.models)})"])
-        raise self.source.missing(name)
+        return self.preparer.prepare(req)
 
     # ---- memory ----------------------------------------------------------------------------
 

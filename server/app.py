@@ -27,6 +27,7 @@ from .errors import Refused
 from .intake import BodyLimit
 from .logs import use_json_logs
 from .metrics import metrics_router
+from .pool import Workers, local_workers
 from .services import Services
 from .settings import Settings
 from .storage import files_router
@@ -48,9 +49,13 @@ CONTRACTS: tuple[Contract, ...] = (
 )
 
 
-def create_app(settings: Settings, engine: EngineLike, contracts: tuple[Contract, ...] = CONTRACTS) -> FastAPI:
-    """The main app. `app.state.services` holds the shared objects, `app.state.run_app` the fal
-    run-host app (served on --fal-run-port, and reached through the proxy route)."""
+def create_app(
+    settings: Settings, engine: EngineLike | Workers, contracts: tuple[Contract, ...] = CONTRACTS
+) -> FastAPI:
+    """The main app. `engine`: one in-process engine (run by one worker thread: what tests inject),
+    or the server's `Workers` (worker processes: pool.py). `app.state.services` holds the shared
+    objects, `app.state.run_app` the fal run-host app (served on --fal-run-port, and reached
+    through the proxy route)."""
     services = Services.build(settings, engine, list(contracts))
     app = FastAPI(title="k5serve", version="0.1.0", lifespan=_lifespan(services))
     _common(app, services)
@@ -117,7 +122,7 @@ def _lifespan(services: Services):
         counts = services.manager.recover()
         if counts:
             log.info("jobs on disk: %s", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-        services.worker.start()
+        services.pool.start()
         services.webhooks.start()
         retention = services.retention
         sweeper = asyncio.create_task(retention.run(), name="retention") if retention else None
@@ -129,8 +134,8 @@ def _lifespan(services: Services):
                 with contextlib.suppress(asyncio.CancelledError):
                     await sweeper
             await services.webhooks.stop()
-            await asyncio.to_thread(services.worker.stop)
-            if not services.worker.alive:
+            await asyncio.to_thread(services.pool.stop)
+            if not services.pool.alive:
                 services.store.close()
 
     return lifespan
@@ -170,32 +175,30 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _build_engine(settings: Settings) -> EngineLike:
-    from pipelines.engine import Engine  # torch comes in here, and only here
+def _workers(settings: Settings) -> Workers:
+    """Worker processes on this host, or Ray actors across a cluster with --ray-address."""
+    if settings.ray_address:
+        from .ray_cluster import ray_workers  # imports ray: only with --ray-address
 
-    return Engine(
-        settings.weights_dir,
-        settings.device,
-        settings.models,
-        settings.require_weights,
-        memory_mode=settings.memory_mode,
-        compile={"auto": None, "on": True, "off": False}[settings.compile],
-    )
+        return ray_workers(settings)
+    return local_workers(settings)
 
 
 def run(settings: Settings, engine: EngineLike | None = None) -> int:
-    """`k5serve serve`: returns the process exit code."""
+    """`k5serve serve`: returns the process exit code. Without `engine`, one worker process per
+    device or group of settings.devices (pool.py), or one Ray actor per GPU of the cluster at
+    settings.ray_address; with one, that engine in a worker thread."""
     import uvicorn
 
     from pipelines.errors import WeightsMissing
 
     use_json_logs()  # one JSON object per line; uvicorn's access log keeps its own format
     try:
-        engine = engine or _build_engine(settings)
-    except (WeightsMissing, ValueError) as exc:
+        engine = engine or _workers(settings)
+    except (WeightsMissing, ValueError, RuntimeError) as exc:  # RuntimeError: ray_cluster.RayUnavailable
         print(f"k5serve: {exc}", file=sys.stderr)
         return 2
-    if engine.demo:
+    if (engine.front if isinstance(engine, Workers) else engine).demo:
         log.warning(_DEMO_BANNER, settings.weights_dir)
     app = create_app(settings, engine)
     try:

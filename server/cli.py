@@ -33,7 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None)
     _add_weights_dir(serve)
     serve.add_argument("--data-dir", default=None, type=Path)
-    serve.add_argument("--device", default=None, help="auto|cpu|cuda|cuda:N")
+    serve.add_argument("--device", default=None, help="auto|cpu|cuda|cuda:N (one worker; see --devices)")
+    serve.add_argument(
+        "--devices",
+        default=None,
+        help="one worker process per device: auto (every visible GPU, else the CPU), all, or a list "
+        "such as cuda:0,cuda:2 or cpu,cpu; a+b joins devices into one sequence-parallel group",
+    )
+    serve.add_argument("--sp-degree", type=int, default=None, help="devices per sequence-parallel group (default 1)")
     serve.add_argument("--models", default=None, help="comma-separated variant names to load")
     serve.add_argument("--api-key", action="append", default=None, help="repeat for several keys")
     serve.add_argument("--public-url", default=None)
@@ -53,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="rewrite prompts with Qwen2.5-VL first, as the official pipelines (default: off, as diffusers)",
+    )
+    serve.add_argument(
+        "--ray-address",
+        default=None,
+        help="run the workers as Ray actors on this cluster's GPUs (auto: the one `ray start` made here)",
     )
 
     gen = sub.add_parser("generate", help="make one video and exit")

@@ -65,3 +65,27 @@ class EngineLike(Protocol):
         "counters": {name: number} (e.g. loads, evictions, swap_seconds), "memory_in_use": int | None}.
         /readyz and /metrics show it per worker."""
         ...
+
+
+class RemoteEngine(EngineLike, Protocol):
+    """An engine the worker pool can start, stop and restart (server/pool.py): a worker process
+    (process_engine.ProcessEngine), a Ray actor, or an in-process engine adapted by the pool.
+
+    `start()` launches it (its warm-up runs there; `warmup()` waits for it), `stop()` ends it in
+    order, `kill()` at once; `pid` is the process that runs it, `node` its Ray node (None locally).
+    A call whose process died raises WorkerLost."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def node(self) -> str | None: ...

@@ -54,4 +54,13 @@ class Interrupted:
     job_id: str
 
 
-WorkerEvent = Progress | Succeeded | Failed | Canceled | Interrupted
+@dataclass(frozen=True)
+class Lost:
+    """The worker process (or Ray actor) running the job died (engine_protocol.WorkerLost): the job
+    goes back to the queue, or fails once it has killed `worker_max_deaths` workers."""
+
+    job_id: str
+    reason: str
+
+
+WorkerEvent = Progress | Succeeded | Failed | Canceled | Interrupted | Lost

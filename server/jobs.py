@@ -174,6 +174,9 @@ class Job:
     # a caller holds the connection for the result (OneRouter, fal's run host): once that connection
     # is gone nobody can fetch it, so the job is cancelled rather than run (see manager.recover)
     waits: bool = False
+    # worker processes that died while running this job (kill -9, a poisoned CUDA context): it runs
+    # again until it has killed `worker_max_deaths` of them, then fails (a poison job must not loop)
+    worker_deaths: int = 0
 
     @classmethod
     def new(
@@ -301,6 +304,7 @@ class Job:
             "webhook_url": self.webhook_url,
             "meta": self.meta,
             "attempts": self.attempts,
+            "worker_deaths": self.worker_deaths,
             "progress": list(self.progress) if self.progress is not None else None,
             "phase": self.phase,
             "phase_progress": list(self.phase_progress) if self.phase_progress is not None else None,
@@ -328,6 +332,7 @@ class Job:
             webhook_url=data.get("webhook_url"),
             meta=data.get("meta") or {},
             attempts=data.get("attempts", 0),
+            worker_deaths=data.get("worker_deaths", 0),  # records older than the field: none
             progress=tuple(data["progress"]) if data.get("progress") else None,
             phase=data.get("phase"),
             phase_progress=tuple(data["phase_progress"]) if data.get("phase_progress") else None,

@@ -55,7 +55,7 @@ from pipelines.cancel import CancelSwitch, CancelToken
 from pipelines.request import GenerationRequest, ResolvedRequest
 
 from .errors import QueueFull, Unavailable
-from .events import Failed, Interrupted, Progress, RunJob, Succeeded, WorkerEvent
+from .events import Failed, Interrupted, Lost, Progress, RunJob, Succeeded, WorkerEvent
 from .feed import ChangeFeed, DeleteListener, JobListener
 from .jobs import CANCELLED_BY_CLIENT, RESTARTED_WHILE_WAITING, ErrorKind, Job, JobError, JobStatus
 from .scheduler import Scheduler
@@ -94,9 +94,15 @@ class JobManager:
         feed: ChangeFeed | None = None,
         webhook_body: WebhookFormatter | None = None,
         cancel_switch: Callable[[], CancelSwitch] = CancelToken,
+        max_worker_deaths: int = 2,
     ):
         """`cancel_switch` makes the token each run is handed (RunJob.cancel): an in-process one by
-        default; a worker in another process needs one that crosses (pipelines/cancel.py)."""
+        default; a worker in another process needs one that crosses (pipelines/cancel.py).
+        `max_worker_deaths`: a job whose runs killed this many worker processes fails instead of
+        running again (K5SERVE_WORKER_MAX_DEATHS)."""
+        if max_worker_deaths < 1:
+            raise ValueError(f"max_worker_deaths must be >= 1, got {max_worker_deaths}")
+        self.max_worker_deaths = max_worker_deaths
         self.store = store
         self.storage = storage
         self.max_queue = max_queue
@@ -309,12 +315,15 @@ class JobManager:
         worker: str = "worker",
         *,
         poll: float = 0.5,
+        prefers: Callable[[Job], bool] | None = None,
     ) -> RunJob | None:
-        """Block until a queued job passes `can_run`, then take the oldest such: it is RUNNING on
+        """Block until a queued job passes `can_run`, then take the oldest such (or, with `prefers`,
+        the oldest it prefers within the scheduler's bypass bound: scheduler.py): it is RUNNING on
         `worker` (persisted) and returned. Returns None once `stop` is set. Any number of workers
         may call this at once; each job goes to exactly one."""
+        prefer = None if prefers is None else (lambda i: prefers(self._jobs[i]))
         with self._lock:
-            job_id = self.scheduler.wait_for(stop, lambda i: can_run(self._jobs[i].snapshot()), poll)
+            job_id = self.scheduler.wait_for(stop, lambda i: can_run(self._jobs[i].snapshot()), poll, prefer)
             if job_id is None:
                 return None
             job = self._commit(self._jobs[job_id], lambda j: j.start(now=self.clock()))
@@ -346,10 +355,14 @@ class JobManager:
                 self._put(job, job.status)
                 return
             self._runs.pop(job.id, None)
+            cancel_asked = job.id in self._cancel_reasons
             reason = self._cancel_reasons.pop(job.id, CANCELLED_BY_CLIENT)
             now = self.clock()
             if isinstance(event, Interrupted):
                 self._publish(job, lambda j: j.requeue())
+                return
+            if isinstance(event, Lost):
+                self._lost(job, event, reason if cancel_asked else None)
                 return
             if isinstance(event, Succeeded):
                 change = lambda j: (  # noqa: E731
@@ -363,6 +376,31 @@ class JobManager:
                 change = lambda j: j.cancel(now=now, reason=reason)  # noqa: E731
             job = self._publish(job, change)
             log.info("job %s: %s", job.id, job.status.value)
+
+    def _lost(self, job: Job, event: Lost, cancel_reason: str | None) -> None:
+        """The worker process died under `job`: run it again (same resolved request, same seed) in
+        its submission place, unless it has now killed `max_worker_deaths` workers or a cancel was
+        asked while it ran."""
+        now = self.clock()
+        deaths = job.worker_deaths + 1
+        note = f"the worker process died ({event.reason}); worker deaths {deaths}/{self.max_worker_deaths}"
+        if cancel_reason is not None:  # a cancel was asked while it ran: it ends as asked
+            change = lambda j: (setattr(j, "worker_deaths", deaths), j.cancel(now=now, reason=cancel_reason))  # noqa: E731
+        elif deaths >= self.max_worker_deaths:
+            message = (
+                f"the job was not run again: it stopped {deaths} worker processes (last: {event.reason}); "
+                f"the limit is K5SERVE_WORKER_MAX_DEATHS={self.max_worker_deaths}"
+            )
+            error = JobError(ErrorKind.DEVICE_FAILURE, message)
+            change = lambda j: (  # noqa: E731
+                setattr(j, "worker_deaths", deaths),
+                j.log(note, "ERROR", now),
+                j.fail(error, now=now),
+            )
+        else:
+            change = lambda j: (setattr(j, "worker_deaths", deaths), j.log(note, "WARN", now), j.requeue())  # noqa: E731
+        job = self._publish(job, change)
+        log.warning("job %s: %s; now %s", job.id, note, job.status.value)
 
     def _publish(self, job: Job, change: Callable[[Job], object]) -> Job:
         """The end of a run: save and announce it. If the store cannot write, the job still ends

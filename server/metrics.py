@@ -12,15 +12,19 @@ import collections
 import logging
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .engine_protocol import EngineLike
 from .jobs import DENOISING, Job, JobStatus
 from .manager import JobManager
+
+if TYPE_CHECKING:
+    from .pool import WorkerPool
 
 log = logging.getLogger("k5serve.metrics")
 
@@ -29,12 +33,14 @@ STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60)
 
 
 class Metrics:
-    def __init__(self, manager: JobManager, engine: EngineLike):
+    def __init__(self, manager: JobManager, engine: EngineLike, pool: WorkerPool | None = None):
         self.registry = CollectorRegistry(auto_describe=True)
         queue = Gauge("k5serve_queue_depth", "Jobs waiting in the queue", registry=self.registry)
         queue.set_function(manager.queued_count)
         self.registry.register(_DeviceMemory(engine))
         self.registry.register(_JobsByStatus(manager))
+        if pool is not None:
+            self.registry.register(_Workers(pool))
         self.finished = Counter(
             "k5serve_jobs_finished", "Jobs that ended, by status and contract", ["status", "contract"],
             registry=self.registry,
@@ -106,6 +112,34 @@ class _JobsByStatus:
         for (status, contract), n in sorted(counts.items()):
             family.add_metric([status, contract], n)
         yield family
+
+
+class _Workers:
+    """Per worker (label worker=id, as /readyz names them): busy seconds, restarts, runs ended."""
+
+    def __init__(self, pool: WorkerPool):
+        self.pool = pool
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):
+        busy = CounterMetricFamily(
+            "k5serve_worker_busy_seconds", "Seconds each worker spent running jobs", labels=["worker"]
+        )
+        restarts = CounterMetricFamily(
+            "k5serve_worker_restarts", "Fresh engine processes started after one died", labels=["worker"]
+        )
+        jobs = CounterMetricFamily(
+            "k5serve_worker_jobs", "Runs that ended on each worker (any outcome)", labels=["worker"]
+        )
+        up = GaugeMetricFamily("k5serve_worker_ready", "1 while the worker can take jobs", labels=["worker"])
+        for worker in self.pool.workers:
+            busy.add_metric([worker.name], worker.busy_seconds)
+            restarts.add_metric([worker.name], worker.restarts)
+            jobs.add_metric([worker.name], worker.jobs)
+            up.add_metric([worker.name], 1.0 if worker.ready else 0.0)
+        yield from (busy, restarts, jobs, up)
 
 
 class _DeviceMemory:

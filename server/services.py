@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from .admission import Admission
 from .contracts import Contract, Contracts
+from .devices import WorkerSpec
 from .engine_protocol import EngineLike
 from .feed import ChangeFeed, JobListener
 from .intake import IntakeLimits, allow_decoding
@@ -14,6 +15,7 @@ from .logs import log_state_change
 from .manager import JobManager
 from .metrics import Metrics
 from .netguard import UrlGuard
+from .pool import InThreadEngine, WorkerPool, Workers
 from .retention import Retention
 from .scheduler import Scheduler
 from .settings import Settings
@@ -28,13 +30,13 @@ from .worker import GpuWorker
 @dataclass
 class Services:
     settings: Settings
-    engine: EngineLike
+    engine: EngineLike  # admission's (prepare, available, demo): the injected engine, or a FrontEngine
     store: JobStore
     storage: Storage
     manager: JobManager
     feed: ChangeFeed
     retention: Retention | None  # None: finished jobs are kept (retention_hours = 0)
-    worker: GpuWorker
+    pool: WorkerPool
     webhooks: WebhookDispatcher
     metrics: Metrics
     keys: ApiKeys
@@ -45,9 +47,11 @@ class Services:
     uploads: Uploads  # files sent through fal's storage protocol (api/fal_storage.py)
 
     @classmethod
-    def build(cls, settings: Settings, engine: EngineLike, contracts: list[Contract]) -> Services:
+    def build(cls, settings: Settings, engine: EngineLike | Workers, contracts: list[Contract]) -> Services:
         """Everything built and wired here, once: the job manager's parts (scheduler, store, change
-        feed, retention) and who listens to its changes (logs, metrics, the webhook dispatcher)."""
+        feed, retention), the workers, and who listens to its changes (logs, metrics, the webhook
+        dispatcher). `engine`: one in-process engine (one worker, in a thread: tests, embedding), or
+        `Workers` (worker processes, Ray actors: pool.py)."""
         guard = UrlGuard(settings.url_allowlist)
         allow_decoding(settings.image_max_pixels)
         storage = Storage(settings.data_dir)
@@ -61,7 +65,15 @@ class Services:
             scheduler=Scheduler(),
             feed=feed,
             webhook_body=registry.webhook_body,
+            max_worker_deaths=settings.worker_max_deaths,
         )
+        if isinstance(engine, Workers):
+            pool = WorkerPool(engine.specs, engine.factory, manager, storage)
+            engine.front.pool = pool
+            engine = engine.front
+        else:
+            one = InThreadEngine(engine)
+            pool = WorkerPool([WorkerSpec("w0", (str(engine.device),))], lambda _: one, manager, storage)
         uploads = Uploads(settings.data_dir / "uploads", settings.image_max_bytes, settings.image_max_pixels)
         hours = settings.retention_hours
         retention = Retention(manager, store, hours, uploads=uploads) if hours else None
@@ -73,7 +85,7 @@ class Services:
             max_backoff=settings.webhook_max_backoff,
             guard=guard,
         )
-        metrics = Metrics(manager, engine)
+        metrics = Metrics(manager, engine, pool)
         feed.add_listener(log_state_change)
         feed.add_listener(metrics.observe)
         feed.add_delete_listener(metrics.forget)
@@ -93,7 +105,7 @@ class Services:
             manager=manager,
             feed=feed,
             retention=retention,
-            worker=GpuWorker(engine, manager, storage),
+            pool=pool,
             webhooks=webhooks,
             metrics=metrics,
             keys=ApiKeys(settings.api_keys),
@@ -111,6 +123,11 @@ class Services:
             ),
             uploads=uploads,
         )
+
+    @property
+    def worker(self) -> GpuWorker:
+        """The first worker (the only one where an engine was injected)."""
+        return self.pool.workers[0]
 
     def base_url(self, request) -> str:
         return base_url(request, self.settings.public_url)

@@ -27,7 +27,11 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     weights_dir: Path = Path("weights")
     data_dir: Path = Path("data")
-    device: str = "auto"
+    device: str = "auto"  # one device; --devices (below) wins when given
+    # The workers, one per device or group (server/devices.py): auto | all | cuda:0,cuda:2 | cpu,cpu;
+    # a `+` joins devices into one sequence-parallel group. None: --device as a one-device list.
+    devices: str | None = None
+    sp_degree: int = Field(1, ge=1)  # group consecutive devices in runs of N (one video across N devices)
     models: Annotated[list[str] | None, NoDecode] = None
     # K5SERVE_API_KEY (the flag is --api-key, repeatable); K5SERVE_API_KEYS also works.
     api_keys: Annotated[list[str], NoDecode] = Field(
@@ -46,6 +50,9 @@ class Settings(BaseSettings):
     # Rewrite each prompt with Qwen2.5-VL before encoding, as the official pipelines do by default
     # (pipelines/expand.py). Off: the exact diffusers pipeline. A request's own switch wins.
     expand_prompts: bool = False
+    # Join this Ray cluster and run the workers as Ray actors on its GPUs ("auto": the cluster
+    # `ray start` made on this host; needs the ray extra). None: no Ray (docs/scale-out.md).
+    ray_address: str | None = None
 
     # Not CLI flags: tuning knobs with safe defaults (still settable through K5SERVE_*).
     webhook_timeout: float = Field(15.0, gt=0)  # fal delivery policy: 15 s per attempt
@@ -55,6 +62,10 @@ class Settings(BaseSettings):
     image_fetch_timeout: float = Field(15.0, gt=0)
     image_max_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     sse_keepalive: float = Field(15.0, gt=0)  # fal: "a comment line every 15 seconds"
+    # A job whose runs killed this many worker processes fails instead of running again (poison job).
+    worker_max_deaths: int = Field(2, ge=1)
+    # What a worker process calls to build its engine, "module:function(devices, **engine_options)".
+    engine_factory: str = "server.worker_main:build_engine"
 
     # Input limits (issue 5): each answers the contract's own 4xx when exceeded.
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)  # any request body (JSON or multipart)
@@ -106,6 +117,11 @@ class Settings(BaseSettings):
         Allowlist(value)  # a ValueError names the entry that is not an address, a CIDR block or a name
         return value
 
+    @field_validator("ray_address")
+    @classmethod
+    def _blank_ray_address(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
+
     @field_validator("public_url")
     @classmethod
     def _check_public_url(cls, value: str | None) -> str | None:
@@ -134,6 +150,17 @@ class Settings(BaseSettings):
         if self.fal_run_port is not None and self.fal_run_port == self.port and self.port != 0:
             raise ValueError(f"fal_run_port must differ from port (both are {self.port})")
         return self
+
+    def engine_options(self) -> dict:
+        """The engine's keyword arguments besides its device (pipelines.engine.Engine), as plain
+        data: they travel to the process or Ray actor that builds the engine."""
+        return {
+            "weights_dir": str(self.weights_dir),
+            "models": self.models,
+            "require_weights": self.require_weights,
+            "memory_mode": self.memory_mode,
+            "compile": {"auto": None, "on": True, "off": False}[self.compile],
+        }
 
     @property
     def tls(self) -> bool:

@@ -1,4 +1,5 @@
-"""The GPU worker: one thread per device, the only code that calls the engine.
+"""The GPU worker: one thread per engine (a device, a sequence-parallel group, a Ray actor), the
+only code that calls it.
 
 It warms the engine up, then takes jobs from the JobManager one at a time and reports back with
 typed events. The HTTP layer never waits on it. Torch stays behind the `EngineLike` protocol (engine_protocol.py):
@@ -13,13 +14,15 @@ import gc
 import logging
 import sys
 import threading
+import time
+from collections.abc import Callable
 
 from pipelines.errors import Cancelled, DeviceFailure, InvalidRequest, OutOfMemory, WeightsMissing
 from pipelines.request import GenerationResult
 
-from .engine_protocol import EngineLike
-from .events import Canceled, Failed, Interrupted, Progress, RunJob, Succeeded, WorkerEvent
-from .jobs import ErrorKind, JobError, JobOutput, short_value
+from .engine_protocol import RemoteEngine, WorkerLost
+from .events import Canceled, Failed, Interrupted, Lost, Progress, RunJob, Succeeded, WorkerEvent
+from .jobs import ErrorKind, Job, JobError, JobOutput, short_value
 from .manager import JobManager
 from .storage import OUTPUT_NAME, VIDEO_CONTENT_TYPE, Storage, fsync_file
 
@@ -29,20 +32,50 @@ log = logging.getLogger("k5serve.worker")
 class Health(str, enum.Enum):
     STARTING = "starting"  # warming up (loading models / building the demo checkpoints)
     READY = "ready"
+    RESTARTING = "restarting"  # its process died: a fresh one is starting
     SETUP_FAILED = "setup_failed"  # warm-up raised: nothing will run
     DEFUNCT = "defunct"  # an unrecoverable device error: later jobs would fail too
 
+    @property
+    def gone(self) -> bool:
+        """This worker will not serve again (until the server restarts)."""
+        return self in (Health.SETUP_FAILED, Health.DEFUNCT)
+
+
+RESTART_TRIES = 3  # fresh processes tried in a row after a death before the worker gives up
+RESTART_BACKOFF = 1.0  # seconds before the first retry of a failed restart, doubled each time
+
 
 class GpuWorker:
-    def __init__(self, engine: EngineLike, manager: JobManager, storage: Storage, name: str = "gpu-worker"):
+    """One worker: a thread that drives one engine. The engine is a `RemoteEngine`
+    (engine_protocol.py): a worker process, a Ray actor, or an in-process engine adapted by the
+    pool (pool.py). When the engine's process dies mid-job (WorkerLost) the job goes back to the
+    queue (manager: `Lost`) and the worker starts a fresh process; other workers keep serving."""
+
+    def __init__(
+        self,
+        engine: RemoteEngine,
+        manager: JobManager,
+        storage: Storage,
+        name: str = "w0",
+        *,
+        on_give_up: Callable[[GpuWorker], None] | None = None,
+    ):
+        """`on_give_up(worker)`: called when this worker stops for good (the pool decides whether
+        the server still accepts jobs); default: the manager stops accepting them."""
         self.engine = engine
         self.manager = manager
         self.storage = storage
+        self.name = name
         self.health = Health.STARTING
         self.health_detail: str | None = None
+        self.restarts = 0  # fresh processes started after a death
+        self.jobs = 0  # runs that ended here (succeeded, failed, canceled or lost)
+        self.busy_seconds = 0.0
+        self._on_give_up = on_give_up
         self._stop = threading.Event()
         self._current: RunJob | None = None
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"worker-{name}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -53,15 +86,32 @@ class GpuWorker:
         current = self._current
         return current.job.id if current is not None else None
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop taking jobs; a running job is interrupted at its next step and queued again."""
+    @property
+    def state(self) -> str:
+        """For /readyz: starting, ready, busy, restarting or failed."""
+        if self.health.gone:
+            return "failed"
+        if self.health is Health.READY and self._current is not None:
+            return "busy"
+        return self.health.value
+
+    def request_stop(self) -> None:
+        """Take no more jobs; a running job is interrupted at its next step and queued again."""
         self._stop.set()
         self.manager.wake_workers()
         current = self._current
         if current is not None:
             current.cancel.cancel()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """`request_stop`, wait for the thread, then stop the engine (its process) last."""
+        self.request_stop()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        try:
+            self.engine.stop()
+        except Exception:  # shutting down: say so, go on
+            log.warning("worker %s: could not stop its engine", self.name, exc_info=True)
 
     @property
     def alive(self) -> bool:
@@ -75,14 +125,17 @@ class GpuWorker:
 
     def _run(self) -> None:
         try:
+            self.engine.start()
             self.engine.warmup()
         except Exception as exc:
-            log.exception("engine warm-up failed")
+            log.exception("worker %s: engine warm-up failed", self.name)
             self._give_up(Health.SETUP_FAILED, f"warm-up failed: {exc}", "the engine failed to start")
             return
         self.health = Health.READY
-        log.info("worker ready on %s%s", self.engine.device, " (DEMO MODE)" if self.engine.demo else "")
+        log.info("worker %s ready on %s%s", self.name, self.engine.device, " (DEMO MODE)" if self.engine.demo else "")
         while not self._stop.is_set():
+            if not self.engine.alive and not self._restart("its process ended while idle"):
+                return  # (checked before taking a job: a death between jobs is no job's fault)
             try:
                 event = self._one_job()
             except Exception:  # e.g. the store cannot write: never let the worker thread die
@@ -91,30 +144,72 @@ class GpuWorker:
                 continue
             if event is None:
                 break
+            if isinstance(event, Lost) and not self._restart(event.reason):
+                return
             if isinstance(event, Failed) and event.error.kind is ErrorKind.DEVICE_FAILURE:
                 self._give_up(Health.DEFUNCT, event.error.message, "the GPU is in an unrecoverable state")
                 log.critical("device is unusable, the worker stops: %s", event.error.message)
                 return
 
+    def _restart(self, reason: str) -> bool:
+        """A fresh engine process after a death; False (given up) when RESTART_TRIES in a row fail."""
+        self.health, self.health_detail = Health.RESTARTING, reason
+        delay = RESTART_BACKOFF
+        for attempt in range(1, RESTART_TRIES + 1):
+            if self._stop.is_set():
+                return False
+            self.restarts += 1
+            log.warning("worker %s: restarting its engine (%d/%d) after: %s", self.name, attempt, RESTART_TRIES, reason)
+            try:
+                self.engine.kill()
+                self.engine.start()
+                self.engine.warmup()
+            except Exception as exc:
+                log.exception("worker %s: restart %d failed", self.name, attempt)
+                reason = f"restart failed: {exc}"
+                self._stop.wait(delay)
+                delay *= 2
+                continue
+            self.health, self.health_detail = Health.READY, None
+            log.info("worker %s ready again on %s (pid %s)", self.name, self.engine.device, self.engine.pid)
+            return True
+        self._give_up(Health.SETUP_FAILED, reason, f"worker {self.name} could not be restarted")
+        return False
+
+    def _prefers(self) -> Callable[[Job], bool]:
+        """Jobs whose variant this engine already holds (scheduler.py: variant affinity)."""
+        try:
+            held = set(self.engine.describe().get("variants") or ())
+        except Exception:  # a report that fails must not stop the worker
+            held = set()
+        return lambda job: job.resolved is not None and job.resolved.variant.name in held
+
     def _one_job(self) -> WorkerEvent | None:
-        run = self.manager.next_job(self._stop, worker=self._thread.name)
+        run = self.manager.next_job(self._stop, worker=self.name, prefers=self._prefers())
         if run is None:
             return None
         self._current = run
+        began = time.monotonic()
         try:
             event = self._execute(run)
         finally:
             self._current = None
-        if not isinstance(event, Succeeded):
+            self.busy_seconds += time.monotonic() - began
+        if not isinstance(event, Interrupted):
+            self.jobs += 1
+        if not isinstance(event, (Succeeded, Lost)):
             free_device_memory()  # what the failed run held (its traceback is gone by now)
         self.manager.handle(event)
         return event
 
     def _give_up(self, health: Health, detail: str, what: str) -> None:
-        """Stop for good: /readyz answers 503 with `detail`; submits answer 503 until a restart;
-        jobs already queued stay queued (they run after the restart)."""
+        """Stop for good: this worker answers `detail` in /readyz. Without a pool the manager
+        refuses new jobs (503 until a restart); jobs already queued stay queued."""
         self.health, self.health_detail = health, detail
-        self.manager.stop_accepting(f"{what} ({detail}); restart k5serve to accept new jobs")
+        if self._on_give_up is not None:
+            self._on_give_up(self)
+        else:
+            self.manager.stop_accepting(f"{what} ({detail}); restart k5serve to accept new jobs")
 
     def _execute(self, run: RunJob) -> WorkerEvent:
         job = run.job
@@ -126,11 +221,17 @@ class GpuWorker:
         def on_phase(phase: str, done: int, total: int) -> None:  # decoding i/n, writing
             self.manager.handle(Progress(job.id, done, total, phase))
 
+        if not self.engine.alive:  # it died while idle: the job goes back, uncounted; the loop restarts it
+            return Interrupted(job.id)
         try:
             # the request as admitted; records from before admission stored it are resolved once here
             request = job.resolved if job.resolved is not None else self.engine.prepare(job.request)
             result = self.engine.generate(request, output, on_step=on_step, on_phase=on_phase, cancel=run.cancel)
             fsync_file(result.path)
+        except WorkerLost as exc:
+            log.error("job %s: %s", job.id, exc)
+            self.storage.discard_output(job.file_id)
+            return Lost(job.id, str(exc))
         except Cancelled:
             self.storage.discard_output(job.file_id)
             return Interrupted(job.id) if self._stop.is_set() else Canceled(job.id)

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
@@ -319,6 +320,35 @@ def engine_from_env(env: Mapping[str, str] | None = None) -> FakeEngine:
     return engine
 
 
+def worker_engine(devices: list[str], **_options) -> FakeEngine:
+    """The engine factory of a worker PROCESS in tests (K5SERVE_ENGINE_FACTORY=fakes:worker_engine):
+    engine_from_env's fake on `devices`, with two knobs of its own:
+
+    K5SERVE_FAKE_PAUSE_DIR  as above, but each worker process pauses in its own subfolder, named
+                            after its pid: a test kills exactly the process that paused there
+    K5SERVE_FAKE_POISON     a prompt whose runs kill their worker process (SIGKILL, as a segfault
+                            or the kernel's OOM killer would) before the first step
+    """
+    env = dict(os.environ)
+    if env.get("K5SERVE_FAKE_PAUSE_DIR"):
+        own = Path(env["K5SERVE_FAKE_PAUSE_DIR"]) / str(os.getpid())
+        own.mkdir(parents=True, exist_ok=True)
+        env["K5SERVE_FAKE_PAUSE_DIR"] = str(own)
+    engine = engine_from_env(env)
+    engine.device = devices[0]
+    poison = env.get("K5SERVE_FAKE_POISON")
+    if poison:
+        generate = engine.generate
+
+        def deadly(req, output, **kwargs):
+            if req.prompt == poison:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return generate(req, output, **kwargs)
+
+        engine.generate = deadly  # type: ignore[method-assign]
+    return engine
+
+
 def _call_numbers(text: str | None) -> frozenset[int] | None:
     """ "1,3" -> {1, 3}; unset or empty -> None (every call)."""
     if not text:
@@ -353,4 +383,19 @@ def device_failure() -> FakeEngine:
     return FakeEngine(fail=DeviceFailure("unrecoverable device error on cuda:0"))
 
 
-__all__ = ["FakeEngine", "engine_from_env", "fake_video_bytes", "pause"]
+__all__ = ["FakeEngine", "engine_from_env", "fake_video_bytes", "pause", "worker_engine"]
+
+
+def failing_worker_engine(devices: list[str], **_options) -> FakeEngine:
+    """A worker process's fake that fails as K5SERVE_FAKE_FAILURE says: "device" (DeviceFailure at
+    step 1, a poisoned CUDA context), "setup" (warm-up raises), "invalid" (InvalidRequest)."""
+    from pipelines.errors import InvalidRequest
+
+    kind = os.environ.get("K5SERVE_FAKE_FAILURE", "")
+    failures = {
+        "device": {"fail": DeviceFailure("unrecoverable device error on cuda:0: an illegal memory access"),
+                   "fail_at_step": 1},
+        "setup": {"warmup_error": RuntimeError("no checkpoint here")},
+        "invalid": {"fail": InvalidRequest("steps", 0, "steps must be at least 1")},
+    }  # fmt: skip
+    return FakeEngine(device=devices[0], step_time=0.01, **failures.get(kind, {}))

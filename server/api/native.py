@@ -1,9 +1,12 @@
 """Native routes: /healthz (liveness: the process answers) and /readyz (readiness).
 
-/readyz answers 200 only while the worker can run jobs: 503 while warming up, and for good after a
-failed warm-up or an unrecoverable device error (`detail` says why; a restart is needed). Its
-body: status, demo, device, models, queued, detail (when not ready) and last_error, the most
-recent job that failed while running ({job_id, contract, kind, message, time} or null).
+/readyz answers 200 while at least one worker can run jobs: 503 while they warm up or restart, and
+for good once every worker failed to start or hit an unrecoverable device error (`detail` says
+why; a restart is needed). Its body: status, demo, device, models, queued, detail (when a worker is
+not ready) and last_error, the most recent job that failed while running ({job_id, contract, kind,
+message, time} or null), and `workers`: one object per worker {id, devices, pid, node, state
+(starting / ready / busy / restarting / failed), job, variants, resident, memory_in_use, restarts,
+detail when there is one} (server/pool.py).
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from ..services import Services
-from ..worker import Health
 
 
 def health_router(services: Services) -> APIRouter:
@@ -24,17 +26,18 @@ def health_router(services: Services) -> APIRouter:
 
     @router.get("/readyz")
     async def readyz() -> JSONResponse:
-        worker, engine = services.worker, services.engine
+        pool, engine = services.pool, services.engine
         body = {
-            "status": worker.health.value,
+            "status": pool.health.value,
             "demo": bool(engine.demo),
             "device": str(engine.device),
             "models": engine.available(),
             "queued": services.manager.queued_count(),
             "last_error": services.manager.last_error(),
+            "workers": pool.describe(),
         }
-        if worker.health_detail:
-            body["detail"] = worker.health_detail
-        return JSONResponse(body, status_code=200 if worker.health is Health.READY else 503)
+        if pool.health_detail:
+            body["detail"] = pool.health_detail
+        return JSONResponse(body, status_code=200 if pool.ready else 503)
 
     return router

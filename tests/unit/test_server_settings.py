@@ -133,14 +133,17 @@ def test_public_url_makes_every_url_absolute_on_it(tmp_path):
 
 @pytest.mark.parametrize(("flag", "expected"), [("auto", False), ("on", True), ("off", False)])
 def test_compile_flag_reaches_the_engine(monkeypatch, tmp_path, flag, expected):
-    """--compile auto|on|off (K5SERVE_COMPILE): auto is on for CUDA only, so off on this CPU."""
-    from server.app import _build_engine
+    """--compile auto|on|off (K5SERVE_COMPILE): auto is on for CUDA only, so off on this CPU. The
+    engine is built in a worker process, by the factory named in settings (worker_main.py)."""
+    from server.worker_main import build_engine, load_factory
 
     seen = {}
     monkeypatch.setattr("server.app.run", lambda settings: seen.setdefault("s", settings) and 0)
     assert cli.main(["serve", "--compile", flag, "--weights-dir", str(tmp_path), "--device", "cpu"]) == 0
     assert seen["s"].compile == flag
-    assert _build_engine(seen["s"]).options.compile is expected
+    factory = load_factory(seen["s"].engine_factory)
+    assert factory is build_engine
+    assert factory(["cpu"], **seen["s"].engine_options()).options.compile is expected
 
 
 def test_compile_flag_rejects_other_values(capsys):

@@ -78,6 +78,7 @@ def run(
     import torch
 
     from .denoise import StepRunner, magcache_for
+    from .lean import ffn_chunks
 
     cfg = r.guidance > 1.0
     cache = None
@@ -99,7 +100,8 @@ def run(
             batch = settings.cfg_batch and (plan is None or plan.cfg_batch)
             runner = StepRunner(pipe.transformer, pair, batch_cfg=batch, magcache=cache)
             steps = StepMonitor(runner, clock, r.steps, on_step, cancel)
-            with clock.stage("denoise"), runner.install():
+            chunks = plan.ffn_chunks if plan is not None else 1
+            with clock.stage("denoise"), runner.install(), ffn_chunks(pipe.transformer, chunks):
                 image = load_image(r.image, r.width, r.height) if r.variant.task == "i2v" else None
                 steps.start()
                 latents = denoise(pipe, r, prompt, negative, image, steps)

@@ -128,9 +128,7 @@ def weight_bytes(variant: Variant, device_bf16: bool = True) -> dict[str, int]:
     }
 
 
-def denoise_activations(
-    variant: Variant, width: int, height: int, frames: int, batch: int, ffn_chunks: int = 1
-) -> int:
+def denoise_activations(variant: Variant, width: int, height: int, frames: int, batch: int, ffn_chunks: int = 1) -> int:
     dit = DITS[variant.family]
     per_token = 4 * dit.model_dim + max(12 * dit.model_dim, 4 * dit.ff_dim // ffn_chunks)
     return int(ACTIVATION_MARGIN * batch * tokens(width, height, frames) * per_token)

@@ -179,6 +179,7 @@ def _build_engine(settings: Settings) -> EngineLike:
         settings.models,
         settings.require_weights,
         memory_mode=settings.memory_mode,
+        host_memory=int(settings.host_memory * 2**30) if settings.host_memory else None,
         compile={"auto": None, "on": True, "off": False}[settings.compile],
     )
 

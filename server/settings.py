@@ -40,7 +40,9 @@ class Settings(BaseSettings):
     fal_run_port: int | None = Field(None, ge=0, le=65535)
     require_weights: bool = False
     # Where the weights live on the GPU (pipelines/memory.py): auto decides per variant from the device memory.
-    memory_mode: Literal["auto", "gpu", "offload_text", "offload_model"] = "auto"
+    memory_mode: Literal["auto", "gpu", "offload_text", "stream_text", "offload_model", "stream"] = "auto"
+    # GiB of host RAM the memory plan may fill with offloaded/streamed weights (default: detected on CUDA).
+    host_memory: float | None = Field(None, gt=0)
     # torch.compile of the repeated transformer blocks: auto = on for CUDA (warmed at start-up), off on the CPU.
     compile: Literal["auto", "on", "off"] = "auto"
     # Rewrite each prompt with Qwen2.5-VL before encoding, as the official pipelines do by default

@@ -18,6 +18,9 @@ math on the host's kernels (rounding-level differences, not bit-identical).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 
@@ -58,21 +61,18 @@ def install_ffn_chunking(transformer) -> FfnChunks:
     return state
 
 
-class ffn_chunks:  # noqa: N801 - a context manager used like a function
-    """`with ffn_chunks(transformer, n):` runs the visual FFNs in `n` pieces, then restores."""
-
-    def __init__(self, transformer, chunks: int):
-        self.state = getattr(transformer, "_k5_ffn_chunks", None)
-        self.chunks = chunks
-
-    def __enter__(self):
-        if self.state is not None:
-            self.previous, self.state.chunks = self.state.chunks, self.chunks
-        return self
-
-    def __exit__(self, *exc):
-        if self.state is not None:
-            self.state.chunks = self.previous
+@contextlib.contextmanager
+def ffn_chunks(transformer, chunks: int) -> Iterator[None]:
+    """Run `transformer`'s visual FFNs in `chunks` pieces inside the block, then restore."""
+    state = getattr(transformer, "_k5_ffn_chunks", None)
+    if state is None:
+        yield
+        return
+    previous, state.chunks = state.chunks, chunks
+    try:
+        yield
+    finally:
+        state.chunks = previous
 
 
 class ModulationTable:

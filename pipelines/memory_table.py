@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import memory
+from .placement import Placement
 from .variants import HD_SIZES, SD_SIZES, VARIANTS
 
 CARDS_GIB = (12, 16, 24, 32, 48, 80)
@@ -47,17 +48,19 @@ class Row:
 
 
 def rows(cards: tuple[int, ...] = CARDS_GIB, host_capacity: int | None = None) -> list[Row]:
-    """Every real variant at its default clip length, 768x512 and (Pro) 1280x768, on each card."""
+    """Every real variant at its default clip length, 768x512 and (Pro) 1280x768, on each card: the
+    mode the engine picks for the variant (Placement.mode, auto) and the request's plan in it."""
     out = []
-    for name, v in VARIANTS.items():
-        if v.demo:
-            continue
-        sizes = [SD_SIZES[0]] + ([HD_SIZES[0]] if HD_SIZES[0] in v.sizes else [])
-        for size in sizes:
-            for card in cards:
-                fp = memory.plan(v, *size, v.max_frames, card * memory.GiB, host_capacity=host_capacity)
+    for card in cards:
+        placement = Placement(card * memory.GiB, host_capacity=host_capacity)
+        for name, v in VARIANTS.items():
+            if v.demo:
+                continue
+            mode = placement.mode(name)
+            for size in [SD_SIZES[0]] + ([HD_SIZES[0]] if HD_SIZES[0] in v.sizes else []):
+                fp = memory.plan(v, *size, v.max_frames, placement.capacity, mode, host_capacity=host_capacity)
                 out.append(Row(name, size, v.max_frames, card, fp))
-    return out
+    return sorted(out, key=lambda r: (list(VARIANTS).index(r.variant), r.size != SD_SIZES[0], r.card_gib))
 
 
 def markdown(table: list[Row]) -> str:

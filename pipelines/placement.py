@@ -45,7 +45,9 @@ class Placement:
         self.host_capacity = host_capacity
 
     def mode(self, name: str) -> str:
-        """Variant `name`'s memory mode, decided before it is loaded."""
+        """Variant `name`'s memory mode, decided before it is loaded: the fastest in which its largest
+        request (largest size, longest clip) fits; else the fastest for its largest SD request; else
+        the most frugal (requests that fit nothing are refused at submit)."""
         if self.capacity is None:  # CPU: no limit, one device
             return self.memory_mode if self.memory_mode in IN_PROCESS_MODES else "gpu"
         if self.memory_mode != "auto":
@@ -53,9 +55,12 @@ class Placement:
         v = VARIANTS[name]
         sizes = v.sizes or ((memory.VAE_TILE, memory.VAE_TILE),)
         sd = [s for s in sizes if s not in HD_SIZES] or list(sizes)
-        w, h = max(sd, key=lambda s: s[0] * s[1])
-        fp = memory.plan(v, w, h, v.max_frames, self.capacity, host_capacity=self.host_capacity)
-        return fp.mode if fp is not None else "offload_model"
+        largest = [max(sizes, key=lambda s: s[0] * s[1]), max(sd, key=lambda s: s[0] * s[1])]
+        for w, h in largest:
+            fp = memory.plan(v, w, h, v.max_frames, self.capacity, host_capacity=self.host_capacity)
+            if fp is not None:
+                return fp.mode
+        return memory.frugal(v, *largest[1], v.max_frames, host_capacity=self.host_capacity).mode
 
     def plan(self, r: ResolvedRequest) -> memory.Footprint | None:
         """The plan for this request under its variant's mode (None: it does not fit)."""

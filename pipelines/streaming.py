@@ -24,6 +24,8 @@ is written down instead of traced.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from .lean import install_host_modulations
@@ -46,7 +48,7 @@ def _chain_prefetch(blocks) -> None:
     """Block i, as it starts, issues block i+1's copy on the side stream (what diffusers'
     LazyPrefetchGroupOffloadingHook sets up after tracing a first call); block 0 loads itself."""
     hooks = [_group_hook(b) for b in blocks]
-    for hook, following in zip(hooks, hooks[1:], strict=False):
+    for hook, following in itertools.pairwise(hooks):
         hook.next_group = following.group
         following.group.onload_self = False
     for hook in hooks:

@@ -49,6 +49,7 @@ class Frames:
     batched_steps: int = 0  # of which batched cond+uncond
     memory_plan: dict = field(default_factory=dict)
     revised_prompt: str | None = None  # the prompt as encoded, when expansion rewrote it (expand.py)
+    approximations: list[str] = field(default_factory=list)  # opt-in 8-bit weights (quant.py)
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ def run(
                 batched_steps=runner.batched,
                 memory_plan=plan_dict(plan),
                 revised_prompt=revised,
+                approximations=list(getattr(pipe, "_k5_approximations", ())),
             )
             if not decode:
                 return done

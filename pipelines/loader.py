@@ -34,6 +34,9 @@ class LoadOptions:
     # text encoders on the CPU except while encoding; "offload_model" one model on the GPU at a time;
     # "stream_text" / "stream" (streaming.py) the text encoder / and the visual blocks streamed.
     memory_mode: str = "gpu"
+    # Opt-in approximate weight storage (quant.py): int8 Qwen, scaled fp8 transformer blocks.
+    text_int8: bool = False
+    fp8_weights: bool = False
 
     @property
     def placement(self) -> str:
@@ -154,6 +157,7 @@ def configure_pipeline(pipe, variant: Variant, options: LoadOptions) -> None:
     install_masked_text_attention(transformer)  # before the backend is set: it applies to these too
     install_ffn_chunking(transformer)  # one chunk (the stock call) unless a run's memory plan says more
     placement = options.placement
+    quantize(pipe, options)  # before compile and placement: they see the quantized layers
     backend = attention_backend(options.device, nabla=transformer.config.get("attention_type") == "nabla")
     set_attention_backend(transformer, backend)
     if backend == "flex" and options.device.startswith("cuda"):
@@ -177,6 +181,20 @@ def configure_pipeline(pipe, variant: Variant, options: LoadOptions) -> None:
         pipe.text_encoder_2.to("cpu")
     else:
         pipe.to(options.device)
+
+
+def quantize(pipe, options: LoadOptions) -> None:
+    """The opt-in approximate weight storage (quant.py); labels it on the pipeline for every result."""
+    from . import quant
+
+    labels = list(getattr(pipe, "_k5_approximations", ()))
+    if options.text_int8 and quant.TEXT_INT8 not in labels:
+        quant.quantize_text_encoder_int8(pipe.text_encoder)
+        labels.append(quant.TEXT_INT8)
+    if options.fp8_weights and quant.TRANSFORMER_FP8 not in labels:
+        quant.quantize_transformer_fp8(pipe.transformer)
+        labels.append(quant.TRANSFORMER_FP8)
+    pipe._k5_approximations = labels
 
 
 def drop_compiled(transformer) -> list[tuple]:

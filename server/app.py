@@ -180,6 +180,8 @@ def _build_engine(settings: Settings) -> EngineLike:
         settings.require_weights,
         memory_mode=settings.memory_mode,
         host_memory=int(settings.host_memory * 2**30) if settings.host_memory else None,
+        text_encoder_int8=settings.text_encoder_int8,
+        fp8_weights=settings.fp8_weights,
         compile={"auto": None, "on": True, "off": False}[settings.compile],
     )
 

@@ -50,6 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host-memory", type=float, default=None, help="GiB of host RAM for offloaded weights")
     serve.add_argument(
+        "--text-encoder-int8", action="store_true", default=None, help="8-bit Qwen weights (approximate, labelled)"
+    )
+    serve.add_argument(
+        "--fp8-weights",
+        action="store_true",
+        default=None,
+        help="scaled fp8 transformer weights (approximate, labelled)",
+    )
+    serve.add_argument(
         "--compile", default=None, choices=["auto", "on", "off"], help="compile the transformer blocks (auto: on CUDA)"
     )
     serve.add_argument(

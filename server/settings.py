@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     require_weights: bool = False
     # Where the weights live on the GPU (pipelines/memory.py): auto decides per variant from the device memory.
     memory_mode: Literal["auto", "gpu", "offload_text", "stream_text", "offload_model", "stream"] = "auto"
+    # Opt-in approximate weight storage (pipelines/quant.py; labelled in every job made with it).
+    text_encoder_int8: bool = False
+    fp8_weights: bool = False
     # GiB of host RAM the memory plan may fill with offloaded/streamed weights (default: detected on CUDA).
     host_memory: float | None = Field(None, gt=0)
     # torch.compile of the repeated transformer blocks: auto = on for CUDA (warmed at start-up), off on the CPU.

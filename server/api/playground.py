@@ -45,6 +45,7 @@ def job_summary(job: Job, base: str, position: int | None) -> dict:
         "video_url": file_url(base, job.file_id, out.file_name) if out else None,
         "acceleration": out.acceleration if out else None,
         "revised_prompt": out.revised_prompt if out else None,  # the prompt as encoded, when expanded
+        "approximations": out.approximations if out else None,  # opt-in 8-bit weights (pipelines/quant.py)
     }
 
 

@@ -580,7 +580,7 @@ def bench_tiny(name: str, weights: Path, args: argparse.Namespace, image: Path |
         return time_stock(stock, resolved, args, engine.device, image)
 
     errors: dict = {}
-    stock = _attempt(errors, "stock_error", engine.device, stock_path)
+    stock = None if args.skip_stock else _attempt(errors, "stock_error", engine.device, stock_path)
     k5 = _attempt(errors, "k5serve_error", engine.device, time_engine, engine, resolved, args)
     out = combine(resolved, stock, k5, args.runs, errors)
     if args.ablate and k5 is not None:
@@ -692,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=["auto", "gpu", "offload_text", "stream_text", "offload_model", "stream"],
         help="k5serve's memory mode (docs/memory.md)",
     )
-    parser.add_argument("--skip-stock", action="store_true", help="--full: time only k5serve")
+    parser.add_argument("--skip-stock", action="store_true", help="time only k5serve")
     parser.add_argument("--ablate", action="store_true", help="also time k5serve with each exact speed-up off")
     parser.add_argument("--prompt", default="a red fox running through snow")
     args = parser.parse_args(argv)

@@ -34,18 +34,20 @@ PY="${PYTHON:-python3}"
 if [ -z "${PYTHON:-}" ] && [ -x "$ROOT/.venv/bin/python" ] && [ "$CPU" = 1 ]; then PY="$ROOT/.venv/bin/python"; fi
 
 # What the GPU image lacks (/work/.library/device/KINDS.md lists what it has: torch, transformers,
-# accelerate, numpy, pillow, pytest ...): the versions k5serve is tested with, ~45 MiB in all.
+# accelerate, numpy, pillow, pytest ...): the versions k5serve is tested with, except imageio-ffmpeg
+# 0.5.1 (its ffmpeg is 26 MiB; 0.8's is 65 MiB, over the 64 MiB a device call carries): ~37 MiB in all.
 WHEELS="diffusers==0.42.1 fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic_core==2.50.5
 pydantic-settings==2.16.3 python-dotenv==1.2.4 annotated-types==0.8.0 annotated-doc==0.0.7
-typing-inspection==0.4.5 python-multipart==0.0.34 uvicorn==0.54.0 imageio-ffmpeg==0.8.1"
+typing-inspection==0.4.5 python-multipart==0.0.34 uvicorn==0.54.0 imageio-ffmpeg==0.5.1"
 
 if [ "$FETCH" = 1 ]; then
     mkdir -p "$ROOT/.whl"
-    grep -qx '/.whl/' "$ROOT/.git/info/exclude" 2>/dev/null || echo '/.whl/' >> "$ROOT/.git/info/exclude" 2>/dev/null
+    exclude="$(git -C "$ROOT" rev-parse --git-path info/exclude 2>/dev/null)"  # never committed
+    [ -n "$exclude" ] && { grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >>"$exclude"; }
     # shellcheck disable=SC2086
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        --platform any -d "$ROOT/.whl" $WHEELS || exit 1
+        --platform manylinux2010_x86_64 --platform any -d "$ROOT/.whl" $WHEELS || exit 1
     du -sh "$ROOT/.whl"
     exit 0
 fi

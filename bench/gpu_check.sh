@@ -38,7 +38,8 @@ if [ -z "${PYTHON:-}" ] && [ -x "$ROOT/.venv/bin/python" ] && [ "$CPU" = 1 ]; th
 # 0.5.1 (its ffmpeg is 26 MiB; 0.8's is 65 MiB, over the 64 MiB a device call carries): ~37 MiB in all.
 WHEELS="diffusers==0.42.1 fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic_core==2.50.5
 pydantic-settings==2.16.3 python-dotenv==1.2.4 annotated-types==0.8.0 annotated-doc==0.0.7
-typing-inspection==0.4.5 python-multipart==0.0.34 uvicorn==0.54.0 imageio-ffmpeg==0.5.1"
+typing-inspection==0.4.5 python-multipart==0.0.34 uvicorn==0.54.0 imageio-ffmpeg==0.5.1
+importlib_metadata==10.2.0 opentelemetry-api==1.45.2"
 
 if [ "$FETCH" = 1 ]; then
     mkdir -p "$ROOT/.whl"

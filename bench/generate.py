@@ -559,7 +559,7 @@ def bench_tiny(name: str, weights: Path, args: argparse.Namespace, image: Path |
     from pipelines.request import GenerationRequest
 
     compile = False if args.no_compile else None
-    engine = Engine(weights, device=args.device, compile=compile, memory_mode=args.memory_mode)
+    engine = Engine(weights, device=args.device, compile=compile, memory_mode=_memory_mode(args))
     req = GenerationRequest(
         variant=name,
         prompt=args.prompt,
@@ -580,7 +580,7 @@ def bench_tiny(name: str, weights: Path, args: argparse.Namespace, image: Path |
         return time_stock(stock, resolved, args, engine.device, image)
 
     errors: dict = {}
-    stock = None if args.skip_stock else _attempt(errors, "stock_error", engine.device, stock_path)
+    stock = None if getattr(args, "skip_stock", False) else _attempt(errors, "stock_error", engine.device, stock_path)
     k5 = _attempt(errors, "k5serve_error", engine.device, time_engine, engine, resolved, args)
     out = combine(resolved, stock, k5, args.runs, errors)
     if args.ablate and k5 is not None:
@@ -622,7 +622,8 @@ def bench_full(bench_name: str, args: argparse.Namespace) -> dict:
     source = InMemoryPipelines({name: pipe})
     with tempfile.TemporaryDirectory() as empty:
         compile = False if args.no_compile else None
-        engine = Engine(Path(empty), args.device, [name], compile=compile, source=source, memory_mode=args.memory_mode)
+        mode = _memory_mode(args)
+        engine = Engine(Path(empty), args.device, [name], compile=compile, source=source, memory_mode=mode)
     del source  # the engine holds it; `del pipe, engine` below frees the modules
 
     def k5serve_path(engine):  # an argument, not closed over: it is deleted below
@@ -760,6 +761,10 @@ def main(argv: list[str] | None = None) -> int:
                 record(bench_tiny(name, weights, args, image if "i2v" in name else None))
     print(args.out)
     return 0
+
+
+def _memory_mode(args: argparse.Namespace) -> str:
+    return getattr(args, "memory_mode", "auto")  # callers that build their own Namespace predate it
 
 
 def _names(given: str | None, default: str) -> list[str]:

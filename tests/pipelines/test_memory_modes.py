@@ -142,3 +142,14 @@ def test_modulation_table_is_per_call(streamed):
         rb = table.row(0, b)
         assert not torch.equal(ra, rb)
         assert torch.equal(table.row(1, b), table.modules[1](b))
+
+
+def test_the_settings_reach_the_engine(tiny_weights_dir):
+    """--memory-mode / --host-memory / --fp8-weights (server/settings.py) -> app._build_engine."""
+    from server.app import _build_engine
+    from server.settings import Settings
+
+    s = Settings(weights_dir=tiny_weights_dir, device="cpu", memory_mode="stream", host_memory=8, fp8_weights=True)
+    engine = _build_engine(s)
+    assert engine.memory_mode == "stream" and engine.host_capacity == 8 * 2**30
+    assert engine.options.fp8_weights and not engine.options.text_int8

@@ -80,11 +80,8 @@ def test_stream_text_mode_frames_equal_resident(tiny_weights_dir, reference):
     assert np.array_equal(engine.generate_frames(GenerationRequest(**REQ)).frames, reference)
 
 
-def test_stream_mode_i2v_and_magcache_equal_resident(streamed, engine, test_image):
-    i2v = dict(REQ, variant="kandinsky5-tiny-i2v", image=str(test_image), num_frames=17, steps=2)
-    a = streamed.generate_frames(GenerationRequest(**i2v)).frames
-    b = engine.generate_frames(GenerationRequest(**i2v)).frames
-    assert np.array_equal(a, b)
+def test_stream_mode_magcache_equal_resident(streamed, engine):
+    """MagCache's skipped steps run no visual block: the prefetch chain and the table must cope."""
     cached = dict(REQ, steps=6, acceleration="regular")
     a = streamed.generate_frames(GenerationRequest(**cached))
     b = engine.generate_frames(GenerationRequest(**cached))

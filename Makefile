@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: install serve demo test lint clean
+.PHONY: install serve demo test lint clean gpu-check
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ $(VENV)/aimlapi-sdk/.installed: $(BIN)/.installed
 
 test: $(BIN)/.installed tests/js/node_modules/.installed /usr/bin/chromedriver $(VENV)/aimlapi-sdk/.installed
 	$(BIN)/python -m pytest $(ARGS)
+
+# The prepared GPU check (bench/gpu_check.sh): on a GPU machine, after `bench/gpu_check.sh --fetch-wheels`
+# here (wheels the GPU image lacks, carried as .whl/). ARGS="--cpu" runs it on the tiny models instead.
+gpu-check:
+	bash bench/gpu_check.sh $(ARGS)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -273,6 +273,7 @@ def _peak_memory(device: str) -> dict:
     out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if device.startswith("cuda"):
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        out["peak_gpu_reserved_mb"] = round(torch.cuda.max_memory_reserved(device) / 2**20, 1)
     return out
 
 
@@ -435,6 +436,13 @@ def combine(resolved, stock: dict | None, k5: dict | None, runs: int, errors: di
         out["speedup"] = round(out["stock_s"] / out["k5serve_s"], 3)
     if k5 is not None:
         out["memory_plan"] = k5["memory_plan"]
+        measured = k5["memory"].get("peak_gpu_reserved_mb")
+        out["memory_estimate_vs_measured"] = {
+            "mode": k5["memory_plan"].get("mode"),
+            "estimated_peak_gib": k5["memory_plan"].get("estimated_peak_gib"),
+            # reserved, not allocated: what the process takes from the card (the plan's basis)
+            "measured_peak_gib": round(measured / 1024, 2) if measured is not None else None,
+        }
         out["acceleration_applied"] = k5["acceleration"]
         out["cached_steps"] = k5["cached_steps"]
     return {**out, **errors, "runs": runs}
@@ -550,7 +558,8 @@ def bench_tiny(name: str, weights: Path, args: argparse.Namespace, image: Path |
     from pipelines.loader import dtype_for
     from pipelines.request import GenerationRequest
 
-    engine = Engine(weights, device=args.device, compile=False if args.no_compile else None)
+    compile = False if args.no_compile else None
+    engine = Engine(weights, device=args.device, compile=compile, memory_mode=_memory_mode(args))
     req = GenerationRequest(
         variant=name,
         prompt=args.prompt,
@@ -571,7 +580,7 @@ def bench_tiny(name: str, weights: Path, args: argparse.Namespace, image: Path |
         return time_stock(stock, resolved, args, engine.device, image)
 
     errors: dict = {}
-    stock = _attempt(errors, "stock_error", engine.device, stock_path)
+    stock = None if getattr(args, "skip_stock", False) else _attempt(errors, "stock_error", engine.device, stock_path)
     k5 = _attempt(errors, "k5serve_error", engine.device, time_engine, engine, resolved, args)
     out = combine(resolved, stock, k5, args.runs, errors)
     if args.ablate and k5 is not None:
@@ -613,7 +622,8 @@ def bench_full(bench_name: str, args: argparse.Namespace) -> dict:
     source = InMemoryPipelines({name: pipe})
     with tempfile.TemporaryDirectory() as empty:
         compile = False if args.no_compile else None
-        engine = Engine(Path(empty), args.device, [name], compile=compile, source=source)
+        mode = _memory_mode(args)
+        engine = Engine(Path(empty), args.device, [name], compile=compile, source=source, memory_mode=mode)
     del source  # the engine holds it; `del pipe, engine` below frees the modules
 
     def k5serve_path(engine):  # an argument, not closed over: it is deleted below
@@ -677,7 +687,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=5.0, help="tiny only (--full: the variant's own)")
     parser.add_argument("--acceleration", default="none", choices=["none", "regular"])
     parser.add_argument("--no-compile", action="store_true", help="k5serve without torch.compile")
-    parser.add_argument("--skip-stock", action="store_true", help="--full: time only k5serve")
+    parser.add_argument(
+        "--memory-mode",
+        default="auto",
+        choices=["auto", "gpu", "offload_text", "stream_text", "offload_model", "stream"],
+        help="k5serve's memory mode (docs/memory.md)",
+    )
+    parser.add_argument("--skip-stock", action="store_true", help="time only k5serve")
     parser.add_argument("--ablate", action="store_true", help="also time k5serve with each exact speed-up off")
     parser.add_argument("--prompt", default="a red fox running through snow")
     args = parser.parse_args(argv)
@@ -745,6 +761,10 @@ def main(argv: list[str] | None = None) -> int:
                 record(bench_tiny(name, weights, args, image if "i2v" in name else None))
     print(args.out)
     return 0
+
+
+def _memory_mode(args: argparse.Namespace) -> str:
+    return getattr(args, "memory_mode", "auto")  # callers that build their own Namespace predate it
 
 
 def _names(given: str | None, default: str) -> list[str]:

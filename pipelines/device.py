@@ -23,6 +23,15 @@ def capacity(device: str) -> int | None:
     return torch.cuda.get_device_properties(torch.device(device)).total_memory
 
 
+def host_capacity(device: str) -> int | None:
+    """Total bytes of host RAM, for the plan of a CUDA engine (None on CPU: not checked there)."""
+    if not is_cuda(device):
+        return None
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def memory_in_use(device: str) -> int | None:
     """Bytes of device memory this process holds on `device`: torch's *reserved* counter.
 

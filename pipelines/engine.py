@@ -43,28 +43,43 @@ class Engine:
         compile: bool | None = None,
         memory_mode: str = "auto",
         device_memory: int | None = None,
+        host_memory: int | None = None,
         cfg_batch: bool = True,
         negative_cache: bool = True,
         source: PipelineSource | None = None,
+        text_encoder_int8: bool = False,
+        fp8_weights: bool = False,
     ):
         """`weights_dir`: the checkpoints folder (pipelines/layout.py). `memory_mode`: auto (decided
         per variant from the device memory, pipelines/memory.py) or gpu / offload_text /
         offload_model; `offload` forces offload_model. `device_memory`: bytes the device has
-        (default: what CUDA reports; None on CPU = no limit). `compile`: None = on for CUDA (True
+        (default: what CUDA reports; None on CPU = no limit). `host_memory`: bytes of host RAM the
+        offloading and streaming modes may fill (default: the machine's RAM on CUDA; None on the CPU =
+        not checked). `compile`: None = on for CUDA (True
         also compiles on the CPU, slow to build for small gains: the tests use it). `cfg_batch`: cond
         and uncond in one transformer call when memory allows (exact; pipelines/denoise.py).
         `negative_cache`: keep encoded negative prompts between jobs (exact; off only to measure it).
         `source`: where the pipelines come from instead of `weights_dir`, e.g.
-        `sources.InMemoryPipelines` for pipelines built in this process (bench/generate.py --full)."""
+        `sources.InMemoryPipelines` for pipelines built in this process (bench/generate.py --full).
+        `text_encoder_int8` / `fp8_weights`: opt-in approximate weight storage (pipelines/quant.py),
+        labelled in every result made with it."""
         self.weights_dir = Path(weights_dir)
         self.device = pick_device(device)
         if memory_mode not in MEMORY_MODES:
             raise ValueError(f"memory mode must be one of {', '.join(MEMORY_MODES)}, got {memory_mode!r}")
         self.memory_mode = "offload_model" if offload else memory_mode
         self.capacity = device_memory if device_memory is not None else dev.capacity(self.device)
+        self.host_capacity = host_memory if host_memory is not None else dev.host_capacity(self.device)
         compile = dev.is_cuda(self.device) if compile is None else compile
-        self.options = LoadOptions(device=self.device, offload=offload, vae_tiling=vae_tiling, compile=compile)
-        self.placements = Placement(self.capacity, self.memory_mode, cfg_batch, vae_tiling)
+        self.options = LoadOptions(
+            device=self.device,
+            offload=offload,
+            vae_tiling=vae_tiling,
+            compile=compile,
+            text_int8=text_encoder_int8,
+            fp8_weights=fp8_weights,
+        )
+        self.placements = Placement(self.capacity, self.memory_mode, cfg_batch, vae_tiling, self.host_capacity)
         self.negatives = NegativePromptCache(enabled=negative_cache)
         self.source = source if source is not None else WeightsFolder(self.weights_dir)
         self._pipes = LoadedPipelines(self.source, self.options, self.placements.mode)
@@ -182,6 +197,7 @@ class Engine:
             cached_steps=done.cached_steps,
             memory_plan=done.memory_plan,
             revised_prompt=done.revised_prompt,
+            approximations=done.approximations,
         )
 
     def generate_frames(

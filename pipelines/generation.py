@@ -50,6 +50,7 @@ class Frames:
     batched_steps: int = 0  # of which batched cond+uncond
     memory_plan: dict = field(default_factory=dict)
     revised_prompt: str | None = None  # the prompt as encoded, when expansion rewrote it (expand.py)
+    approximations: list[str] = field(default_factory=list)  # opt-in 8-bit weights (quant.py)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ def run(
     import torch
 
     from .denoise import StepRunner, magcache_for
+    from .lean import ffn_chunks
 
     cfg = r.guidance > 1.0
     cache = None
@@ -116,7 +118,8 @@ def run(
             runner = make_runner(pipe.transformer, pair, batch_cfg=batch, magcache=cache)
             steps = StepMonitor(runner, clock, r.steps - start_step, on_step, cancel)
             scheduled = video_to_video.window(pipe.scheduler, start_step) if r.video else contextlib.nullcontext()
-            with clock.stage("denoise"), runner.install(), scheduled:
+            chunks = plan.ffn_chunks if plan is not None else 1  # FFN chunking (lean.py), from the memory plan
+            with clock.stage("denoise"), runner.install(), scheduled, ffn_chunks(pipe.transformer, chunks):
                 if image is None and r.variant.task == "i2v":
                     image = load_image(r.image, r.width, r.height)
                 steps.start()
@@ -131,6 +134,7 @@ def run(
                 batched_steps=runner.batched,
                 memory_plan=plan_dict(plan),
                 revised_prompt=revised,
+                approximations=list(getattr(pipe, "_k5_approximations", ())),
             )
             if not decode or (group is not None and not group.leader):
                 return done

@@ -31,13 +31,18 @@ class LoadOptions:
     vae_tiling: bool = False
     compile: bool = False  # torch.compile the repeated transformer blocks (the Engine turns it on for CUDA)
     # Where the weights live on CUDA (pipelines/memory.py): "gpu" all resident; "offload_text" the
-    # text encoders on the CPU except while encoding; "offload_model" one model on the GPU at a time.
+    # text encoders on the CPU except while encoding; "offload_model" one model on the GPU at a time;
+    # "stream_text" / "stream" (streaming.py) the text encoder / and the visual blocks streamed.
     memory_mode: str = "gpu"
+    # Opt-in approximate weight storage (quant.py): int8 Qwen, scaled fp8 transformer blocks.
+    text_int8: bool = False
+    fp8_weights: bool = False
 
     @property
     def placement(self) -> str:
         if not self.device.startswith("cuda"):
-            return "gpu"  # everything on the one device
+            # everything on the one device; the streaming modes still run their hooks (exactness tests)
+            return self.memory_mode if self.memory_mode in ("stream_text", "stream") else "gpu"
         return "offload_model" if self.offload else self.memory_mode
 
 
@@ -144,11 +149,15 @@ def configure_pipeline(pipe, variant: Variant, options: LoadOptions) -> None:
     Also used by bench/generate.py --full on pipelines built in memory from the published configs.
     """
     from .denoise import install_masked_text_attention
+    from .lean import install_ffn_chunking
 
     transformer, vae = pipe.transformer, pipe.vae
     pipe.set_progress_bar_config(disable=True)
 
     install_masked_text_attention(transformer)  # before the backend is set: it applies to these too
+    install_ffn_chunking(transformer)  # one chunk (the stock call) unless a run's memory plan says more
+    placement = options.placement
+    quantize(pipe, options)  # before compile and placement: they see the quantized layers
     backend = attention_backend(options.device, nabla=transformer.config.get("attention_type") == "nabla")
     set_attention_backend(transformer, backend)
     if backend == "flex" and options.device.startswith("cuda"):
@@ -159,11 +168,16 @@ def configure_pipeline(pipe, variant: Variant, options: LoadOptions) -> None:
         use_dense_flex_on_cpu()  # eager flex on the CPU would ignore nabla's block mask
     if options.compile:
         # Compile the 32/60 identical CrossDiT blocks once (regional compile: seconds, not minutes).
-        transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
+        # Streamed blocks run diffusers' offload hooks (compiler-disabled) and host modulations in
+        # their forward: those need graph breaks, so fullgraph only when nothing is streamed.
+        transformer.compile_repeated_blocks(fullgraph=placement != "stream", dynamic=True)
     if options.vae_tiling:
         vae.enable_tiling()
-    placement = options.placement
-    if placement == "offload_model":
+    if placement in ("stream_text", "stream"):
+        from .streaming import place_streamed
+
+        place_streamed(pipe, options.device, placement)
+    elif placement == "offload_model":
         pipe.enable_model_cpu_offload(device=options.device)
     elif placement == "offload_text":
         pipe.to(options.device)
@@ -171,6 +185,20 @@ def configure_pipeline(pipe, variant: Variant, options: LoadOptions) -> None:
         pipe.text_encoder_2.to("cpu")
     else:
         pipe.to(options.device)
+
+
+def quantize(pipe, options: LoadOptions) -> None:
+    """The opt-in approximate weight storage (quant.py); labels it on the pipeline for every result."""
+    from . import quant
+
+    labels = list(getattr(pipe, "_k5_approximations", ()))
+    if options.text_int8 and quant.TEXT_INT8 not in labels:
+        quant.quantize_text_encoder_int8(pipe.text_encoder)
+        labels.append(quant.TEXT_INT8)
+    if options.fp8_weights and quant.TRANSFORMER_FP8 not in labels:
+        quant.quantize_transformer_fp8(pipe.transformer)
+        labels.append(quant.TRANSFORMER_FP8)
+    pipe._k5_approximations = labels
 
 
 def drop_compiled(transformer) -> list[tuple]:

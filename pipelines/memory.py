@@ -16,6 +16,15 @@ Torch-free arithmetic (the server calls it at submit time through Engine.prepare
   resolution in the last up block (128 channels): about 4 live tensors of 128 x 17 x H x W bf16.
   Spatial tiling (256 px tiles) bounds H x W by 256 x 256.
 * Text encoding (Qwen2.5-VL-7B on at most 128+256 tokens) needs well under 1 GB of activations.
+* Streaming modes (pipelines/streaming.py): block streaming keeps on the device everything of the
+  transformer but its visual blocks, plus STREAM_PREFETCH blocks in flight (the one computing, the
+  next one copying in); their modulations are computed on the host (precomputed per step), so the
+  streamed blocks are bf16 only. Text-encoder streaming keeps CLIP and at most two Qwen leaves (the
+  largest: its 545 M-parameter embedding and LM head) on the device. FFN chunking (FFN_CHUNKS pieces
+  of the sequence) divides the FFN hidden term of the activations.
+* Host RAM: what each mode keeps off the device lives in host memory (pinned for the streamed
+  parts, so the copies can overlap compute); `Footprint.host` counts it, and the plan refuses a
+  mode whose host copies do not fit `host_capacity`.
 * Headroom: 25 % on activations (allocator fragmentation, kernel workspaces) and 1.5 GiB of the
   device for the CUDA context and cuBLAS/cuDNN workspaces.
 
@@ -36,11 +45,15 @@ VAE_CHUNK_FRAMES = 17
 VAE_TILE = 256
 VAE_LIVE_TENSORS = 4
 TEXT_ACTIVATIONS = int(0.75 * GiB)
+HOST_RESERVE = 8 * GiB  # host RAM for the OS, Python, torch, the server and the loading buffers
 
 # Exact parameter counts (meta-device builds of the published configs).
 QWEN_PARAMS = 8_292_166_656  # Qwen2.5-VL-7B-Instruct, vision tower included (the pipeline loads it)
 CLIP_PARAMS = 123_060_480  # CLIP ViT-L/14 text model
 VAE_PARAMS = 246_478_803  # HunyuanVideo VAE
+
+
+QWEN_EMBED_PARAMS = 544_997_376  # its token embedding; the LM head is as large (152,064 x 3,584)
 
 
 @dataclass(frozen=True)
@@ -49,21 +62,34 @@ class DiT:
     fp32_params: int  # of which kept in fp32 by diffusers
     model_dim: int
     ff_dim: int
+    visual_blocks: int = 0
+    block_params: int = 0  # one visual block, its modulation included
+    modulation_params: int = 0  # one visual block's modulation (fp32)
+
+    @property
+    def streamed_params(self) -> int:
+        """Parameters of the visual blocks less their modulations: what block streaming moves."""
+        return self.visual_blocks * (self.block_params - self.modulation_params)
 
 
 DITS: dict[str, DiT] = {
-    "lite": DiT(2_007_702_848, 278_808_064, 1792, 7168),
-    "pro": DiT(19_311_325_248, 2_381_539_328, 4096, 16384),
-    "tiny": DiT(131_000, 0, 48, 96),
+    "lite": DiT(2_007_702_848, 278_808_064, 1792, 7168, 32, 59_668_480, 8_273_664),
+    "pro": DiT(19_311_325_248, 2_381_539_328, 4096, 16384, 60, 306_254_336, 37_785_600),
+    "tiny": DiT(131_056, 0, 48, 96, 2, 42_384, 14_256),
 }
 TINY_COMPONENT_BYTES = 4 * 400_000  # tiny text encoders + VAE in fp32
 
-MODES = ("gpu", "offload_text", "offload_model")  # fastest first
+# Fastest first. Every mode is exact (the same frames as "gpu"); they differ in what is on the device.
+MODES = ("gpu", "offload_text", "stream_text", "offload_model", "stream")
 MODE_WORDS = {
     "gpu": "with every model on the GPU",
     "offload_text": "with the text encoders off the GPU while denoising",
-    "offload_model": "even with offload",
+    "stream_text": "with the text encoder streamed layer by layer",
+    "offload_model": "with one model on the GPU at a time",
+    "stream": "even streaming the transformer block by block",
 }
+STREAM_PREFETCH = 2  # visual blocks on the device at once while streaming: the computing one + the next
+FFN_CHUNKS = 4  # as ComfyUI: the FFN of each block on a quarter of the sequence at a time
 
 
 @dataclass(frozen=True)
@@ -77,6 +103,8 @@ class Footprint:
     denoise: int  # peak while denoising
     decode: int  # peak while decoding
     weights: dict[str, int]
+    ffn_chunks: int = 1  # the FFN runs on this many pieces of the sequence (exact)
+    host: int = 0  # host RAM the mode keeps weights in (pinned where streamed)
 
     @property
     def peak(self) -> int:
@@ -100,9 +128,9 @@ def weight_bytes(variant: Variant, device_bf16: bool = True) -> dict[str, int]:
     }
 
 
-def denoise_activations(variant: Variant, width: int, height: int, frames: int, batch: int) -> int:
+def denoise_activations(variant: Variant, width: int, height: int, frames: int, batch: int, ffn_chunks: int = 1) -> int:
     dit = DITS[variant.family]
-    per_token = 4 * dit.model_dim + max(12 * dit.model_dim, 4 * dit.ff_dim)
+    per_token = 4 * dit.model_dim + max(12 * dit.model_dim, 4 * dit.ff_dim // ffn_chunks)
     return int(ACTIVATION_MARGIN * batch * tokens(width, height, frames) * per_token)
 
 
@@ -114,31 +142,79 @@ def decode_activations(width: int, height: int, frames: int, tiling: bool) -> in
     return int(ACTIVATION_MARGIN * live) + output
 
 
+def streamed_parts(variant: Variant) -> dict[str, int]:
+    """Bytes the streaming modes place: what stays on the device and what streams from the host."""
+    dit = DITS[variant.family]
+    w = weight_bytes(variant)
+    width = 4 if variant.demo else 2
+    blocks = width * dit.streamed_params  # bf16 on CUDA
+    modulations = 4 * dit.visual_blocks * dit.modulation_params  # fp32, computed on the host
+    if variant.demo:
+        qwen_peak, clip = w["text"], 0
+    else:
+        qwen_peak, clip = 2 * 2 * QWEN_EMBED_PARAMS, 2 * CLIP_PARAMS  # two of its largest leaves in flight
+    return {
+        "transformer_resident": w["transformer"] - blocks - modulations,
+        "blocks_in_flight": min(STREAM_PREFETCH, dit.visual_blocks) * blocks // max(dit.visual_blocks, 1),
+        "blocks_host": blocks,
+        "modulations_host": modulations,
+        "text_device": qwen_peak + clip,
+        "text_host": w["text"] - clip,
+    }
+
+
 def estimate(
-    variant: Variant, width: int, height: int, frames: int, mode: str, cfg_batch: bool, vae_tiling: bool
+    variant: Variant,
+    width: int,
+    height: int,
+    frames: int,
+    mode: str,
+    cfg_batch: bool,
+    vae_tiling: bool,
+    ffn_chunks: int = 1,
 ) -> Footprint:
     """Peak bytes per phase for one request under `mode` (see the module docstring for the basis)."""
     if mode not in MODES:
         raise ValueError(f"memory mode must be one of {', '.join(MODES)}, got {mode!r}")
     w = weight_bytes(variant)
     batch = 2 if cfg_batch and variant.guidance > 1.0 else 1
-    act = denoise_activations(variant, width, height, frames, batch)
+    act = denoise_activations(variant, width, height, frames, batch, ffn_chunks)
     dec = decode_activations(width, height, frames, vae_tiling)
     text_act = TEXT_ACTIVATIONS if not variant.demo else 0
+    s = streamed_parts(variant)
+    host = 0
     if mode == "gpu":
         resident = w["transformer"] + w["text"] + w["vae"]
         text, denoise, decode = resident + text_act, resident + act, resident + dec
     elif mode == "offload_text":  # text encoders come in for encoding only
         resident = w["transformer"] + w["vae"]
         text, denoise, decode = resident + w["text"] + text_act, resident + act, resident + dec
-    else:  # offload_model: one model on the GPU at a time
+        host = w["text"]
+    elif mode == "stream_text":  # the text encoder streams through; the rest stays
+        resident = w["transformer"] + w["vae"]
+        text, denoise, decode = resident + s["text_device"] + text_act, resident + act, resident + dec
+        host = s["text_host"]
+    elif mode == "offload_model":  # one model on the GPU at a time
         text, denoise, decode = w["text"] + text_act, w["transformer"] + act, w["vae"] + dec
-    return Footprint(mode, batch == 2, vae_tiling, text, denoise, decode, w)
+        host = sum(w.values())
+    else:  # stream: text encoder and visual blocks stream through, modulations on the host
+        resident = s["transformer_resident"] + w["vae"]
+        text = resident + s["text_device"] + text_act
+        denoise = resident + s["blocks_in_flight"] + act
+        decode = resident + dec
+        host = s["text_host"] + s["blocks_host"] + s["modulations_host"]
+    return Footprint(mode, batch == 2, vae_tiling, text, denoise, decode, w, ffn_chunks, host)
 
 
 def usable(capacity: int | None) -> int | None:
     """Bytes a generation may use on a device of `capacity` bytes (None: no limit, e.g. CPU)."""
     return None if capacity is None else capacity - CONTEXT_RESERVE
+
+
+def host_limit(host_capacity: int | None) -> int | None:
+    """Host bytes weights may take on a host of `host_capacity` bytes of RAM (None: not checked):
+    HOST_RESERVE is left for the OS, Python, torch and the server."""
+    return None if host_capacity is None else host_capacity - HOST_RESERVE
 
 
 def plan(
@@ -150,43 +226,85 @@ def plan(
     mode: str = "auto",
     cfg_batch: bool = True,
     vae_tiling: bool | None = None,
+    host_capacity: int | None = None,
 ) -> Footprint | None:
     """The fastest plan that fits, or None if none does.
 
-    `mode` "auto" tries gpu, then offload_text, then offload_model; a fixed mode tries only itself.
-    Within a mode: CFG batching before sequential CFG, untiled VAE decode before tiled
-    (`vae_tiling` True/False forces it). No capacity (CPU): the fastest plan.
+    `mode` "auto" tries the MODES fastest first; a fixed mode tries only itself. Within a mode: CFG
+    batching before sequential CFG, untiled VAE decode before tiled (`vae_tiling` True/False forces
+    it), the whole FFN before FFN chunking. A plan fits when its peak fits the device and its host
+    copies fit `host_capacity` (None: host RAM not checked). No capacity (CPU): the fastest plan.
     """
     limit = usable(capacity)
+    host = host_limit(host_capacity)
     modes = MODES if mode == "auto" else (mode,)
     batches = (True, False) if cfg_batch else (False,)
     tilings = (False, True) if vae_tiling is None else (vae_tiling,)
     for m in modes:
         for b in batches:
             for t in tilings:
-                fp = estimate(variant, width, height, frames, m, b, t)
-                if limit is None or fp.peak <= limit:
-                    return fp
+                for c in (FFN_CHUNKS,) if m == "stream" else (1, FFN_CHUNKS):  # stream: all frugal
+                    fp = estimate(variant, width, height, frames, m, b, t, c)
+                    fits_host = host is None or fp.host <= host
+                    if (limit is None or fp.peak <= limit) and fits_host:
+                        return fp
     return None
 
 
-def max_frames_that_fit(variant: Variant, width: int, height: int, capacity: int, mode: str = "auto") -> int:
+def max_frames_that_fit(
+    variant: Variant, width: int, height: int, capacity: int, mode: str = "auto", host_capacity: int | None = None
+) -> int:
     """The largest 4k+1 frame count that fits at this size (0 if not even one frame does)."""
     best = 0
     for frames in range(1, variant.max_frames + 1, 4):
-        if plan(variant, width, height, frames, capacity, mode) is None:
+        if plan(variant, width, height, frames, capacity, mode, host_capacity=host_capacity) is None:
             break
         best = frames
     return best
 
 
-def no_fit_message(variant: Variant, width: int, height: int, frames: int, capacity: int, mode: str = "auto") -> str:
-    """'768x512, 241 frames needs about 61 GiB on this 24 GiB GPU even with offload; use at most ...'."""
-    frugal = "offload_model" if mode == "auto" else mode
-    need = estimate(variant, width, height, frames, frugal, cfg_batch=False, vae_tiling=True).peak + CONTEXT_RESERVE
-    best = max_frames_that_fit(variant, width, height, capacity, mode)
+def frugal(
+    variant: Variant, width: int, height: int, frames: int, mode: str = "auto", host_capacity: int | None = None
+) -> Footprint:
+    """The smallest-peak plan of `mode` (auto: of the modes whose host copies fit the host)."""
+    host = host_limit(host_capacity)
+    modes = MODES if mode == "auto" else (mode,)
+    plans = [estimate(variant, width, height, frames, m, False, True, FFN_CHUNKS) for m in modes]
+    fitting = [p for p in plans if host is None or p.host <= host] or plans
+    return min(fitting, key=lambda p: p.peak)
+
+
+def no_fit_message(
+    variant: Variant,
+    width: int,
+    height: int,
+    frames: int,
+    capacity: int,
+    mode: str = "auto",
+    host_capacity: int | None = None,
+) -> str:
+    """'768x512, 241 frames needs about 61 GiB on this 24 GiB GPU even with offload; use at most ...',
+    or, when the device would have room but the host has not, how much host RAM the mode needs."""
+    host = host_limit(host_capacity)
+    modes = MODES if mode == "auto" else (mode,)
+    device_fits = [
+        p
+        for p in (estimate(variant, width, height, frames, m, False, True, FFN_CHUNKS) for m in modes)
+        if p.peak <= usable(capacity)
+    ]
+    if device_fits and host is not None and all(p.host > host for p in device_fits):
+        least = min(device_fits, key=lambda p: p.host)
+        return (
+            f"{width}x{height}, {frames} frames fits this {capacity / GiB:.0f} GiB GPU only in memory mode "
+            f"{least.mode}, which keeps about {(least.host + HOST_RESERVE) / GiB:.0f} GiB in host RAM "
+            f"({least.host / GiB:.0f} GiB of weights + {HOST_RESERVE / GiB:.0f} GiB for the process); this host has "
+            f"{host_capacity / GiB:.0f} GiB ({variant.name}); add host RAM or use a smaller model"
+        )
+    best_plan = frugal(variant, width, height, frames, mode, host_capacity)
+    need = best_plan.peak + CONTEXT_RESERVE
+    best = max_frames_that_fit(variant, width, height, capacity, mode, host_capacity)
     advice = f"use at most {best} frames or a smaller size" if best else "use a smaller size or a smaller model"
     return (
         f"{width}x{height}, {frames} frames needs about {need / GiB:.0f} GiB on this {capacity / GiB:.0f} GiB GPU "
-        f"{MODE_WORDS[frugal]} ({variant.name}); {advice}"
+        f"{MODE_WORDS[best_plan.mode]} ({variant.name}); {advice}"
     )

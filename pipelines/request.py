@@ -382,3 +382,4 @@ class GenerationResult:
     cached_steps: int = 0  # transformer evaluations answered from the MagCache (cond and uncond count apart)
     memory_plan: dict = field(default_factory=dict)  # mode, cfg_batch, vae_tiling, estimated peak GiB
     revised_prompt: str | None = None  # the prompt as encoded when expansion rewrote it; None: not expanded
+    approximations: list[str] = field(default_factory=list)  # opt-in 8-bit weights it ran with (quant.py)

@@ -50,7 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--fal-run-port", type=int, default=None)
     serve.add_argument("--require-weights", action="store_true", default=None)
     serve.add_argument(
-        "--memory-mode", default=None, choices=["auto", "gpu", "offload_text", "offload_model"], help="default: auto"
+        "--memory-mode",
+        default=None,
+        choices=["auto", "gpu", "offload_text", "stream_text", "offload_model", "stream"],
+        help="where the weights live (docs/memory.md); default: auto, the fastest that fits",
+    )
+    serve.add_argument("--host-memory", type=float, default=None, help="GiB of host RAM for offloaded weights")
+    serve.add_argument(
+        "--text-encoder-int8", action="store_true", default=None, help="8-bit Qwen weights (approximate, labelled)"
+    )
+    serve.add_argument(
+        "--fp8-weights",
+        action="store_true",
+        default=None,
+        help="scaled fp8 transformer weights (approximate, labelled)",
     )
     serve.add_argument(
         "--compile", default=None, choices=["auto", "on", "off"], help="compile the transformer blocks (auto: on CUDA)"

@@ -119,6 +119,8 @@ class JobOutput:
     cached_steps: int = 0
     # The prompt as encoded when prompt expansion rewrote it (pipelines/expand.py); None: as sent
     revised_prompt: str | None = None
+    # Opt-in approximate weight storage the engine ran with (pipelines/quant.py), one label each
+    approximations: list[str] = field(default_factory=list)
 
     @property
     def seconds(self) -> float:
@@ -248,7 +250,7 @@ class Job:
 
     def log_how_made(self, output: JobOutput, now: float | None = None) -> None:
         """What every contract's logs (fal's above all) and the record should say about how the video
-        was made: the prompt the model really encoded, and approximate (MagCache) output, labelled."""
+        was made: the prompt the model really encoded, and approximate output (MagCache, 8-bit weights), labelled."""
         if output.revised_prompt is not None:
             self.log(f"prompt expanded (Qwen2.5-VL, as the official pipelines): {output.revised_prompt}", now=now)
         if output.acceleration != "none":
@@ -257,6 +259,8 @@ class Job:
                 "reused from earlier steps (MagCache)",
                 now=now,
             )
+        for label in output.approximations:
+            self.log(f"approximate: {label} (opt-in server setting)", now=now)
 
     # -- views ---------------------------------------------------------------------------------
 

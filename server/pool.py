@@ -257,7 +257,8 @@ def local_workers(settings, gpus: Gpus | None = None) -> Workers:
     specs = parse_devices(text, settings.sp_degree, gpus)
     # TODO(lead, issue 13 item 3): refuse a degree the served variants' heads cannot split here, with
     # pipelines.variants.sp_degree_problem(served, degree) from helper sp's branch (not on this one).
-    placements = Placement(capacity(specs, gpus), settings.memory_mode)
+    host = int(settings.host_memory * 2**30) if settings.host_memory else None
+    placements = Placement(capacity(specs, gpus), settings.memory_mode, host_capacity=host)
     preparer = Preparer(
         WeightsFolder(settings.weights_dir), placements, settings.models, settings.require_weights,
         str(settings.weights_dir),

@@ -44,7 +44,12 @@ class Settings(BaseSettings):
     fal_run_port: int | None = Field(None, ge=0, le=65535)
     require_weights: bool = False
     # Where the weights live on the GPU (pipelines/memory.py): auto decides per variant from the device memory.
-    memory_mode: Literal["auto", "gpu", "offload_text", "offload_model"] = "auto"
+    memory_mode: Literal["auto", "gpu", "offload_text", "stream_text", "offload_model", "stream"] = "auto"
+    # Opt-in approximate weight storage (pipelines/quant.py; labelled in every job made with it).
+    text_encoder_int8: bool = False
+    fp8_weights: bool = False
+    # GiB of host RAM the memory plan may fill with offloaded/streamed weights (default: detected on CUDA).
+    host_memory: float | None = Field(None, gt=0)
     # torch.compile of the repeated transformer blocks: auto = on for CUDA (warmed at start-up), off on the CPU.
     compile: Literal["auto", "on", "off"] = "auto"
     # Rewrite each prompt with Qwen2.5-VL before encoding, as the official pipelines do by default
@@ -159,6 +164,9 @@ class Settings(BaseSettings):
             "models": self.models,
             "require_weights": self.require_weights,
             "memory_mode": self.memory_mode,
+            "host_memory": int(self.host_memory * 2**30) if self.host_memory else None,
+            "text_encoder_int8": self.text_encoder_int8,
+            "fp8_weights": self.fp8_weights,
             "compile": {"auto": None, "on": True, "off": False}[self.compile],
         }
 

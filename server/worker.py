@@ -282,6 +282,7 @@ def _output(result: GenerationResult) -> JobOutput:
         acceleration=result.acceleration,
         cached_steps=result.cached_steps,
         revised_prompt=result.revised_prompt,
+        approximations=list(getattr(result, "approximations", ())),
     )
 
 

@@ -93,6 +93,7 @@ def job_summary(job: Job, base: str, position: int | None) -> dict:
         "inference_time": job.inference_time,
         "acceleration": out.acceleration if out else None,
         "revised_prompt": out.revised_prompt if out else None,  # the prompt as encoded, when expanded
+        "approximations": out.approximations if out else None,  # opt-in 8-bit weights (pipelines/quant.py)
         "request": _requested(job),
         "resolved": _resolved(job),
     }

@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine (README): `make serve` and `make test`.
 # torch is installed first from the pinned CPU wheel so pip never pulls the CUDA build;
 # on a GPU host set TORCH="torch --index-url <your CUDA wheel index>" or use Dockerfile.cuda.
+# The ray extra is installed too: tests/api/test_ray.py fails without it (CI always runs it).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
@@ -12,7 +13,7 @@ ARGS ?=
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,ray]'
 	touch $@
 
 install: $(BIN)/.installed
@@ -33,7 +34,7 @@ $(VENV)/aimlapi-sdk/.installed: $(BIN)/.installed
 	$(BIN)/pip install -q --no-deps --target $(VENV)/aimlapi-sdk 'aimlapi-sdk-python>=2.24.0rc1' 'distro>=1.7'
 	touch $@
 
-# Debian's Chromium + ChromeDriver for the playground browser test (CI runs as root on Debian).
+# Debian's Chromium + ChromeDriver for the studio browser tests (CI runs as root on Debian).
 /usr/bin/chromedriver:
 	(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null
 

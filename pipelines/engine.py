@@ -70,6 +70,8 @@ class Engine:
         self._pipes = LoadedPipelines(self.source, self.options, self.placements.mode)
         self._settings = generation.Settings(self.device, cfg_batch, vae_tiling)
         self._lock = threading.Lock()
+        # The sequence-parallel group this engine is a rank of, during a group's job (pipelines/group.py)
+        self.group: generation.Group | None = None
         # admission's half (torch-free, shared with the HTTP front end of process workers)
         self.preparer = Preparer(self.source, self.placements, models, require_weights, str(self.weights_dir))
         self.models, self.present, self.demo = self.preparer.models, self.preparer.present, self.preparer.demo
@@ -150,6 +152,10 @@ class Engine:
         cancel = cancel if cancel is not None else CancelToken()
         r = self._resolved(req)
         self._log_demo(r)
+        if r.continuation is not None:  # an extension, or longer than one pass: made in passes
+            from .extension import generate as generate_in_passes
+
+            return generate_in_passes(self, r, Path(output), on_step=on_step, on_phase=on_phase, cancel=cancel)
         done = self.generate_frames(r, on_step=on_step, on_phase=on_phase, cancel=cancel)
         cancel.raise_if_cancelled()
         if on_phase is not None:
@@ -186,9 +192,11 @@ class Engine:
         on_phase: PhaseCallback | None = None,
         cancel: Cancellation | None = None,
         decode: bool = True,
+        image=None,
     ) -> Frames:
-        """Stages 1-4 of `generate`: the frames (F, H, W, 3) in [0, 1] and how they were made, no
-        file. `decode=False` stops at the latents (warm-up)."""
+        """Stages 1-4 of `generate` for one pass: the frames (F, H, W, 3) in [0, 1] and how they were
+        made, no file. `decode=False` stops at the latents (warm-up). `image`: an I2V pass's first
+        frame already loaded (a continuation pass, extension.py) instead of `req.image`."""
         cancel = cancel if cancel is not None else CancelToken()
 
         # 1. resolve (only a raw request: an admitted one is never re-resolved) and load
@@ -211,6 +219,8 @@ class Engine:
                 on_step=on_step,
                 on_phase=on_phase,
                 decode=decode,
+                group=self.group,
+                image=image,
             )
 
     def _resolved(self, req: ResolvedRequest | GenerationRequest) -> ResolvedRequest:

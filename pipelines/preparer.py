@@ -10,6 +10,8 @@ end learns from a probe subprocess (server/devices.py).
 
 from __future__ import annotations
 
+import dataclasses
+
 from .errors import WeightsMissing
 from .placement import Placement
 from .request import GenerationRequest, ResolvedRequest, resolve
@@ -61,7 +63,19 @@ class Preparer:
             return resolved.as_demo()
         if resolved.variant.name not in self.present:
             self.raise_missing(resolved.variant.name)
-        self.placements.check_fits(resolved)
+        if resolved.continuation is None:
+            self.placements.check_fits(resolved)
+            return resolved
+        # a clip in passes (pipelines/extension.py): each pass must run here
+        if resolved.continuation not in self.present:
+            self.raise_missing(resolved.continuation)
+        from .extension import continuation_pass
+
+        passes = resolved.passes
+        if not resolved.extend:
+            self.placements.check_fits(dataclasses.replace(resolved, num_frames=passes[0], continuation=None))
+        for added in sorted(set(passes[1:])):
+            self.placements.check_fits(continuation_pass(resolved, 1, added, resolved.prompt))
         return resolved
 
     def raise_missing(self, name: str) -> None:

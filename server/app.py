@@ -175,17 +175,27 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _workers(settings: Settings) -> Workers:
+    """Worker processes on this host, or Ray actors across a cluster with --ray-address."""
+    if settings.ray_address:
+        from .ray_cluster import ray_workers  # imports ray: only with --ray-address
+
+        return ray_workers(settings)
+    return local_workers(settings)
+
+
 def run(settings: Settings, engine: EngineLike | None = None) -> int:
     """`k5serve serve`: returns the process exit code. Without `engine`, one worker process per
-    device or group of settings.devices (pool.py); with one, that engine in a worker thread."""
+    device or group of settings.devices (pool.py), or one Ray actor per GPU of the cluster at
+    settings.ray_address; with one, that engine in a worker thread."""
     import uvicorn
 
     from pipelines.errors import WeightsMissing
 
     use_json_logs()  # one JSON object per line; uvicorn's access log keeps its own format
     try:
-        engine = engine or local_workers(settings)
-    except (WeightsMissing, ValueError) as exc:
+        engine = engine or _workers(settings)
+    except (WeightsMissing, ValueError, RuntimeError) as exc:  # RuntimeError: ray_cluster.RayUnavailable
         print(f"k5serve: {exc}", file=sys.stderr)
         return 2
     if (engine.front if isinstance(engine, Workers) else engine).demo:

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     # Rewrite each prompt with Qwen2.5-VL before encoding, as the official pipelines do by default
     # (pipelines/expand.py). Off: the exact diffusers pipeline. A request's own switch wins.
     expand_prompts: bool = False
+    # Join this Ray cluster and run the workers as Ray actors on its GPUs ("auto": the cluster
+    # `ray start` made on this host; needs the ray extra). None: no Ray (docs/scale-out.md).
+    ray_address: str | None = None
 
     # Not CLI flags: tuning knobs with safe defaults (still settable through K5SERVE_*).
     webhook_timeout: float = Field(15.0, gt=0)  # fal delivery policy: 15 s per attempt
@@ -74,11 +77,32 @@ class Settings(BaseSettings):
     url_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Retention: outputs and their job records expire together this long after the job ended (0: keep).
     retention_hours: float = Field(0.0, ge=0)
+    # Other servers' model names -> variants, K5SERVE_MODEL_ALIASES=name=variant,... (docs/sora.md), over
+    # the default table (variants.DEFAULT_ALIASES: Sora's names); every contract takes them as model ids.
+    model_aliases: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
 
     @field_validator("models", "api_keys", "url_allowlist", mode="before")
     @classmethod
     def _comma_lists(cls, value: object) -> object:
         return _split_commas(value)
+
+    @field_validator("model_aliases", mode="before")
+    @classmethod
+    def _parse_aliases(cls, value: object) -> object:
+        from pipelines.variants import parse_aliases
+
+        if isinstance(value, str):
+            return parse_aliases(value)
+        if isinstance(value, dict):  # given as a mapping (tests, create_app callers): checked the same way
+            return parse_aliases(",".join(f"{k}={v}" for k, v in value.items()))
+        return value
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Every model alias in force: the default table, then K5SERVE_MODEL_ALIASES over it."""
+        from pipelines.variants import DEFAULT_ALIASES
+
+        return {**DEFAULT_ALIASES, **self.model_aliases}
 
     @field_validator("models")
     @classmethod
@@ -92,6 +116,11 @@ class Settings(BaseSettings):
 
         Allowlist(value)  # a ValueError names the entry that is not an address, a CIDR block or a name
         return value
+
+    @field_validator("ray_address")
+    @classmethod
+    def _blank_ray_address(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
 
     @field_validator("public_url")
     @classmethod

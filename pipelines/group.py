@@ -27,7 +27,7 @@ from pathlib import Path
 from .cancel import Cancellation, CancelToken
 from .errors import Cancelled, InvalidRequest
 from .request import GenerationRequest, GenerationResult, ResolvedRequest
-from .variants import TINY_I2V, TINY_T2V, sp_degree_problem
+from .variants import sp_degree_problem
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,7 @@ class GroupEngine:
         self._kwargs = engine_kwargs
         self.engine = Engine(device=self.devices[0], **engine_kwargs)
         self.demo = self.engine.demo
-        # what will run: in demo mode the tiny model stands in for every variant
-        served = [TINY_T2V, TINY_I2V] if self.demo else (self.engine.models or self.engine.present)
-        problem = sp_degree_problem(served, len(self.devices))
+        problem = sp_degree_problem(self.engine.preparer.runs(), len(self.devices))
         if problem:
             raise ValueError(problem)
         self.member = None

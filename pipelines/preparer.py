@@ -16,7 +16,7 @@ from .errors import WeightsMissing
 from .placement import Placement
 from .request import GenerationRequest, ResolvedRequest, resolve
 from .sources import PipelineSource
-from .variants import VARIANTS
+from .variants import TINY_I2V, TINY_T2V, VARIANTS
 
 
 class Preparer:
@@ -52,6 +52,14 @@ class Preparer:
         if self.demo:
             return sorted(VARIANTS)
         return sorted(self.present + [n for n, v in VARIANTS.items() if v.demo])
+
+    def runs(self) -> list[str]:
+        """The variants whose weights will really run: the tiny models in demo mode (they stand in
+        for every variant), else --models or every checkpoint present. A sequence-parallel degree
+        is checked against these (pipelines.variants.sp_degree_problem)."""
+        if self.demo:
+            return [TINY_T2V, TINY_I2V]
+        return list(self.models or self.present)
 
     def prepare(self, req: GenerationRequest) -> ResolvedRequest:
         """Validate and resolve `req`: defaults, demo stand-in, weights present, memory fit.

@@ -250,18 +250,21 @@ def local_workers(settings, gpus: Gpus | None = None) -> Workers:
     from pipelines.placement import Placement
     from pipelines.preparer import Preparer
     from pipelines.sources import WeightsFolder
+    from pipelines.variants import sp_degree_problem
 
     text = settings.devices if settings.devices is not None else settings.device
     needs_probe = any(part.strip().startswith("cuda") or part.strip() in ("auto", "all") for part in text.split(","))
     gpus = gpus if gpus is not None else (probe() if needs_probe else Gpus())
     specs = parse_devices(text, settings.sp_degree, gpus)
-    # TODO(lead, issue 13 item 3): refuse a degree the served variants' heads cannot split here, with
-    # pipelines.variants.sp_degree_problem(served, degree) from helper sp's branch (not on this one).
     host = int(settings.host_memory * 2**30) if settings.host_memory else None
     placements = Placement(capacity(specs, gpus), settings.memory_mode, host_capacity=host)
     preparer = Preparer(
         WeightsFolder(settings.weights_dir), placements, settings.models, settings.require_weights,
         str(settings.weights_dir),
     )  # fmt: skip
+    for degree in sorted({len(spec.devices) for spec in specs} - {1}):  # refused here, not in each worker
+        problem = sp_degree_problem(preparer.runs(), degree)
+        if problem:
+            raise ValueError(problem)
     device = ",".join(spec.label for spec in specs)
     return Workers(specs, process_factory(settings), FrontEngine(preparer, device=device))

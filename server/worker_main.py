@@ -36,18 +36,10 @@ LOST_EXIT_CODE = 70  # the process ended itself after a DeviceFailure
 
 def build_engine(devices: list[str], **engine_kwargs: Any):
     """The engine for `devices`: pipelines.group.build_engine (Engine for one device, GroupEngine
-    for a sequence-parallel group) where that module exists, else the plain Engine."""
-    try:  # TODO(lead): drop the fallback once pipelines/group.py (helper sp) is merged
-        from pipelines.group import build_engine as group_engine
-    except ImportError:
-        group_engine = None
-    if group_engine is not None:
-        return group_engine(list(devices), **engine_kwargs)
-    if len(devices) != 1:
-        raise ValueError(f"a group of devices {'+'.join(devices)} needs sequence parallelism (pipelines/group.py)")
-    from pipelines.engine import Engine
+    for a sequence-parallel group)."""
+    from pipelines.group import build_engine as group_engine
 
-    return Engine(device=devices[0], **engine_kwargs)
+    return group_engine(list(devices), **engine_kwargs)
 
 
 def load_factory(path: str):

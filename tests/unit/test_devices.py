@@ -92,3 +92,15 @@ def test_a_bad_device_list_stops_serve_with_its_message(monkeypatch, tmp_path, c
     monkeypatch.setattr("server.app.use_json_logs", lambda: None)
     code = cli.main(["serve", "--devices", "cpu,tpu", "--data-dir", str(tmp_path)])
     assert code == 2 and "'tpu' is not cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
+def test_start_up_refuses_a_degree_the_served_variants_heads_cannot_split(tmp_path):
+    # demo mode (no checkpoints): the tiny models run, 2 heads -> only degree 2 splits them
+    from server.pool import local_workers
+    from server.settings import Settings
+
+    settings = Settings(weights_dir=tmp_path, data_dir=tmp_path / "data", devices="cpu,cpu,cpu", sp_degree=3)
+    with pytest.raises(ValueError, match=r"degree 3 does not fit kandinsky5-tiny-t2v .* valid degrees: 2$"):
+        local_workers(settings)
+    ok = local_workers(settings.model_copy(update={"devices": "cpu,cpu", "sp_degree": 2}))
+    assert [spec.devices for spec in ok.specs] == [("cpu", "cpu")]

@@ -150,14 +150,18 @@ def plan(
     mode: str = "auto",
     cfg_batch: bool = True,
     vae_tiling: bool | None = None,
+    resident: int = 0,
 ) -> Footprint | None:
     """The fastest plan that fits, or None if none does.
 
     `mode` "auto" tries gpu, then offload_text, then offload_model; a fixed mode tries only itself.
     Within a mode: CFG batching before sequential CFG, untiled VAE decode before tiled
-    (`vae_tiling` True/False forces it). No capacity (CPU): the fastest plan.
+    (`vae_tiling` True/False forces it). No capacity (CPU): the fastest plan. `resident`: bytes that
+    stay on the device beside this request (other variants' models, pipelines/residency.py).
     """
     limit = usable(capacity)
+    if limit is not None:
+        limit -= resident
     modes = MODES if mode == "auto" else (mode,)
     batches = (True, False) if cfg_batch else (False,)
     tilings = (False, True) if vae_tiling is None else (vae_tiling,)

@@ -45,11 +45,16 @@ class Placement:
         fp = memory.plan(v, w, h, v.max_frames, self.capacity)
         return fp.mode if fp is not None else "offload_model"
 
-    def plan(self, r: ResolvedRequest) -> memory.Footprint | None:
-        """The plan for this request under its variant's mode (None: it does not fit)."""
+    def plan(self, r: ResolvedRequest, resident: int = 0) -> memory.Footprint | None:
+        """The plan for this request under its variant's mode (None: it does not fit). `resident`:
+        bytes other variants keep on the device meanwhile (pipelines/residency.py)."""
+        return self.plan_size(r.variant.name, r.width, r.height, r.num_frames, resident)
+
+    def plan_size(self, name: str, width: int, height: int, frames: int, resident: int = 0) -> memory.Footprint | None:
+        """`plan` for variant `name` at a size rather than for a request."""
         tiling = True if self.vae_tiling else None
-        mode = self.mode(r.variant.name)
-        return memory.plan(r.variant, r.width, r.height, r.num_frames, self.capacity, mode, self.cfg_batch, tiling)
+        v, mode = VARIANTS[name], self.mode(name)
+        return memory.plan(v, width, height, frames, self.capacity, mode, self.cfg_batch, tiling, resident=resident)
 
     def check_fits(self, r: ResolvedRequest) -> None:
         """Raise InvalidRequest naming num_frames (if fewer would fit) or width when `r` cannot fit."""

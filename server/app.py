@@ -179,6 +179,7 @@ def _build_engine(settings: Settings) -> EngineLike:
         settings.models,
         settings.require_weights,
         memory_mode=settings.memory_mode,
+        device_memory=None if settings.device_memory is None else int(settings.device_memory * 2**30),
         compile={"auto": None, "on": True, "off": False}[settings.compile],
     )
 

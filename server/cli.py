@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--memory-mode", default=None, choices=["auto", "gpu", "offload_text", "offload_model"], help="default: auto"
     )
     serve.add_argument(
+        "--device-memory",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="device memory budget in GiB (default: what the GPU reports); models are evicted to stay under it",
+    )
+    serve.add_argument(
         "--compile", default=None, choices=["auto", "on", "off"], help="compile the transformer blocks (auto: on CUDA)"
     )
     serve.add_argument(

@@ -16,7 +16,7 @@ import time
 from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .engine_protocol import EngineLike
 from .jobs import DENOISING, Job, JobStatus
@@ -35,6 +35,7 @@ class Metrics:
         queue.set_function(manager.queued_count)
         self.registry.register(_DeviceMemory(engine))
         self.registry.register(_JobsByStatus(manager))
+        self.registry.register(_Residency(engine))
         self.finished = Counter(
             "k5serve_jobs_finished", "Jobs that ended, by status and contract", ["status", "contract"],
             registry=self.registry,
@@ -129,6 +130,49 @@ class _DeviceMemory:
         if value is not None:
             family.add_metric([], float(value))
         yield family
+
+
+class _Residency:
+    """Model loads, evictions and swap time, and the bytes resident per component, from the engine's
+    describe() at scrape time (pipelines/residency.py); a counter the engine does not report has no sample."""
+
+    COUNTERS = (
+        ("loads", "k5serve_component_loads", "Models (transformer, text encoders, VAE) read from disk onto the device"),
+        (
+            "evictions",
+            "k5serve_component_evictions",
+            "Models moved off the device to make room (to host RAM or dropped)",
+        ),
+        ("swap_seconds", "k5serve_component_swap_seconds", "Seconds spent bringing evicted models back from host RAM"),
+    )
+
+    def __init__(self, engine: EngineLike):
+        self.engine = engine
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):
+        try:
+            held = self.engine.describe()
+        except Exception:  # a scrape must not fail because the engine is busy or gone
+            log.warning("could not read what the engine holds", exc_info=True)
+            held = {}
+        counters = held.get("counters") or {}
+        for key, name, text in self.COUNTERS:
+            family = CounterMetricFamily(name, text)
+            if key in counters:
+                family.add_metric([], float(counters[key]))
+            yield family
+        resident = GaugeMetricFamily(
+            "k5serve_resident_bytes", "Bytes of models resident on the device, by component", labels=["component"]
+        )
+        by_component: collections.Counter = collections.Counter()
+        for entry in held.get("resident") or []:
+            by_component[entry["component"]] += entry["bytes"]
+        for component, nbytes in sorted(by_component.items()):
+            resident.add_metric([component], float(nbytes))
+        yield resident
 
 
 def metrics_router(metrics: Metrics) -> APIRouter:

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     require_weights: bool = False
     # Where the weights live on the GPU (pipelines/memory.py): auto decides per variant from the device memory.
     memory_mode: Literal["auto", "gpu", "offload_text", "offload_model"] = "auto"
+    # GiB of device memory the engine may use (default: what the GPU reports; none on the CPU): less
+    # leaves room for other processes; on the CPU it sets a budget, so eviction can be exercised there.
+    device_memory: float | None = Field(None, gt=0)
     # torch.compile of the repeated transformer blocks: auto = on for CUDA (warmed at start-up), off on the CPU.
     compile: Literal["auto", "on", "off"] = "auto"
     # Rewrite each prompt with Qwen2.5-VL before encoding, as the official pipelines do by default

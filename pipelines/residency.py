@@ -169,11 +169,10 @@ class Residency:
         return self._drop(entry)
 
     def forget(self, variant: str) -> None:
-        """`variant`'s pipeline is gone: its models lose that user; models nobody uses are freed."""
-        for key, entry in list(self._entries.items()):
+        """`variant`'s pipeline is gone: its models lose that user. One nobody uses stays where it is
+        (the next variant may share it) until room is needed: then it goes like any other."""
+        for entry in self._entries.values():
             entry.variants.discard(variant)
-            if not entry.variants:
-                del self._entries[key]
 
     def _drop(self, entry: Entry) -> list[str]:
         users = sorted(entry.variants)

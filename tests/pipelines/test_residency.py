@@ -8,7 +8,6 @@ device budget is set through Engine(device_memory=...), what `--device-memory` s
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from pipelines import memory
 from pipelines.content import content_ids
 from pipelines.engine import Engine
 from pipelines.request import GenerationRequest
+from pipelines.tiny import ensure_tiny_family
 from pipelines.variants import TINY_I2V, TINY_T2V
 
 LITES = ["kandinsky5-lite-t2v-sft-5s", "kandinsky5-lite-t2v-nocfg-5s", "kandinsky5-lite-t2v-distilled-5s"]
@@ -29,21 +29,8 @@ OPTS = dict(device="cpu", compile=False, cfg_batch=False, memory_mode="gpu")  # 
 
 @pytest.fixture(scope="module")
 def lite_weights(tiny_weights_dir, tmp_path_factory) -> Path:
-    from safetensors.torch import load_file, save_file
-
-    tiny = tiny_weights_dir / TINY_T2V
     weights = tmp_path_factory.mktemp("lites")
-    for k, name in enumerate(LITES):
-        for path in sorted(tiny.rglob("*")):
-            rel = path.relative_to(tiny)
-            if not path.is_file() or any(part.startswith(".") for part in rel.parts):
-                continue
-            (weights / name / rel).parent.mkdir(parents=True, exist_ok=True)
-            if rel.as_posix() == WEIGHTS:  # a transformer of its own
-                state = {key: t + 0.01 * (k + 1) for key, t in load_file(path).items()}
-                save_file(state, weights / name / rel, metadata={"format": "pt"})
-            else:
-                os.link(path, weights / name / rel)
+    ensure_tiny_family(weights, LITES, tiny_weights_dir / TINY_T2V)
     return weights
 
 
@@ -163,3 +150,16 @@ def test_without_host_room_an_evicted_transformer_is_dropped_and_read_again(lite
     back = engine.pipeline(LITES[0], engine.prepare(lite(LITES[0])))
     assert back is not first and engine.describe()["counters"]["loads"] == 6  # from disk again
     assert engine.loaded() == [LITES[0]] and back.text_encoder is first.text_encoder  # shared ones stayed
+
+
+def test_verify_records_the_content_ids_beside_the_weights(lite_weights, capsys):
+    from pipelines.variants import VARIANTS
+    from pipelines.weights import report_verify
+
+    folder = lite_weights / LITES[1]
+    (folder / ".k5serve" / "content-ids.json").unlink(missing_ok=True)
+    assert report_verify(VARIANTS[LITES[1]], folder) == 0
+    out = capsys.readouterr().out
+    ids = content_ids(folder)
+    assert f"id       text_encoder: {ids['text_encoder']}" in out
+    assert (folder / ".k5serve" / "content-ids.json").is_file()

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
 from .layout import COMPONENTS
+
+log = logging.getLogger(__name__)
 
 CACHE = Path(".k5serve") / "content-ids.json"  # inside the variant folder
 SHARED = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")  # shared when identical
@@ -87,6 +90,7 @@ def content_ids(variant_folder: Path, components: tuple[str, ...] | None = None)
         if isinstance(entry, dict) and entry.get("files") == signature and entry.get("id"):
             ids[component] = entry["id"]
             continue
+        log.info("hashing %s of %s once (its content id, for sharing between variants)", component, variant_folder)
         ids[component] = hash_component(folder)
         cached[component] = {"id": ids[component], "files": signature}
         changed = True
@@ -99,8 +103,3 @@ def content_ids(variant_folder: Path, components: tuple[str, ...] | None = None)
         except OSError:
             pass  # read-only weights: hash again next start
     return ids
-
-
-def short(content_id: str) -> str:
-    """The id as logs and /readyz show it: 'sha256:' and 16 hex digits (64 bits)."""
-    return content_id[: len("sha256:") + 16] if content_id.startswith("sha256:") else content_id

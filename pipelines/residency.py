@@ -237,7 +237,8 @@ class Residency:
 
     def _sorted(self) -> list[Entry]:
         order = {c: i for i, c in enumerate(DEVICE_COMPONENTS)}
-        entries = [e for e in self._entries.values() if e.component in DEVICE_COMPONENTS]
+        # a snapshot: /readyz and /metrics read this from their own threads while a job loads
+        entries = [e for e in list(self._entries.values()) if e.component in DEVICE_COMPONENTS]
         return sorted(entries, key=lambda e: (order[e.component], e.id, sorted(e.variants)))
 
     def _notify(self, event: str, variant: str) -> None:

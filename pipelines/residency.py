@@ -183,6 +183,9 @@ class Residency:
                 del self._entries[key]
         for variant in users:
             self.forget(variant)
+        for key, e in list(self._entries.items()):
+            if key[3] and not e.variants:  # a model of its own of a forgotten pipeline: nobody can use it
+                del self._entries[key]
         return users
 
     # ---- host RAM ------------------------------------------------------------------------

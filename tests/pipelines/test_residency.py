@@ -163,3 +163,46 @@ def test_verify_records_the_content_ids_beside_the_weights(lite_weights, capsys)
     ids = content_ids(folder)
     assert f"id       text_encoder: {ids['text_encoder']}" in out
     assert (folder / ".k5serve" / "content-ids.json").is_file()
+
+
+# ---- the eviction order, on bare modules ---------------------------------------------------------
+
+
+def bare_pipe(**modules):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**modules)
+
+
+def test_eviction_takes_lru_transformers_first_then_unused_models_and_drops_what_host_ram_cannot_keep():
+    from pipelines.residency import Residency
+
+    lin = torch.nn.Linear  # 4x4 + 4 fp32 = 80 bytes
+    res = Residency("cpu", host_memory=80)  # room for one model in host RAM
+    te, vae = lin(4, 4), lin(4, 4)
+    a = bare_pipe(transformer=lin(4, 4), text_encoder=te, vae=vae)
+    b = bare_pipe(transformer=lin(4, 4), text_encoder=te, vae=vae)
+    c = bare_pipe(transformer=lin(4, 4), text_encoder=lin(4, 4), vae=vae)
+    ids = {
+        "a": {"transformer": "ta", "text_encoder": "te", "vae": "v"},
+        "b": {"transformer": "tb", "text_encoder": "te", "vae": "v"},
+        "c": {"transformer": "tc", "text_encoder": "te2", "vae": "v"},
+    }
+    expected_shared = {"a": set(), "b": {"text_encoder", "vae"}, "c": {"vae"}}
+    for name, pipe in (("a", a), ("b", b), ("c", c)):
+        assert set(res.shared_for(name, ids[name], "gpu")) == expected_shared[name]
+        res.register(name, pipe, ids[name], "gpu")
+    assert res.counters["loads"] == 3 + 1 + 2  # te and v once; c's te2 is other bytes: its own
+    res.use("a")  # b is now the least recently used transformer
+    keep = set(ids["c"].items())
+    assert res.evict_one(keep) == [] and res.where("b", "transformer") == "host"  # LRU, to host RAM
+    assert res.evict_one(keep) == ["a"] and res.counters["drops"] == 1  # host RAM full: dropped
+    # then models c does not use: te (b's, waiting on the host); dropping it forgets b and its transformer
+    assert res.evict_one(keep) == ["b"] and res.host_bytes() == 0
+    assert res.evict_one(keep) is None  # only c's own models are left
+    assert {(e["component"], e["id"]) for e in res.resident()} == {
+        ("transformer", "tc"),
+        ("text_encoder", "te2"),
+        ("vae", "v"),
+    }
+    assert (res.counters["evictions"], res.counters["drops"]) == (3, 2)

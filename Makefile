@@ -33,7 +33,7 @@ $(VENV)/aimlapi-sdk/.installed: $(BIN)/.installed
 	$(BIN)/pip install -q --no-deps --target $(VENV)/aimlapi-sdk 'aimlapi-sdk-python>=2.24.0rc1' 'distro>=1.7'
 	touch $@
 
-# Debian's Chromium + ChromeDriver for the playground browser test (CI runs as root on Debian).
+# Debian's Chromium + ChromeDriver for the studio browser tests (CI runs as root on Debian).
 /usr/bin/chromedriver:
 	(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null
 

@@ -410,15 +410,11 @@ class StepRunner:
         return sample[0:1]
 
 
-# The tiny demo variants borrow Lite's calibration so the same code path runs (their output is noise).
-_BORROWED = {"kandinsky5-tiny-t2v": "kandinsky5-lite-t2v-sft-5s", "kandinsky5-tiny-i2v": "kandinsky5-lite-i2v-5s"}
-
-
 def magcache_for(variant_name: str, steps: int, cfg: bool, hd: bool = False) -> MagCache | None:
     """MagCache state for a variant at `steps`, or None when it has no official calibration."""
-    from .mag_ratios import MAG_RATIOS
+    from .mag_ratios import BORROWED, MAG_RATIOS
 
-    name = _BORROWED.get(variant_name, variant_name)
+    name = BORROWED.get(variant_name, variant_name)
     ratios = (MAG_RATIOS.get(f"{name}@hd") if hd else None) or MAG_RATIOS.get(name)
     if ratios is None:
         return None

@@ -10,6 +10,7 @@ device.py (device errors, memory), clock.py (stage timing).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from pathlib import Path
@@ -78,6 +79,8 @@ class Engine:
         self._pipes = LoadedPipelines(self.source, self.options, self.placements.mode, self.residency)
         self._settings = generation.Settings(self.device, cfg_batch, vae_tiling)
         self._lock = threading.Lock()
+        # The sequence-parallel group this engine is a rank of, during a group's job (pipelines/group.py)
+        self.group: generation.Group | None = None
 
         unknown = [m for m in models or [] if m not in VARIANTS]
         if unknown:
@@ -113,7 +116,19 @@ class Engine:
             return resolved.as_demo()
         if resolved.variant.name not in self.present:
             self._raise_missing(resolved.variant.name)
-        self.placements.check_fits(resolved)
+        if resolved.continuation is None:
+            self.placements.check_fits(resolved)
+            return resolved
+        # a clip in passes (pipelines/extension.py): each pass must run here
+        if resolved.continuation not in self.present:
+            self._raise_missing(resolved.continuation)
+        from .extension import continuation_pass
+
+        passes = resolved.passes
+        if not resolved.extend:
+            self.placements.check_fits(dataclasses.replace(resolved, num_frames=passes[0], continuation=None))
+        for added in sorted(set(passes[1:])):
+            self.placements.check_fits(continuation_pass(resolved, 1, added, resolved.prompt))
         return resolved
 
     def _raise_missing(self, name: str) -> None:
@@ -217,6 +232,10 @@ class Engine:
         cancel = cancel if cancel is not None else CancelToken()
         r = self._resolved(req)
         self._log_demo(r)
+        if r.continuation is not None:  # an extension, or longer than one pass: made in passes
+            from .extension import generate as generate_in_passes
+
+            return generate_in_passes(self, r, Path(output), on_step=on_step, on_phase=on_phase, cancel=cancel)
         done = self.generate_frames(r, on_step=on_step, on_phase=on_phase, cancel=cancel)
         cancel.raise_if_cancelled()
         if on_phase is not None:
@@ -253,9 +272,11 @@ class Engine:
         on_phase: PhaseCallback | None = None,
         cancel: Cancellation | None = None,
         decode: bool = True,
+        image=None,
     ) -> Frames:
-        """Stages 1-4 of `generate`: the frames (F, H, W, 3) in [0, 1] and how they were made, no
-        file. `decode=False` stops at the latents (warm-up)."""
+        """Stages 1-4 of `generate` for one pass: the frames (F, H, W, 3) in [0, 1] and how they were
+        made, no file. `decode=False` stops at the latents (warm-up). `image`: an I2V pass's first
+        frame already loaded (a continuation pass, extension.py) instead of `req.image`."""
         cancel = cancel if cancel is not None else CancelToken()
 
         # 1. resolve (only a raw request: an admitted one is never re-resolved) and load
@@ -278,6 +299,8 @@ class Engine:
                 on_step=on_step,
                 on_phase=on_phase,
                 decode=decode,
+                group=self.group,
+                image=image,
             )
 
     def _resolved(self, req: ResolvedRequest | GenerationRequest) -> ResolvedRequest:

@@ -11,13 +11,14 @@ temporal windows (decode.py).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from . import memory
+from . import memory, video_to_video
 from .cancel import Cancellation
 from .clock import StageClock
 from .decode import decode_in_chunks, vae_input
@@ -72,37 +73,54 @@ def run(
     on_step: StepCallback | None = None,
     on_phase: PhaseCallback | None = None,
     decode: bool = True,
+    group: Group | None = None,
+    image: Any = None,
 ) -> Frames:
     """Stages 2-4 for `r` on `pipe` (loaded; `clock` has timed the load). `decode=False` stops after
-    the denoising loop and returns the latents (warm-up)."""
+    the denoising loop and returns the latents (warm-up). With `group` this process is one rank of a
+    sequence-parallel group (pipelines/group.py): only its leader encodes (the others receive the
+    embeddings) and decodes; every rank denoises. `image`: an I2V pass's first frame, already
+    loaded (an extension's continuation, pipelines/extension.py); default: `r.image` from disk. A
+    request with a source `video` starts from it (video_to_video.py: its own stage, encode_video)."""
     import torch
 
     from .denoise import StepRunner, magcache_for
 
     cfg = r.guidance > 1.0
     cache = None
-    if r.acceleration == "regular":
+    # MagCache's calibration follows a whole schedule: a video-to-video runs only its tail, exactly
+    if r.acceleration == "regular" and r.strength == 1.0:
         cache = magcache_for(r.variant.name, r.steps, cfg=cfg, hd=(r.width, r.height) in HD_SIZES)
     pipe.vae.use_tiling = bool(settings.vae_tiling or (plan is not None and plan.vae_tiling))
     try:
         with torch.no_grad():
             # 2. encode prompt (the negative one comes from the cache after its first job)
-            with clock.stage("encode_prompt"), text_encoders_on(pipe, settings.device):
-                revised = expand(pipe, r) if r.expand_prompt else None  # the official pipelines' rewrite
-                prompt = encode_prompt(pipe, revised if revised is not None else r.prompt)
-                negative = None
-                if cfg:
-                    negative = negatives.get(r.variant.name, r.negative_prompt, lambda text: encode_prompt(pipe, text))
+            with clock.stage("encode_prompt"):
+                encoded = None
+                if group is None or group.leader:
+                    with text_encoders_on(pipe, settings.device):
+                        encoded = _encode(pipe, r, negatives, cfg)
+                if group is not None:
+                    encoded = group.share_prompts(encoded)  # the leader's, on every rank
+                revised, prompt, negative = encoded
 
-            # 3. denoise
+            # 3. denoise (a video-to-video from its source, encoded first)
+            start, start_step = None, 0
+            if r.video:
+                with clock.stage("encode_video"):
+                    start, start_step = video_to_video.start_latents(pipe, r), video_to_video.start_index(r)
+                cancel.raise_if_cancelled()
             pair = (negative.qwen, negative.clip) if negative is not None else None
             batch = settings.cfg_batch and (plan is None or plan.cfg_batch)
-            runner = StepRunner(pipe.transformer, pair, batch_cfg=batch, magcache=cache)
-            steps = StepMonitor(runner, clock, r.steps, on_step, cancel)
-            with clock.stage("denoise"), runner.install():
-                image = load_image(r.image, r.width, r.height) if r.variant.task == "i2v" else None
+            make_runner = StepRunner if group is None else group.step_runner
+            runner = make_runner(pipe.transformer, pair, batch_cfg=batch, magcache=cache)
+            steps = StepMonitor(runner, clock, r.steps - start_step, on_step, cancel)
+            scheduled = video_to_video.window(pipe.scheduler, start_step) if r.video else contextlib.nullcontext()
+            with clock.stage("denoise"), runner.install(), scheduled:
+                if image is None and r.variant.task == "i2v":
+                    image = load_image(r.image, r.width, r.height)
                 steps.start()
-                latents = denoise(pipe, r, prompt, negative, image, steps)
+                latents = denoise(pipe, r, prompt, negative, image, steps, start)
             done = Frames(
                 frames=latents,
                 timings=clock.timings,
@@ -114,7 +132,7 @@ def run(
                 memory_plan=plan_dict(plan),
                 revised_prompt=revised,
             )
-            if not decode:
+            if not decode or (group is not None and not group.leader):
                 return done
             cancel.raise_if_cancelled()  # the last chance to skip the VAE
 
@@ -125,6 +143,30 @@ def run(
             return done
     finally:
         pipe.maybe_free_model_hooks()  # model offload: every model back off the GPU, also on failure
+
+
+class Group(Protocol):
+    """This process as one rank of a sequence-parallel group (pipelines/group.py implements it)."""
+
+    leader: bool  # rank 0: encodes, decodes, writes
+
+    def share_prompts(self, encoded: tuple | None) -> tuple:
+        """The leader's (revised, prompt, negative) on every rank (the others pass None)."""
+        ...
+
+    def step_runner(self, transformer, negative, *, batch_cfg: bool, magcache) -> Any:
+        """The StepRunner (denoise.py) for this rank and request: CFG-parallel where the layout says so."""
+        ...
+
+
+def _encode(pipe, r: ResolvedRequest, negatives: NegativePromptCache, cfg: bool) -> tuple:
+    """Stage 2: (revised prompt or None, prompt embeddings, negative embeddings or None)."""
+    revised = expand(pipe, r) if r.expand_prompt else None  # the official pipelines' rewrite
+    prompt = encode_prompt(pipe, revised if revised is not None else r.prompt)
+    negative = None
+    if cfg:
+        negative = negatives.get(r.variant.name, r.negative_prompt, lambda text: encode_prompt(pipe, text))
+    return revised, prompt, negative
 
 
 def encode_prompt(pipe, text: str) -> PromptEmbeds:
@@ -143,10 +185,13 @@ def encode_prompt(pipe, text: str) -> PromptEmbeds:
     return PromptEmbeds(qwen, clip, cu_seqlens)
 
 
-def denoise(pipe, r: ResolvedRequest, prompt: PromptEmbeds, negative: PromptEmbeds | None, image, steps) -> Any:
+def denoise(
+    pipe, r: ResolvedRequest, prompt: PromptEmbeds, negative: PromptEmbeds | None, image, steps, latents=None
+) -> Any:
     """The stock pipeline on the encoded prompts up to its latents (B, T, H/8, W/8, C): timesteps,
     noise from the request's seed, I2V conditioning, the denoising loop (calling `steps` after each
-    step) and, for I2V, its first-frame normalisation."""
+    step) and, for I2V, its first-frame normalisation. `latents`: where to start instead of the
+    seed's noise (a video-to-video; its scheduler window is set by the caller)."""
     import torch
 
     kwargs = dict(
@@ -171,6 +216,8 @@ def denoise(pipe, r: ResolvedRequest, prompt: PromptEmbeds, negative: PromptEmbe
         )
     if image is not None:
         kwargs["image"] = image
+    if latents is not None:
+        kwargs["latents"] = latents
     return pipe(**kwargs).frames
 
 

@@ -159,6 +159,10 @@ def configure_pipeline(pipe, variant: Variant, options: LoadOptions) -> None:
     set_attention_backend(transformer, backend)
     if backend == "flex" and options.device.startswith("cuda"):
         use_fused_flex_attention()  # also when the blocks run eagerly (compile off, or its fallback)
+    elif backend == "flex":
+        from .flex_cpu import use_dense_flex_on_cpu
+
+        use_dense_flex_on_cpu()  # eager flex on the CPU would ignore nabla's block mask
     if options.compile:
         # Compile the 32/60 identical CrossDiT blocks once (regional compile: seconds, not minutes).
         transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)

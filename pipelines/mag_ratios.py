@@ -6,6 +6,15 @@ Keys are variant names; "<name>@hd" is the HD-resolution config of the same chec
 without a calibration (distilled, pretrain, Pro distilled) have none upstream: "regular" is a no-op there.
 """
 
+# The tiny demo variants borrow Lite's calibration so the same code path runs (their output is noise).
+BORROWED = {"kandinsky5-tiny-t2v": "kandinsky5-lite-t2v-sft-5s", "kandinsky5-tiny-i2v": "kandinsky5-lite-i2v-5s"}
+
+
+def calibrated(variant_name: str) -> bool:
+    """Whether acceleration "regular" (MagCache) does anything for this variant (else it runs exactly)."""
+    return BORROWED.get(variant_name, variant_name) in MAG_RATIOS
+
+
 # fmt: off
 CONFIGS: dict[str, str] = {
     "kandinsky5-lite-t2v-sft-5s": "k5_lite_t2v_5s_sft_sd",

@@ -6,11 +6,14 @@ Validation names the bad value and never rounds silently.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .cancel import CancelToken  # noqa: F401 - re-exported: the server imports it from here
+from .clips import MAX_TOTAL_FRAMES, MAX_TOTAL_SECONDS, MIN_PASS_ADDED, plan_passes
 from .errors import InvalidRequest
+from .request_video import SourcePlan, resolve_source
 from .variants import (
     HD_SIZES,
     SD_SIZES,
@@ -18,14 +21,19 @@ from .variants import (
     TINY_T2V,
     VARIANTS,
     Variant,
+    continuation_variant,
     demo_frames,
     demo_size,
+    family,
+    for_frames,
     frames_for_seconds,
     nearest_size,
     resolve_model,
 )
 
 MAX_STEPS = 100
+MIN_GUIDANCE, MAX_GUIDANCE = 1.0, 20.0
+MAX_SEED = 2**63 - 1
 # "none": exact. "regular": MagCache step caching (approximate; fal's default). See docs/performance.md.
 ACCELERATIONS = ("none", "regular")
 
@@ -51,6 +59,13 @@ class GenerationRequest:
     # rewrite the prompt with Qwen2.5-VL first, as the official pipelines do (pipelines/expand.py);
     # None -> off here; the server fills in its default (K5SERVE_EXPAND_PROMPTS) at admission
     expand_prompt: bool | None = None
+    # video-to-video (remix, edit): path of a local source video; size and length come from it, and
+    # `strength` in (0, 1] is the share of the schedule that runs (None -> DEFAULT_STRENGTH)
+    video: str | None = None
+    strength: float | None = None
+    # extension: path of a local video to continue; num_frames / seconds then count the frames added
+    extend: str | None = None
+    source_extensions: int = 0  # how many extensions the source already is (Sora: at most six in all)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,6 +94,24 @@ class ResolvedRequest:
     acceleration: str = "none"
     nominal_size: tuple[int, int] | None = None  # (width, height) asked for, when demo mode shrank it
     expand_prompt: bool = False  # stage 2 rewrites the prompt first (pipelines/expand.py)
+    video: str | None = None  # video-to-video source (pipelines/video_to_video.py)
+    strength: float = 1.0  # share of the schedule that runs from the noised source; 1.0 = from noise
+    extend: str | None = None  # the video this one continues (pipelines/extension.py)
+    source_frames: int = 0  # frames taken from `extend` (24 fps, fitted to width x height)
+    extensions: int = 0  # extensions this clip is made of, this one included
+    # more than one pass (an extension, or a clip longer than the variant makes at once): the I2V
+    # variant of the continuation passes and their steps and guidance; None: one pass
+    continuation: str | None = None
+    continuation_steps: int | None = None
+    continuation_guidance: float | None = None
+
+    @property
+    def passes(self) -> list[int]:
+        """Frames per pass: [first, added, ...] (pipelines/clips.plan_passes); [num_frames]: one pass."""
+        if self.continuation is None:
+            return [self.num_frames]
+        first = self.source_frames if self.extend else self.variant.max_frames
+        return plan_passes(self.num_frames, first, VARIANTS[self.continuation].max_frames - 1)
 
     def to_dict(self) -> dict:
         """JSON-safe form, stored with the job at admission: the worker runs exactly this."""
@@ -97,15 +130,27 @@ class ResolvedRequest:
         )
 
     def as_demo(self) -> ResolvedRequest:
-        """The same request on the tiny model at demo size (design.md: demo mode)."""
+        """The same request on the tiny model at demo size (design.md: demo mode). A clip longer
+        than one tiny pass is cut to one; an extension adds one tiny pass (16 to 24 frames)."""
         if self.variant.demo:
             return self
         width, height = demo_size(self.width, self.height)
         tiny = VARIANTS[TINY_I2V if self.variant.task == "i2v" else TINY_T2V]
-        frames = demo_frames(self.num_frames, tiny.task)
+        continuation, frames = None, demo_frames(self.num_frames, tiny.task)
+        if self.extend:
+            continuation = VARIANTS[TINY_I2V]
+            added = max(MIN_PASS_ADDED, min(self.num_frames - self.source_frames, continuation.max_frames - 1))
+            frames = self.source_frames + added
         nominal = (self.width, self.height)
         return replace(
-            self, variant=tiny, width=width, height=height, num_frames=frames, demo=True, nominal_size=nominal
+            self,
+            variant=tiny,
+            width=width,
+            height=height,
+            num_frames=frames,
+            demo=True,
+            nominal_size=nominal,
+            continuation=continuation.name if continuation else None,
         )
 
 
@@ -116,12 +161,25 @@ def request_for_model(
     seconds: int | None = None,
     steps: int | None = None,
     guidance: float | None = None,
+    aliases: Mapping[str, str] | None = None,
+    task: str | None = None,
     **fields: object,
 ) -> GenerationRequest:
-    """The request for a public model id (fal's, AI/ML API's, ...) or a local variant name: the public
-    id's own steps and guidance where the client gave none. The variant's defaults are filled in later,
-    by resolve(). Raises KeyError for an unknown id, ValueError for a clip length the model cannot make."""
-    variant, public = resolve_model(model, seconds)
+    """The request for a public model id (fal's, AI/ML API's, ...), a local variant name or an alias
+    (`aliases`, the server's K5SERVE_MODEL_ALIASES over variants.DEFAULT_ALIASES: every contract passes
+    it): the public id's own steps and guidance where the client gave none. The variant's defaults are
+    filled in later, by resolve(). A model family's name (a public id or an alias, not a variant's
+    own name) moves to its member for `task` ("t2v" / "i2v") and `num_frames`: the shortest that makes
+    them in one pass, else the longest (variants.family, variants.for_frames). Raises KeyError for an
+    unknown id, ValueError for a clip length the model cannot make."""
+    variant, public = resolve_model(model, seconds, aliases)
+    frames = fields.get("num_frames")
+    if model not in VARIANTS and (task is not None or isinstance(frames, int)):
+        members = family(variant, task or variant.task)
+        if isinstance(frames, int):
+            variant = for_frames(members, frames)
+        else:
+            variant = next((m for m in members if m.seconds == variant.seconds), members[0])
     if public is not None:
         steps = public.steps if steps is None else steps
         guidance = public.guidance if guidance is None else guidance
@@ -160,49 +218,38 @@ def resolve(req: GenerationRequest, default_seed: int | None = None) -> Resolved
         raise _bad("steps", steps, f"steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
 
     guidance = variant.guidance if req.guidance is None else req.guidance
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 1.0 <= guidance <= 20.0:
+    if (
+        isinstance(guidance, bool)
+        or not isinstance(guidance, (int, float))
+        or not MIN_GUIDANCE <= guidance <= MAX_GUIDANCE
+    ):
         raise _bad("guidance", guidance, f"guidance must be a number from 1 to 20, got {guidance!r}")
 
-    # Frames: explicit count, or from the clip length, or the variant's full clip.
-    if req.num_frames is not None and req.seconds is not None:
-        raise _bad("num_frames", req.num_frames, "give num_frames or seconds, not both")
-    if req.seconds is not None:
-        if variant.demo:
-            frames = variant.max_frames
-        elif req.seconds != variant.seconds:
-            raise _bad(
-                "duration",
-                req.seconds,
-                f"duration {req.seconds}s is not available for {variant.name} (it makes {variant.seconds}s clips)",
-            )
-        else:
-            frames = frames_for_seconds(req.seconds)
-    else:
-        frames = variant.max_frames if req.num_frames is None else req.num_frames
-    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
-        raise _bad("num_frames", frames, f"num_frames must be a positive integer, got {frames!r}")
-    if (frames - 1) % 4 != 0:
-        raise _bad("num_frames", frames, f"num_frames must be 4k+1 (e.g. 17, 121, 241), got {frames}")
-    if frames > variant.max_frames:
-        raise _bad("num_frames", frames, f"num_frames {frames} exceeds {variant.max_frames} for {variant.name}")
+    source = resolve_source(req, variant)  # remix / edit / extension: size and length from the video
+    frames = source.num_frames if source is not None else _resolve_frames(req, variant)
+    first = frames if source is None else source.source_frames or frames
+    cont = source.continuation if source is not None else None
+    if cont is None and frames > variant.max_frames:  # longer than one pass: continued by I2V passes
+        cont = continuation_variant(variant)
+        first = plan_passes(frames, variant.max_frames, cont.max_frames - 1)[0]
 
-    if variant.task == "i2v":
+    if variant.task == "i2v" and not req.extend:
         if not req.image:
             raise _bad("image", req.image, f"{variant.name} is image-to-video and needs an image")
         # normalize_first_frame uses latent frames >= 4 as reference: fewer than 17 frames gives NaN video.
-        if frames < 17:
-            raise _bad("num_frames", frames, f"image-to-video needs at least 17 frames, got {frames}")
-    elif req.image:
+        if first < 17:
+            raise _bad("num_frames", frames, f"image-to-video needs at least 17 frames in its first pass, got {first}")
+    elif req.image and not req.extend:
         raise _bad("image", req.image, f"{variant.name} is text-to-video and takes no image")
 
-    width, height = _resolve_size(req, variant)
+    width, height = (source.width, source.height) if source is not None else _resolve_size(req, variant)
 
     seed = req.seed if req.seed is not None else default_seed
     if seed is None:
         import secrets
 
         seed = secrets.randbelow(2**31)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise _bad("seed", seed, f"seed must be an integer from 0 to 2**63-1, got {seed!r}")
 
     negative = req.negative_prompt
@@ -232,7 +279,46 @@ def resolve(req: GenerationRequest, default_seed: int | None = None) -> Resolved
         requested=req,
         acceleration=acceleration,
         expand_prompt=bool(expand),
+        **_source_fields(req, source, cont),
     )
+
+
+def _resolve_frames(req: GenerationRequest, variant: Variant) -> int:
+    """Frames of a request with no source: an explicit count, the clip length, or the variant's
+    full clip. More than the variant makes in one pass is allowed (continued by I2V passes), up to
+    MAX_TOTAL_FRAMES (120 s)."""
+    if req.num_frames is not None and req.seconds is not None:
+        raise _bad("num_frames", req.num_frames, "give num_frames or seconds, not both")
+    if req.seconds is not None:
+        if variant.demo:
+            return variant.max_frames
+        if req.seconds != variant.seconds:
+            raise _bad(
+                "duration",
+                req.seconds,
+                f"duration {req.seconds}s is not available for {variant.name} (it makes {variant.seconds}s clips)",
+            )
+        return frames_for_seconds(req.seconds)
+    frames = variant.max_frames if req.num_frames is None else req.num_frames
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise _bad("num_frames", frames, f"num_frames must be a positive integer, got {frames!r}")
+    if (frames - 1) % 4 != 0:
+        raise _bad("num_frames", frames, f"num_frames must be 4k+1 (e.g. 17, 121, 241), got {frames}")
+    if frames > MAX_TOTAL_FRAMES:
+        raise _bad("num_frames", frames, f"num_frames {frames} exceeds {MAX_TOTAL_FRAMES} ({MAX_TOTAL_SECONDS} s)")
+    return frames
+
+
+def _source_fields(req: GenerationRequest, source: SourcePlan | None, cont: Variant | None) -> dict:
+    """The ResolvedRequest fields of a remix / edit / extension / multi-pass clip."""
+    fields: dict = {"video": req.video, "extend": req.extend}
+    if source is not None:
+        fields.update(strength=source.strength, source_frames=source.source_frames, extensions=source.extensions)
+    if cont is not None:
+        steps = cont.steps if req.steps is None else req.steps
+        guidance = cont.guidance if req.guidance is None else req.guidance
+        fields.update(continuation=cont.name, continuation_steps=steps, continuation_guidance=float(guidance))
+    return fields
 
 
 def _resolve_size(req: GenerationRequest, variant: Variant) -> tuple[int, int]:

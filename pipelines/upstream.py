@@ -71,7 +71,9 @@ WATCHED: tuple[Watched, ...] = (
     Watched(
         _TK,
         "Kandinsky5AttnProcessor",
-        "MaskedAttnProcessor (a subclass; its __call__ copies the cross-attention branch and adds the key mask)",
+        "MaskedAttnProcessor (a subclass; its __call__ copies the cross-attention branch and adds the key mask); "
+        "pipelines/ulysses.py UlyssesAttnProcessor (a subclass; its __call__ copies the self-attention branch "
+        "and puts the all-to-all between the RoPE and the nabla mask)",
     ),
     # Wrapped per sample: each must stay a map of every row on its own.
     Watched(_TK, "Kandinsky5Modulation.forward", "_per_sample_class (PerSampleKandinsky5Modulation)"),
@@ -89,10 +91,22 @@ WATCHED: tuple[Watched, ...] = (
         _TK,
         "Kandinsky5TransformerDecoderBlock.forward",
         "transformer_forward (visual loop, MagCache residual); MaskedAttnProcessor (cross_attention is the only "
-        "attention given the text)",
+        "attention given the text); pipelines/ulysses.py (its hooks take the block's positional arguments "
+        "(visual, text, time, rope, sparse) and assume every op but the self-attention is per token)",
+    ),
+    Watched(
+        _TK,
+        "nablaT_v2",
+        "UlyssesAttnProcessor calls it after the all-to-all: exact while the mask is computed per head",
+        file="pipelines/ulysses.py",
     ),
     Watched(_TK, "Kandinsky5Attention.forward", "MaskedAttnProcessor.__call__ (called by it: same parameters)"),
-    Watched(_TK, "fractal_flatten", "transformer_forward (the MagCache residual is kept in this layout)"),
+    Watched(
+        _TK,
+        "fractal_flatten",
+        "transformer_forward (the MagCache residual is kept in this layout); pipelines/ulysses.py splits the "
+        "tokens in this layout (dim 1 of the visual tokens and of the RoPE)",
+    ),
     Watched(_TK, "fractal_unflatten", "transformer_forward"),
     Watched("diffusers.models.modeling_outputs", "Transformer2DModelOutput", "StepRunner.__call__ (returns it)"),
     Watched(
@@ -154,6 +168,7 @@ PINS = {
     "Kandinsky5OutLayer.forward": "1bc0caed70087855",
     "Kandinsky5TransformerEncoderBlock.forward": "09a6681327e6a544",
     "Kandinsky5TransformerDecoderBlock.forward": "fb0ddcd56aa385cc",
+    "nablaT_v2": "da1e1261b579cf2a",
     "Kandinsky5Attention.forward": "0a64922e1f471ff4",
     "fractal_flatten": "82309ed7d9b5b72b",
     "fractal_unflatten": "29dc6bc6d52f26d2",

@@ -7,6 +7,7 @@ Facts come from the official configs and the diffusers model cards
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -197,6 +198,32 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in _CATALOGUE}
 TINY_T2V = "kandinsky5-tiny-t2v"
 TINY_I2V = "kandinsky5-tiny-i2v"
 
+# The I2V model that continues a clip (extensions, clips longer than one pass: pipelines/extension.py)
+# and the T2V model a video-to-video of an image-to-video clip runs on, per family and kind.
+_CONTINUED_BY = {"lite": "kandinsky5-lite-i2v-5s", "tiny": TINY_I2V}
+_PRO_I2V = {"distilled": "kandinsky5-pro-i2v-distilled-5s", "sft": "kandinsky5-pro-i2v-sft-5s"}
+_T2V_OF = {
+    "kandinsky5-lite-i2v-5s": "kandinsky5-lite-t2v-sft-5s",
+    "kandinsky5-pro-i2v-sft-5s": "kandinsky5-pro-t2v-sft-5s",
+    "kandinsky5-pro-i2v-distilled-5s": "kandinsky5-pro-t2v-distilled-5s",
+    TINY_I2V: TINY_T2V,
+}
+
+
+def continuation_variant(variant: Variant) -> Variant:
+    """The image-to-video variant that continues `variant`'s clips from their last frame: itself for
+    an I2V variant, else its family's (Pro distilled by Pro distilled, other Pro by Pro sft)."""
+    if variant.task == "i2v":
+        return variant
+    if variant.family == "pro":
+        return VARIANTS[_PRO_I2V["distilled" if "distilled" in variant.name else "sft"]]
+    return VARIANTS[_CONTINUED_BY[variant.family]]
+
+
+def text_variant(variant: Variant) -> Variant:
+    """The text-to-video variant of `variant`'s family: itself for T2V (video-to-video runs on T2V)."""
+    return variant if variant.task == "t2v" else VARIANTS[_T2V_OF[variant.name]]
+
 
 @dataclass(frozen=True)
 class PublicModel:
@@ -227,15 +254,128 @@ _PUBLIC: list[PublicModel] = [
 PUBLIC_MODELS: dict[str, PublicModel] = {m.id: m for m in _PUBLIC}
 
 
+# Other servers' model names -> the variant each stands for (docs/sora.md). OpenAI's Sora names and
+# their dated snapshots: the fast one to Lite, the pro one to Pro; a request's length and image move
+# it to a sibling (`family`). K5SERVE_MODEL_ALIASES adds names or overrides these, for every contract.
+DEFAULT_ALIASES: dict[str, str] = {
+    "sora-2": "kandinsky5-lite-t2v-sft-5s",
+    "sora-2-2025-10-06": "kandinsky5-lite-t2v-sft-5s",
+    "sora-2-2025-12-08": "kandinsky5-lite-t2v-sft-5s",
+    "sora-2-pro": "kandinsky5-pro-t2v-sft-5s",
+    "sora-2-pro-2025-10-06": "kandinsky5-pro-t2v-sft-5s",
+}
+
+
+def parse_aliases(text: str | None) -> dict[str, str]:
+    """'name=variant,name2=variant2' -> {name: variant}. Raises ValueError naming a bad entry."""
+    aliases: dict[str, str] = {}
+    for entry in (text or "").split(","):
+        if not entry.strip():
+            continue
+        name, sep, target = (part.strip() for part in entry.partition("="))
+        if not sep or not name or not target:
+            raise ValueError(f"model alias {entry.strip()!r} is not name=variant")
+        if target not in VARIANTS:
+            raise ValueError(
+                f"model alias {name!r} names {target!r}, which is no variant; known: {', '.join(VARIANTS)}"
+            )
+        aliases[name] = target
+    return aliases
+
+
+# Attention heads of each family's transformer: model_dim / head_dim, head_dim = sum(axes_dims)
+# (kandinsky_model.md §3; pipelines/tiny.py for the demo model). Ulysses sequence parallelism
+# (pipelines/ulysses.py) gives each rank heads / degree whole heads.
+ATTENTION_HEADS = {
+    "lite": 1792 // (16 + 24 + 24),  # 28
+    "pro": 4096 // (32 + 48 + 48),  # 32
+    "tiny": 48 // (8 + 8 + 8),  # 2
+}
+
+
+MAX_SP_DEGREE = 8  # GPUs in one node (one NVLink island): a group never spans nodes
+
+
+def valid_sp_degrees(name: str) -> list[int]:
+    """Sequence-parallel degrees variant `name` can run with: the divisors of its heads up to
+    MAX_SP_DEGREE, 1 excluded (Lite 28 heads -> 2, 4, 7; Pro 32 -> 2, 4, 8; tiny 2 -> 2)."""
+    heads = ATTENTION_HEADS[VARIANTS[name].family]
+    return [d for d in range(2, min(heads, MAX_SP_DEGREE) + 1) if heads % d == 0]
+
+
+def sp_degree_problem(names: list[str], degree: int) -> str | None:
+    """Why a group of `degree` devices cannot serve the variants `names` (None: it can), naming the
+    valid degrees: the start-up refusal and the admission refusal say this."""
+    if degree == 1:
+        return None
+    for name in names:
+        valid = valid_sp_degrees(name)
+        if degree not in valid:
+            heads = ATTENTION_HEADS[VARIANTS[name].family]
+            return (
+                f"sequence-parallel degree {degree} does not fit {name} ({heads} attention heads, split "
+                f"evenly across the devices of a group); valid degrees: {', '.join(map(str, valid))}"
+            )
+    return None
+
+
 def known_model_ids() -> list[str]:
     return sorted(PUBLIC_MODELS) + sorted(VARIANTS)
 
 
-def resolve_model(model_id: str, seconds: int | None = None) -> tuple[Variant, PublicModel | None]:
-    """Map a public id or a local variant name (+ clip length) to a variant.
+def _kind(v: Variant) -> str:
+    """'sft', 'distilled', ... from the name ('' for kandinsky5-lite-i2v-5s, the one Lite I2V)."""
+    return v.name.removeprefix(f"kandinsky5-{v.family}-{v.task}").removesuffix(f"-{v.seconds}s").strip("-")
+
+
+def family(v: Variant, task: str) -> list[Variant]:
+    """The variants a request for `v` may move to for `task` and its length, shortest clip first:
+    `v`'s family and kind (Lite sft 5 s -> Lite sft 5 s, 10 s), else its family's only kind for that
+    task (Lite distilled, with an image -> the Lite I2V)."""
+    same = [w for w in VARIANTS.values() if w.family == v.family and w.task == task]
+    kin = [w for w in same if _kind(w) == _kind(v)] or same
+    return sorted(kin, key=lambda w: w.seconds)
+
+
+def for_frames(members: list[Variant], frames: int) -> Variant:
+    """The shortest of `members` that makes `frames` in one pass, else the longest (whose clips a
+    longer request is made of, by chained extension)."""
+    return next((w for w in members if w.max_frames >= frames), members[-1])
+
+
+def fit_size(v: Variant, width: int, height: int) -> Size:
+    """(width, height) as `v` makes it: the size itself where `v` allows it, else the allowed size
+    nearest in aspect (then area) with the same orientation. Never enlarged past what `v` allows."""
+    import math
+
+    if v.sizes is None:  # the tiny demo variants: any multiple of 16 up to DEMO_MAX_SIDE
+        if width % 16 == 0 and height % 16 == 0 and max(width, height) <= DEMO_MAX_SIDE:
+            return width, height
+        return demo_size(width, height)
+    if (width, height) in v.sizes:
+        return width, height
+    orientation = (width > height) - (width < height)
+    same = [s for s in v.sizes if (s[0] > s[1]) - (s[0] < s[1]) == orientation] or list(v.sizes)
+    aspect, area = math.log(width / height), math.log(width * height)
+    return min(same, key=lambda s: (abs(math.log(s[0] / s[1]) - aspect), abs(math.log(s[0] * s[1]) - area)))
+
+
+def resolve_model(
+    model_id: str, seconds: int | None = None, aliases: Mapping[str, str] | None = None
+) -> tuple[Variant, PublicModel | None]:
+    """Map a public id, a local variant name or an alias (`aliases`: name -> variant) (+ clip length)
+    to a variant. An alias with a length its variant does not make picks the sibling that does.
 
     Raises KeyError for an unknown id and ValueError for a clip length the model cannot do.
     """
+    if aliases and model_id in aliases and model_id not in VARIANTS:
+        v = VARIANTS[aliases[model_id]]
+        if seconds is None or v.demo or seconds == v.seconds:
+            return v, None
+        sibling = next((w for w in family(v, v.task) if w.seconds == seconds), None)
+        if sibling is None:
+            raise ValueError(f"duration {seconds}s is not available for {model_id} ({v.name} makes {v.seconds}s clips)")
+        return sibling, None
     if model_id in VARIANTS:
         v = VARIANTS[model_id]
         if seconds is not None and not v.demo and seconds != v.seconds:

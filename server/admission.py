@@ -7,6 +7,9 @@ happens here, once, in this order:
   2. job id + scratch   the contract's id format; the job's input folder, removed on any refusal
   3. image intake       URL / data: URI / upload -> a checked local file (intake.py, SSRF guard);
                         this server's own upload URLs are read from disk (uploads.py)
+     video intake       a remix's / an extension's source: an uploaded mp4's bytes or a finished
+                        job's stored mp4 -> the job's own input file (a source that expires or is
+                        deleted while the job waits is still there when it runs)
   4. seed               drawn here and stored: a run repeated after a crash makes the same video
                         (and prompt expansion, when the request does not say: the server's default)
   5. resolve            once, by the engine: validated against the variant, demo stand-in, weights
@@ -20,8 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import secrets
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipelines.errors import InvalidRequest, WeightsMissing
@@ -42,8 +48,12 @@ class Draft:
     """What a contract parsed from its wire body: the request, and an image still to be fetched."""
 
     model: str  # the model id as the client sent it (reported back to the client)
-    request: GenerationRequest  # `image` is filled in at admission from `image`
+    request: GenerationRequest  # `image` is filled in at admission from `image`, `video`/`extend` from `video`
     image: str | bytes | None = None  # an http(s) URL, a data: URI or an uploaded file's bytes
+    # a source video: an uploaded file's bytes, or a file this server holds (a finished job's mp4;
+    # never a path a client named). Remixed (video-to-video) or, with `extend`, continued.
+    video: Path | bytes | None = None
+    extend: bool = False
 
 
 class Admission:
@@ -88,11 +98,17 @@ class Admission:
             if draft.image is not None:  # 3
                 image = await self._fetch(contract, job_id, draft.image, base_url)
                 request = dataclasses.replace(request, image=image)
+            if draft.video is not None:
+                video = await asyncio.to_thread(self._take_video, job_id, draft.video)
+                request = dataclasses.replace(request, **{"extend" if draft.extend else "video": video})
             if request.seed is None:  # 4
                 request = dataclasses.replace(request, seed=secrets.randbelow(2**31))
             if request.expand_prompt is None:  # 4b: the server's default, stored: what will run
                 request = dataclasses.replace(request, expand_prompt=self.expand_prompts)
-            resolved = self.resolve(request)  # 5
+            if draft.video is not None:  # 5: the source is probed (decoded by ffmpeg): not on the event loop
+                resolved = await asyncio.to_thread(self.resolve, request)
+            else:
+                resolved = self.resolve(request)
             return await asyncio.to_thread(  # 6: never block the event loop on the store
                 self.manager.submit,
                 contract=contract.name,
@@ -152,6 +168,22 @@ class Admission:
             raise BadInput(exc.field, exc.value, exc.message) from exc
         except WeightsMissing as exc:
             raise ModelUnavailable(str(exc)) from exc
+
+    def _take_video(self, job_id: str, source: Path | bytes) -> str:
+        """The source video as the job's own input file (a hard link to a stored output when the
+        file system allows, else a copy)."""
+        path = self.storage.input_path(job_id, ".video.mp4")
+        if isinstance(source, bytes):
+            if len(source) > self.limits.max_bytes:
+                limit = f"the limit is {self.limits.max_bytes} (K5SERVE_IMAGE_MAX_BYTES)"
+                raise BadInput("video", f"{len(source)} bytes", f"video is {len(source)} bytes; {limit}")
+            path.write_bytes(source)
+        else:
+            try:
+                os.link(source, path)
+            except OSError:
+                shutil.copyfile(source, path)
+        return str(path)
 
     async def _fetch(self, contract: Contract, job_id: str, source: str | bytes, base_url: str | None) -> str:
         field = contract.wire_field("image")

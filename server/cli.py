@@ -78,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--frames", type=int, default=_env("frames"), help="frame count (4k+1); overrides --duration")
     _add_weights_dir(gen)
     gen.add_argument("--device", default=_env("device", "auto"))
+    gen.add_argument(
+        "--devices",
+        default=_env("devices"),
+        help="devices for one sequence-parallel group, e.g. cuda:0,cuda:1 or cpu,cpu (the first --sp-degree are used)",
+    )
+    gen.add_argument(
+        "--sp-degree",
+        type=int,
+        default=int(_env("sp-degree", "1")),
+        help="devices that make the video together (Ulysses sequence parallelism; docs/scale-out.md)",
+    )
 
     weights = sub.add_parser("weights", help="list, download or verify checkpoints")
     wsub = weights.add_subparsers(dest="weights_command", required=True)

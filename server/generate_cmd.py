@@ -17,6 +17,8 @@ from pipelines.errors import EngineError, InvalidRequest, WeightsMissing
 from pipelines.request import GenerationRequest, request_for_model
 from pipelines.variants import VARIANTS, size_for_aspect
 
+from .engine_protocol import WorkerLost
+
 log = logging.getLogger("k5serve.generate")
 
 
@@ -59,6 +61,24 @@ def build_request(args: argparse.Namespace, image_path: str | None) -> Generatio
     return request
 
 
+def group_devices(args: argparse.Namespace) -> list[str]:
+    """The devices of the one group `generate` runs: the first --sp-degree of --devices (a `+` joins
+    devices as a comma does), or --device alone."""
+    degree = args.sp_degree
+    if degree < 1:
+        raise InvalidRequest("sp-degree", degree, f"--sp-degree must be at least 1, got {degree}")
+    if not args.devices:
+        if degree > 1:
+            raise InvalidRequest("devices", None, f"--sp-degree {degree} needs --devices with {degree} devices")
+        return [args.device]
+    devices = [d.strip() for d in args.devices.replace("+", ",").split(",") if d.strip()]
+    if len(devices) < degree:
+        raise InvalidRequest(
+            "devices", args.devices, f"--sp-degree {degree} needs {degree} devices, --devices lists {len(devices)}"
+        )
+    return devices[:degree]
+
+
 def _fetch_image(url: str, folder: Path) -> str:
     import httpx
 
@@ -85,9 +105,13 @@ def run_generate(args: argparse.Namespace) -> int:
             if image and image.startswith(("http://", "https://")):
                 image = _fetch_image(image, Path(tmp))
             req = build_request(args, image)
-            from pipelines.engine import Engine
+            devices = group_devices(args)
+            from pipelines.group import build_engine
 
-            engine = Engine(args.weights_dir, device=args.device)
+            try:
+                engine = build_engine(devices, weights_dir=args.weights_dir)
+            except ValueError as exc:  # a device or degree the group cannot use
+                raise InvalidRequest("sp-degree", args.sp_degree, str(exc)) from None
             resolved = engine.prepare(req)
             if resolved.demo:
                 print(
@@ -98,8 +122,12 @@ def run_generate(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
             started = time.perf_counter()
-            with StepProgress(resolved.steps) as progress:
-                result = engine.generate(resolved, args.output, on_step=progress.on_step)
+            try:
+                with StepProgress(resolved.steps) as progress:
+                    result = engine.generate(resolved, args.output, on_step=progress.on_step)
+            finally:
+                if hasattr(engine, "stop"):  # a group: its ranks are processes of their own
+                    engine.stop()
             elapsed = time.perf_counter() - started
         except InvalidRequest as exc:
             print(f"k5serve: invalid {exc.field}: {exc.message}", file=sys.stderr)
@@ -107,7 +135,7 @@ def run_generate(args: argparse.Namespace) -> int:
         except WeightsMissing as exc:
             print(f"k5serve: {exc}", file=sys.stderr)
             return 1
-        except EngineError as exc:
+        except (EngineError, WorkerLost) as exc:  # WorkerLost: a rank of the group died
             print(f"k5serve: generation failed: {exc}", file=sys.stderr)
             return 1
         except OSError as exc:

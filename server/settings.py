@@ -69,11 +69,32 @@ class Settings(BaseSettings):
     url_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Retention: outputs and their job records expire together this long after the job ended (0: keep).
     retention_hours: float = Field(0.0, ge=0)
+    # Other servers' model names -> variants, K5SERVE_MODEL_ALIASES=name=variant,... (docs/sora.md), over
+    # the default table (variants.DEFAULT_ALIASES: Sora's names); every contract takes them as model ids.
+    model_aliases: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
 
     @field_validator("models", "api_keys", "url_allowlist", mode="before")
     @classmethod
     def _comma_lists(cls, value: object) -> object:
         return _split_commas(value)
+
+    @field_validator("model_aliases", mode="before")
+    @classmethod
+    def _parse_aliases(cls, value: object) -> object:
+        from pipelines.variants import parse_aliases
+
+        if isinstance(value, str):
+            return parse_aliases(value)
+        if isinstance(value, dict):  # given as a mapping (tests, create_app callers): checked the same way
+            return parse_aliases(",".join(f"{k}={v}" for k, v in value.items()))
+        return value
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Every model alias in force: the default table, then K5SERVE_MODEL_ALIASES over it."""
+        from pipelines.variants import DEFAULT_ALIASES
+
+        return {**DEFAULT_ALIASES, **self.model_aliases}
 
     @field_validator("models")
     @classmethod

@@ -165,6 +165,20 @@ class Uploads:
         path = self.root / token / name
         return path if path.is_file() and not (path.parent / PENDING).exists() else None
 
+    def by_id(self, file_id: str) -> Path | None:
+        """The upload a file id names (OpenAI's `input_reference: {file_id}`): its token, the path
+        segment after /uploads/ in its URL, alone or as token/name. None: this server holds none."""
+        token, _, name = file_id.partition("/")
+        if not _TOKEN.match(token):
+            return None
+        if name:
+            return self.find(token, name)
+        folder = self.root / token
+        if not folder.is_dir() or (folder / PENDING).exists():
+            return None
+        files = [path for path in folder.iterdir() if _NAME.match(path.name) and path.is_file()]
+        return files[0] if len(files) == 1 else None
+
     def own_image(self, url: str, base_url: str | None, field: str = "image_url") -> bytes | None:
         """The bytes of an upload of this server named by `url`, or None when `url` is not one
         (then it is fetched like any URL). An upload URL of this server's own host (or of fal's

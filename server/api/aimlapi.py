@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -151,12 +152,12 @@ def _string(body: dict, field: str, required: bool = False) -> str | None:
     return value
 
 
-def parse_body(body: Any) -> tuple[str, GenerationRequest]:
+def parse_body(body: Any, aliases: Mapping[str, str] | None = None) -> tuple[str, GenerationRequest]:
     """JSON body -> (model id, GenerationRequest). Raises BodyInvalid."""
     if not isinstance(body, dict):
         raise BodyInvalid("body", f"Expected object, received {_kind(body)}")
     model = _string(body, "model", required=True)
-    if model not in MODELS and model not in VARIANTS:
+    if model not in MODELS and model not in VARIANTS and model not in (aliases or {}):
         expected = " | ".join(_show(m) for m in MODELS)
         raise BodyInvalid(
             "model",
@@ -185,6 +186,7 @@ def parse_body(body: Any) -> tuple[str, GenerationRequest]:
             steps=steps,
             seed=seed,
             expand_prompt=enhance,
+            aliases=aliases,
         )
     except ValueError as exc:
         raise BodyInvalid("duration", str(exc)) from exc
@@ -255,7 +257,7 @@ def router(services: Services) -> APIRouter:
         except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
             raise fail(request, 400, "Body validation error\nThe request body is not valid JSON") from exc
         try:
-            model, greq = parse_body(body)
+            model, greq = parse_body(body, services.settings.aliases)
         except BodyInvalid as exc:
             raise fail(request, 400, exc.message) from exc
         job = await services.admission.admit(CONTRACT, Draft(model, greq), base_url=services.base_url(request))

@@ -174,9 +174,9 @@ def _detail(exc: BadInput) -> list[dict]:
     return invalid(CONTRACT.wire_field(exc.field), exc.value, exc.message).detail
 
 
-def _model_id(owner: str, alias: str, path: str) -> str:
+def _model_id(owner: str, alias: str, path: str, aliases: dict[str, str]) -> str:
     model_id = "/".join(part for part in (owner, alias, path.strip("/")) if part)
-    if schema_for(model_id) is None:
+    if schema_for(model_id, aliases) is None:
         known = ", ".join(known_ids())
         raise json_error(404, {"detail": f'Application "{model_id}" not found; this server runs: {known}'})
     return model_id
@@ -203,7 +203,7 @@ async def accept(
     `waits`: the run host's caller holds the connection for the result (Job.waits)."""
     base = services.base_url(request)
     try:
-        draft = _draft(model_id, await _json_body(request))
+        draft = _draft(model_id, await _json_body(request), services.settings.aliases)
         return await services.admission.admit(CONTRACT, draft, base_url=base, webhook_url=webhook_url, waits=waits)
     except BadInput as exc:
         detail = _detail(exc)
@@ -216,12 +216,12 @@ async def accept(
     return await services.admission.reject(CONTRACT, model_id, error, base_url=base, webhook_url=webhook_url, meta=meta)
 
 
-def _draft(model_id: str, body: object) -> Draft:
+def _draft(model_id: str, body: object, aliases: dict[str, str]) -> Draft:
     """fal input -> the draft to admit. Raises InputInvalid (fal's own schema checks)."""
     if isinstance(body, InputInvalid):
         raise body
-    parsed = parse(model_id, body)
-    return Draft(model_id, to_generation_request(parsed), image=parsed.image_url)
+    parsed = parse(model_id, body, aliases)
+    return Draft(model_id, to_generation_request(parsed, aliases), image=parsed.image_url)
 
 
 async def _json_body(request: Request) -> object:
@@ -287,7 +287,7 @@ def queue_router(services: Services) -> APIRouter:
         return JSONResponse({"status": "NOT_FOUND"}, status_code=404)
 
     async def submit(request: Request, owner: str, alias: str, path: str = "", fal_webhook: str | None = None):
-        model_id = _model_id(owner, alias, path)
+        model_id = _model_id(owner, alias, path, services.settings.aliases)
         job = await accept(services, request, model_id, _check_webhook(fal_webhook, services.guard))
         base = services.base_url(request)
         body = {
@@ -311,7 +311,7 @@ def run_router(services: Services) -> APIRouter:
     manager = services.manager
 
     async def run(request: Request, owner: str, alias: str, path: str = ""):
-        job = await accept(services, request, _model_id(owner, alias, path), waits=True)
+        job = await accept(services, request, _model_id(owner, alias, path, services.settings.aliases), waits=True)
         job = await hold_until_done(manager, job, request)
         code, body, headers = result_payload(job, services.base_url(request))
         return JSONResponse(body, status_code=code, headers=headers)

@@ -8,6 +8,7 @@ Errors come out as fal's 422 `detail` list: [{loc: ["body", field], msg, type, i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -80,12 +81,13 @@ class LocalInput(_Input):
     duration: str | int | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    acceleration: Literal["none", "regular"] | None = None  # None: "none" (exact), unlike fal's Pro default
 
 
-def schema_for(model_id: str) -> type[_Input] | None:
-    """The input schema of a fal id this server runs, or None."""
+def schema_for(model_id: str, aliases: Mapping[str, str] | None = None) -> type[_Input] | None:
+    """The input schema of a fal id this server runs (a model alias takes a variant's), or None."""
     owner, _, name = model_id.partition("/")
-    if owner == LOCAL_OWNER and name in VARIANTS:
+    if (owner == LOCAL_OWNER and name in VARIANTS) or model_id in (aliases or {}):
         return LocalInput
     return INPUT_SCHEMAS.get(model_id)
 
@@ -133,9 +135,9 @@ class ParsedInput:
         return getattr(self.wire, "image_url", None)
 
 
-def parse(model_id: str, body: Any) -> ParsedInput:
+def parse(model_id: str, body: Any, aliases: Mapping[str, str] | None = None) -> ParsedInput:
     """Validate the JSON body against the endpoint's schema. Raises InputInvalid."""
-    schema = schema_for(model_id)
+    schema = schema_for(model_id, aliases)
     if not isinstance(body, dict):
         raise invalid("body", body, "the request body must be a JSON object", "model_attributes_type")
     try:
@@ -168,16 +170,17 @@ def _seconds(duration: str | int) -> int:
     return int(text)
 
 
-def to_generation_request(parsed: ParsedInput) -> GenerationRequest:
+def to_generation_request(parsed: ParsedInput, aliases: Mapping[str, str] | None = None) -> GenerationRequest:
     """fal input -> GenerationRequest (variant picked by model id + duration), its image still to be
     fetched (admission fills in `image`). Raises InputInvalid."""
     wire = parsed.wire
     seconds = None if wire.duration is None else _seconds(wire.duration)
     local = isinstance(wire, LocalInput)
+    name = parsed.model_id.removeprefix(f"{LOCAL_OWNER}/")  # a local variant by its name; an alias as it is
     width, height = _size(wire, image=parsed.image_url is not None)
     try:
         return request_for_model(
-            parsed.model_id.partition("/")[2] if local else parsed.model_id,
+            name if local else parsed.model_id,
             wire.prompt,
             seconds=seconds,
             steps=getattr(wire, "num_inference_steps", None),
@@ -189,6 +192,7 @@ def to_generation_request(parsed: ParsedInput) -> GenerationRequest:
             expand_prompt=wire.enable_prompt_expansion,
             acceleration=getattr(wire, "acceleration", None),  # fal's Pro endpoints default to "regular"
             hd=getattr(wire, "resolution", None) == "1024P",
+            aliases=aliases,
         )
     except ValueError as exc:
         raise invalid("duration", wire.duration, str(exc)) from exc

@@ -11,6 +11,7 @@ Auth: `Authorization: <key>` (the documented form) or `Bearer <key>`. Errors:
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -101,12 +102,12 @@ def _text(body: dict, field: str, required: bool = False) -> str | None:
     return value
 
 
-def parse_body(body: Any) -> tuple[str, GenerationRequest]:
+def parse_body(body: Any, aliases: Mapping[str, str] | None = None) -> tuple[str, GenerationRequest]:
     """JSON body -> (model, GenerationRequest). Raises ParamInvalid."""
     if not isinstance(body, dict):
         raise ParamInvalid("", "the request body must be a JSON object")
     model = _text(body, "model", required=True)
-    if model not in MODELS and model not in VARIANTS:
+    if model not in MODELS and model not in VARIANTS and model not in (aliases or {}):
         raise ParamInvalid(
             "model", f"model {short_value(model)!r} is not served here; use one of {', '.join(MODELS)} or a local name"
         )
@@ -130,6 +131,7 @@ def parse_body(body: Any) -> tuple[str, GenerationRequest]:
             steps=steps,
             seed=seed,
             expand_prompt=expand,
+            aliases=aliases,
         )
     except ValueError as exc:
         raise ParamInvalid("video_length", str(exc)) from exc
@@ -185,7 +187,7 @@ def router(services: Services) -> APIRouter:
         except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
             raise ResponseError(error_response(400, "the request body is not valid JSON")) from exc
         try:
-            model, greq = parse_body(body)
+            model, greq = parse_body(body, services.settings.aliases)
         except ParamInvalid as exc:
             raise ResponseError(error_response(400, exc.message, param=exc.param)) from exc
         job = await services.admission.admit(CONTRACT, Draft(model, greq), base_url=services.base_url(request))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Mapping
 
 from fastapi import Request
 
@@ -27,6 +28,7 @@ def t2v_request(
     steps: int | None,
     seed: int | None,
     expand_prompt: bool | None = None,
+    aliases: Mapping[str, str] | None = None,
 ) -> GenerationRequest:
     """The request for `model` at `seconds`: the public id's steps and guidance unless `steps` is
     given; the demo variants keep the aspect at their demo size. Raises ValueError (from
@@ -41,6 +43,7 @@ def t2v_request(
         height=height,
         seed=seed,
         expand_prompt=expand_prompt,
+        aliases=aliases,
     )
     if VARIANTS[request.variant].demo:  # the tiny demo variants make at most 256 px: same aspect, demo size
         width, height = demo_size(width, height)

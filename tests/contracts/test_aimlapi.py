@@ -194,10 +194,17 @@ def test_bad_key_is_401_in_the_gateway_envelope(tmp_path):
 
 
 def test_queue_full_is_429(tmp_path):
-    with app_client(fakes.slow(0.2), tmp_path, max_queue=1) as client:
+    # the first job is held at its first step (running, not queued): one queue slot is left, so
+    # the second submit waits and the third is refused. No timing: a loaded machine once let the
+    # worker take job 1 after job 2 arrived, and the old test saw [201, 429].
+    engine = fakes.FakeEngine(pause_at="step", pause_calls=[1], pause_dir=tmp_path)
+    with app_client(engine, tmp_path / "data", max_queue=1) as client:
         body = {"model": T2V, "prompt": "x", "num_inference_steps": 5}
-        codes = [create(client, body).status_code for _ in range(4)]
-    assert codes[:2] == [201, 201] and 429 in codes
+        assert create(client, body).status_code == 201
+        wait_until(lambda: (tmp_path / "paused-step").exists(), what="the first job running")
+        codes = [create(client, body).status_code for _ in range(2)]
+        (tmp_path / "release").touch()
+    assert codes == [201, 429]
 
 
 # -- real clients against the live server ------------------------------------------------------------

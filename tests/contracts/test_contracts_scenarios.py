@@ -136,7 +136,7 @@ class OpenAI(Contract):
     states: ClassVar = {"queued": PENDING, "in_progress": RUNNING, "completed": DONE, "failed": DONE}
 
     def body(self, prompt, steps, bad_enum=False):
-        return _prompted({"num_inference_steps": steps, **({"seconds": "4"} if bad_enum else {})}, prompt)
+        return _prompted({"num_inference_steps": steps, **({"seconds": "21"} if bad_enum else {})}, prompt)
 
     def submit(self, client, body, headers=None):
         return client.post(self.path, json=body, headers=headers)

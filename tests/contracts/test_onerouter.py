@@ -85,7 +85,7 @@ def test_fields_map_onto_the_generation_request(tmp_path, body, variant, steps, 
     ("body", "param", "text"),
     [
         ({"prompt": "x"}, "model", "model is required"),
-        ({"model": "sora-2", "prompt": "x"}, "model", "not served"),
+        ({"model": "sora-3", "prompt": "x"}, "model", "not served"),
         ({"model": MODEL}, "prompt", "prompt is required"),
         ({"model": MODEL, "prompt": ""}, "prompt", "prompt is required"),
         ({"model": MODEL, "prompt": "x", "resolution": "1280x720"}, "resolution", "768x512, 512x768, 512x512"),

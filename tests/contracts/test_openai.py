@@ -86,11 +86,11 @@ def test_sdk_errors_are_typed(tmp_path):
         assert auth.value.code == "invalid_api_key"
         api = sdk(client)
         with pytest.raises(openai.BadRequestError) as bad:
-            api.videos.create(prompt="x", seconds="4")
-        assert bad.value.param == "seconds" and "'5' and '10'" in bad.value.message
+            api.videos.create(prompt="x", seconds="30")
+        assert bad.value.param == "seconds" and "from 1 to 20" in bad.value.message
         with pytest.raises(openai.BadRequestError) as bad:
-            api.videos.create(prompt="x", size="1280x720")
-        assert bad.value.param == "size" and "allowed: 768x512, 512x512, 512x768" in bad.value.message
+            api.videos.create(prompt="x", size="wide")
+        assert bad.value.param == "size" and "WIDTHxHEIGHT" in bad.value.message
         with pytest.raises(openai.NotFoundError):
             api.videos.retrieve("video_nope")
 
@@ -163,7 +163,15 @@ def test_list_pagination_and_order(tmp_path):
         assert [v["id"] for v in rest["data"]] == [ids[0]] and rest["has_more"] is False
         assert [v.id for v in api.videos.list(limit=1)] == ids[::-1]  # the SDK follows last_id itself
         assert [v.id for v in api.videos.list(order="asc")] == ids
-        assert_error(client.get("/v1/videos", params={"limit": 0}), 400, "limit")
+        # backwards: the page just before a cursor, in either order
+        back = client.get("/v1/videos", params={"limit": 1, "before": ids[0]}).json()
+        assert [v["id"] for v in back["data"]] == [ids[1]] and back["has_more"] is True
+        back = client.get("/v1/videos", params={"order": "asc", "before": ids[2]}).json()
+        assert [v["id"] for v in back["data"]] == ids[:2] and back["has_more"] is False
+        empty = client.get("/v1/videos", params={"limit": 0}).json()  # the spec's minimum
+        assert (empty["data"], empty["last_id"], empty["has_more"]) == ([], None, True)
+        assert_error(client.get("/v1/videos", params={"limit": 101}), 400, "limit")
+        assert_error(client.get("/v1/videos", params={"before": "video_x"}), 400, "before")
         assert_error(client.get("/v1/videos", params={"order": "up"}), 400, "order")
         assert_error(client.get("/v1/videos", params={"after": "video_x"}), 400, "after")
 
@@ -172,11 +180,12 @@ def test_list_pagination_and_order(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("fields", "variant", "size", "seconds", "shown"),
+    ("fields", "variant", "size", "frames", "shown"),
     [
         ({}, "kandinsky5-lite-t2v-sft-5s", None, None, ("5", "768x512")),
-        ({"seconds": "10", "size": "512x768"}, "kandinsky5-lite-t2v-sft-10s", (512, 768), 10, ("10", "512x768")),
-        ({"seconds": 5, "size": "512x512"}, "kandinsky5-lite-t2v-sft-5s", (512, 512), 5, ("5", "512x512")),
+        ({"seconds": "10", "size": "512x768"}, "kandinsky5-lite-t2v-sft-10s", (512, 768), 241, ("10", "512x768")),
+        ({"seconds": 5, "size": "512x512"}, "kandinsky5-lite-t2v-sft-5s", (512, 512), 121, ("5", "512x512")),
+        ({"seconds": "4"}, "kandinsky5-lite-t2v-sft-5s", None, 97, ("4", "768x512")),
         (
             {"model": "kandinsky5-lite-t2v-distilled-10s"},
             "kandinsky5-lite-t2v-distilled-10s",
@@ -195,23 +204,103 @@ def test_list_pagination_and_order(tmp_path):
             {"model": "sber-ai/kandinsky5-distill-t2v", "seconds": "10"},
             "kandinsky5-lite-t2v-distilled-10s",
             None,
-            10,
+            241,
             ("10", "768x512"),
         ),
         ({"model": "fal-ai/kandinsky5/text-to-video"}, "kandinsky5-lite-t2v-sft-5s", None, None, ("5", "768x512")),
         ({"model": "kandinsky5-tiny-t2v", "size": "128x96"}, "kandinsky5-tiny-t2v", (128, 96), None, ("1", "128x96")),
+        # Sora's names, sizes and seconds: OpenAI's defaults (4 s, 720x1280) and the nearest size
+        # each variant makes with the same orientation (Lite: SD buckets; Pro: SD and HD)
+        ({"model": "sora-2"}, "kandinsky5-lite-t2v-sft-5s", (512, 768), 97, ("4", "512x768")),
+        (
+            {"model": "sora-2", "size": "1280x720", "seconds": "8"},
+            "kandinsky5-lite-t2v-sft-10s",
+            (768, 512),
+            193,
+            ("8", "768x512"),
+        ),
+        (
+            {"model": "sora-2-2025-12-08", "size": "1024x1792"},
+            "kandinsky5-lite-t2v-sft-5s",
+            (512, 768),
+            97,
+            ("4", "512x768"),
+        ),
+        ({"model": "sora-2-pro", "size": "1920x1080"}, "kandinsky5-pro-t2v-sft-5s", (1280, 768), 97, ("4", "1280x768")),
+        (
+            {"model": "sora-2-pro-2025-10-06", "size": "1080x1920"},
+            "kandinsky5-pro-t2v-sft-5s",
+            (768, 1280),
+            97,
+            ("4", "768x1280"),
+        ),
+        ({"model": "sora-2-pro", "size": "1792x1024"}, "kandinsky5-pro-t2v-sft-5s", (1280, 768), 97, ("4", "1280x768")),
+        ({"model": "sora-2", "size": "768x512"}, "kandinsky5-lite-t2v-sft-5s", (768, 512), 97, ("4", "768x512")),
     ],
 )
-def test_seconds_size_and_model_map_onto_variants(tmp_path, fields, variant, size, seconds, shown):
+def test_seconds_size_and_model_map_onto_variants(tmp_path, fields, variant, size, frames, shown):
     engine = FullSizeEngine()
     with app_client(engine, tmp_path) as client:
         response = client.post("/v1/videos", json={"prompt": "x", **FAST, **fields})
         assert response.status_code == 200, response.text
         assert (response.json()["seconds"], response.json()["size"]) == shown
+        assert response.json()["model"] == fields.get("model", variant)  # the name the client sent
         wait_until(lambda: client.get(f"/v1/videos/{response.json()['id']}").json()["status"] == "completed")
+        assert (client.get(f"/v1/videos/{response.json()['id']}").json()["seconds"]) == shown[0]
     (req,) = engine.calls
-    assert (req.variant, req.seconds, req.steps) == (variant, seconds, 2)
+    assert (req.variant, req.num_frames, req.steps) == (variant, frames, 2)
     assert (req.width, req.height) == (size or (None, None))
+
+
+def test_sora_clips_longer_than_one_pass_ask_for_their_frames(tmp_path):
+    """12 s on sora-2 is 289 frames: the longest Lite sft (10 s, 241 frames a pass) is asked for
+    all 289 (chained extension makes the rest: pipelines, helper v2v's part of issue 15)."""
+    engine = FullSizeEngine()
+    with app_client(engine, tmp_path) as client:
+        response = client.post("/v1/videos", json={"prompt": "x", "model": "sora-2", "seconds": "12", **FAST})
+        assert response.status_code == 200, response.text  # the whole clip is made and reported
+        assert response.json()["seconds"] == "12"
+        wait_until(lambda: engine.calls, what="the run")
+        assert engine.prepare(engine.calls[0]).passes == [241, 48]  # one Lite 10 s pass, one I2V pass
+
+
+def test_model_aliases_setting_is_honoured_by_every_contract(tmp_path):
+    aliases = {"sora-2": "kandinsky5-lite-t2v-distilled-5s", "acme/video": "kandinsky5-lite-t2v-nocfg-5s"}
+    engine = FullSizeEngine()
+    with app_client(engine, tmp_path, model_aliases=aliases) as client:
+        created = [
+            client.post("/v1/videos", json={"prompt": "x", "model": "sora-2", **FAST}),
+            client.post("/v1/videos", json={"prompt": "x", "model": "acme/video", "seconds": "10", **FAST}),
+            client.post("/v2/video/generations", json={"model": "acme/video", "prompt": "x", **FAST}),
+            client.post("/v1/videos/generations", json={"model": "acme/video", "prompt": "x", **FAST}),
+            client.post("/acme/video", json={"prompt": "x", **FAST}),
+        ]
+        assert [r.status_code for r in created] == [200, 200, 201, 200, 200], [r.text for r in created]
+        wait_until(lambda: len(engine.calls) == 5)
+    assert [r.variant for r in engine.calls] == [
+        "kandinsky5-lite-t2v-distilled-5s",
+        "kandinsky5-lite-t2v-nocfg-10s",  # the alias's 10 s sibling
+        *["kandinsky5-lite-t2v-nocfg-5s"] * 3,
+    ]
+    with pytest.raises(ValueError, match="no variant"):
+        from server.settings import Settings
+
+        Settings(model_aliases="sora-2=kandinsky6")
+
+
+def test_a_name_mapped_to_missing_weights_is_not_available(tmp_path):
+    from pipelines.errors import WeightsMissing
+
+    class NoPro(FullSizeEngine):
+        def prepare(self, req):
+            if req.variant.startswith("kandinsky5-pro"):
+                raise WeightsMissing(req.variant, "weights/" + req.variant, ["transformer"])
+            return super().prepare(req)
+
+    with app_client(NoPro(), tmp_path) as client:
+        response = client.post("/v1/videos", json={"prompt": "x", "model": "sora-2-pro"})
+        message = assert_error(response, 404, "model", "model_not_found")
+    assert "k5serve weights download kandinsky5-pro-t2v-sft-5s" in message
 
 
 def test_demo_mode_reports_the_size_and_seconds_it_makes(tmp_path):
@@ -234,20 +323,23 @@ def test_demo_mode_reports_the_size_and_seconds_it_makes(tmp_path):
 @pytest.mark.parametrize(
     ("fields", "param", "text"),
     [
-        ({"seconds": "4"}, "seconds", "Supported values are: '5' and '10'"),
-        ({"seconds": "12"}, "seconds", "'5' and '10'"),
-        ({"seconds": True}, "seconds", "'5' and '10'"),
-        ({"size": "720x1280"}, "size", "720x1280 is not available for kandinsky5-lite-t2v-sft-5s"),
+        ({"seconds": "0"}, "seconds", "whole number from 1 to 20"),
+        ({"seconds": "21"}, "seconds", "from 1 to 20"),
+        ({"seconds": "4.5"}, "seconds", "from 1 to 20"),
+        ({"seconds": True}, "seconds", "from 1 to 20"),
         ({"size": "big"}, "size", "WIDTHxHEIGHT"),
+        ({"size": "0x720"}, "size", "WIDTHxHEIGHT"),
         ({"size": 768}, "size", "expected a string"),
-        ({"model": "sora-2"}, "model", "'sora-2'"),
-        ({"model": "kandinsky5-pro-t2v-sft-5s", "seconds": "10"}, "seconds", "not available"),
+        ({"model": "sora-3"}, "model", "'sora-3'"),
+        ({"characters": [{"id": "char_1"}]}, "characters", "Use input_reference instead"),
+        ({"remix_video_id": "video_1"}, "remix_video_id", "/remix"),
         ({"model": "kandinsky5-lite-i2v-5s"}, "input_reference", "needs an image"),
         ({"num_inference_steps": 0}, "num_inference_steps", "num_inference_steps must be"),
         ({"num_inference_steps": "many"}, "num_inference_steps", "expected an integer"),
         ({"seed": -3}, "seed", "seed must be"),
         ({"input_reference": "ftp://x/y.png"}, "input_reference", "not an http(s) URL"),
-        ({"input_reference": {"file_id": "file_1"}}, "input_reference", None),
+        ({"input_reference": {"file_id": "file_1"}}, "input_reference", "No file with id 'file_1'"),
+        ({"input_reference": {"file_id": "f", "image_url": "data:,"}}, "input_reference", "exactly one"),
     ],
 )
 def test_values_the_model_cannot_do_are_400(tmp_path, fields, param, text):
@@ -328,18 +420,64 @@ def test_input_reference_as_a_data_uri_or_image_url_object(tmp_path):
             video_id = response.json()["id"]
             wait_until(lambda: client.get(f"/v1/videos/{video_id}").json()["status"] == "completed")  # noqa: B023
         bad = client.post("/v1/videos", data={"prompt": "x", "input_reference[file_id]": "file_1"}, files={})
-        assert "file ids are not supported" in assert_error(bad, 400, "input_reference")
+        assert "No file with id 'file_1'" in assert_error(bad, 400, "input_reference")
     assert [req.variant for req in engine.calls] == ["kandinsky5-lite-i2v-5s"] * 3
 
 
-def test_content_variants_and_remix(tmp_path):
+def test_sdk_image_url_over_http_through_the_url_guard(tmp_path, loopback):
+    """{image_url: http://...} as the Python SDK gets it out (extra_body: multipart
+    input_reference[image_url]), fetched through the SSRF guard from an allowlisted host."""
+    loopback.files["/cat.png"] = ("image/png", png_bytes())
+    engine = FullSizeEngine()
+    with app_client(engine, tmp_path, url_allowlist=["127.0.0.1"]) as client:
+        body = {"input_reference": {"image_url": f"{loopback.url}/cat.png"}, **FAST}
+        video = sdk(client).videos.create_and_poll(prompt="x", model="sora-2-pro", poll_interval_ms=20, extra_body=body)
+    assert (video.status, video.model, video.size, video.seconds) == ("completed", "sora-2-pro", "768x512", "4")
+    (req,) = engine.calls
+    assert req.variant == "kandinsky5-pro-i2v-sft-5s" and req.num_frames == 97 and req.image.endswith(".png")
+
+
+def test_content_variants_characters_and_file_ids(tmp_path):
     with app_client(fakes.FakeEngine(), tmp_path) as client:
         video = sdk(client).videos.create_and_poll(prompt="x", poll_interval_ms=20, extra_body=FAST)
-        assert_error(client.get(f"/v1/videos/{video.id}/content", params={"variant": "thumbnail"}), 400, "variant")
-        assert_error(client.post(f"/v1/videos/{video.id}/remix", json={"prompt": "y"}), 400, "video_id")
+        assert_error(client.get(f"/v1/videos/{video.id}/content", params={"variant": "poster"}), 400, "variant")
+        # the fake engine's file is no mp4: no preview, said with a 404, not a retryable 5xx
+        thumb = client.get(f"/v1/videos/{video.id}/content", params={"variant": "thumbnail"})
+        assert "could not be made" in assert_error(thumb, 404, "variant", "not_found")
+        # characters: both routes and a create naming them, as the SDKs send them (multipart brackets)
+        made = client.post("/v1/videos/characters", data={"name": "Mossy"}, files={"video": ("m.mp4", b"x")})
+        assert "Use input_reference instead" in assert_error(made, 400, "video")
+        assert_error(client.get("/v1/videos/characters/char_1"), 404, "character_id")
+        form = {"prompt": "x", "characters[][id]": ["char_1", "char_2"]}
+        named = client.post("/v1/videos", data=form, files={"unused": ("", b"")})
+        assert "Characters are not supported" in assert_error(named, 400, "characters")
+        # {file_id}: an upload this server holds, by its token (fal's storage protocol stored it)
+        slot = client.app.state.services.uploads.store(png_bytes(), "ref.png")
+        for file_id in (slot.token, f"{slot.token}/ref.png"):
+            form = {"prompt": "x", "input_reference[file_id]": file_id, "num_inference_steps": "2"}
+            response = client.post("/v1/videos", data=form, files={"unused": ("", b"")})
+            assert response.status_code == 200 and response.json()["model"] == "kandinsky5-lite-i2v-5s", response.text
+        gone = client.post("/v1/videos", json={"prompt": "x", "input_reference": {"file_id": "A" * 32}})
+        assert "No file with id" in assert_error(gone, 400, "input_reference")
         # another contract's job is not a video here
         gid = client.post("/v2/video/generations", json={"model": "sber-ai/kandinsky5-t2v", "prompt": "x"}).json()
         assert_error(client.get(f"/v1/videos/{gid['id'].split(':')[0]}"), 404, "video_id", "not_found")
+
+
+def test_video_object_has_all_13_keys_and_expires_with_retention(tmp_path):
+    keys = {"id", "object", "model", "status", "progress", "created_at", "completed_at", "expires_at", "prompt"}
+    keys |= {"size", "seconds", "remixed_from_video_id", "error"}
+    with app_client(fakes.FakeEngine(), tmp_path, retention_hours=2) as client:
+        created = client.post("/v1/videos", json={"prompt": "x", **FAST})
+        assert set(created.json()) == keys and created.json()["expires_at"] is None
+        assert created.headers["openai-poll-after-ms"] == "500"
+        video_id = created.json()["id"]
+        wait_until(lambda: client.get(f"/v1/videos/{video_id}").json()["status"] == "completed")
+        done = client.get(f"/v1/videos/{video_id}")
+    body = done.json()
+    assert set(body) == keys and "openai-poll-after-ms" not in done.headers
+    assert body["expires_at"] == body["completed_at"] + 7200
+    assert isinstance(body["progress"], int) and isinstance(body["seconds"], str)
 
 
 # -- the SDK against the live demo-mode server (real engine) ---------------------------------------

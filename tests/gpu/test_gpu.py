@@ -145,3 +145,18 @@ def test_nabla_with_eager_blocks_still_runs_the_fused_flex_kernel(tiny_nabla_dir
     frames = pipe(**args, generator=torch.Generator().manual_seed(0)).frames[0]
     assert np.isfinite(frames).all()
     assert reference_flex_calls == [0]
+
+
+def test_remix_at_strength_one_is_a_plain_generation_in_bf16_and_extensions_stitch(cuda_engine, tmp_path):
+    """Issue 15 on CUDA: the video-to-video path (bf16 noise, VAE encode) at strength 1.0 is the plain
+    generation bit for bit; an extension and a clip longer than one pass have the planned frames."""
+    source = tmp_path / "source.mp4"
+    cuda_engine.generate(GenerationRequest(**REQ), source)
+    plain = cuda_engine.generate_frames(GenerationRequest(**{**REQ, "prompt": "a blue whale"})).frames
+    remix = dict(REQ, prompt="a blue whale", video=str(source), strength=1.0, width=None, height=None, num_frames=None)
+    assert np.array_equal(plain, cuda_engine.generate_frames(GenerationRequest(**remix)).frames)
+    ext = GenerationRequest(variant=REQ["variant"], prompt="it swims on", extend=str(source), num_frames=16, steps=2)
+    frames, _ = read_mp4(cuda_engine.generate(ext, tmp_path / "ext.mp4").path)
+    assert frames.shape == (17 + 16, 128, 128, 3)
+    long = GenerationRequest(**{**REQ, "num_frames": 41, "steps": 2})
+    assert cuda_engine.generate(long, tmp_path / "long.mp4").num_frames == 41

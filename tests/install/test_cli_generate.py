@@ -127,6 +127,36 @@ def test_generate_rejects_bad_input_with_exit_2(weights, tmp_path, capsys, extra
     assert not out.exists()
 
 
+def test_generate_on_a_group_of_two_cpu_devices_writes_a_video(weights, tmp_path):
+    """One sequence-parallel group (rank 0 in the command's process, rank 1 spawned, gloo)."""
+    out = tmp_path / "sp.mp4"
+    args = ["generate", "a fox", "-o", str(out), "--weights-dir", str(weights), "--steps", "2", "--frames", "9"]
+    proc = run(
+        [*args, "--model", "kandinsky5-tiny-t2v", "--resolution", "64x64", "--devices", "cpu,cpu", "--sp-degree", "2"]
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "denoising 2/2 steps" in proc.stderr
+    assert read_mp4(out)[0].shape == (9, 64, 64, 3)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--devices", "cpu,cpu,cpu", "--sp-degree", "3"], "valid degrees: 2"),  # the tiny model has 2 heads
+        (["--devices", "cpu", "--sp-degree", "2"], "needs 2 devices"),
+        (["--sp-degree", "2"], "needs --devices"),
+        (["--devices", "cpu,cuda:0", "--sp-degree", "2"], "all be CUDA or all CPU"),
+    ],
+)
+def test_generate_refuses_a_group_it_cannot_make(weights, tmp_path, capsys, extra, message):
+    from server.cli import main
+
+    out = tmp_path / "bad.mp4"
+    assert main(["generate", "a fox", "-o", str(out), "--weights-dir", str(weights), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(("columns", "rows"), [(80, 24), (0, 0)], ids=["80x24", "no-size"])
 def test_generate_progress_bar_on_a_terminal_keeps_log_lines_off_it(weights, tmp_path, columns, rows):
     # (0, 0) is a bare pty that reports no size: tqdm alone drew nothing there (a blank line).

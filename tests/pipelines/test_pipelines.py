@@ -217,13 +217,13 @@ BAD = [
     (dict(prompt="   "), "prompt", "non-empty"),
     (dict(variant="kandinsky5-huge"), "model", "kandinsky5-huge"),
     (dict(width=512, height=512), "resolution", "512x512"),
-    (dict(num_frames=29), "num_frames", "29"),
+    (dict(num_frames=2885), "num_frames", "2885"),  # 120 s at most (longer than one pass: chained)
     (dict(guidance=0.5), "guidance", "0.5"),
     (dict(seed=-1), "seed", "-1"),
     (dict(variant=I2V), "image", "needs an image"),
     (dict(variant=I2V, image="x.png", num_frames=13), "num_frames", "13"),
     (dict(variant="kandinsky5-lite-t2v-sft-5s", width=768, height=768), "resolution", "768x768"),
-    (dict(variant="kandinsky5-lite-t2v-sft-5s", width=None, height=None, num_frames=241), "num_frames", "241"),
+    (dict(variant="kandinsky5-lite-t2v-sft-5s", width=None, height=None, num_frames=243), "num_frames", "243"),
     (
         dict(variant="kandinsky5-lite-t2v-sft-5s", width=None, height=None, num_frames=None, seconds=10),
         "duration",

@@ -24,6 +24,7 @@ from .negatives import NegativePromptCache
 from .placement import MEMORY_MODES, Placement
 from .preparer import Preparer
 from .request import GenerationRequest, GenerationResult, ResolvedRequest
+from .residency import Residency
 from .sources import LoadedPipelines, PipelineSource, WeightsFolder
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class Engine:
         source: PipelineSource | None = None,
         text_encoder_int8: bool = False,
         fp8_weights: bool = False,
+        share_components: bool = True,
     ):
         """`weights_dir`: the checkpoints folder (pipelines/layout.py). `memory_mode`: auto (decided
         per variant from the device memory, pipelines/memory.py) or gpu / offload_text /
@@ -62,7 +64,9 @@ class Engine:
         `source`: where the pipelines come from instead of `weights_dir`, e.g.
         `sources.InMemoryPipelines` for pipelines built in this process (bench/generate.py --full).
         `text_encoder_int8` / `fp8_weights`: opt-in approximate weight storage (pipelines/quant.py),
-        labelled in every result made with it."""
+        labelled in every result made with it. `host_memory` also bounds the host RAM evicted models
+        may take (residency.py; None: what is available then). `share_components`: load byte-identical
+        text encoders, tokenizers and VAE once (residency.py; off only to compare and measure)."""
         self.weights_dir = Path(weights_dir)
         self.device = pick_device(device)
         if memory_mode not in MEMORY_MODES:
@@ -82,7 +86,8 @@ class Engine:
         self.placements = Placement(self.capacity, self.memory_mode, cfg_batch, vae_tiling, self.host_capacity)
         self.negatives = NegativePromptCache(enabled=negative_cache)
         self.source = source if source is not None else WeightsFolder(self.weights_dir)
-        self._pipes = LoadedPipelines(self.source, self.options, self.placements.mode)
+        self.residency = Residency(self.device, host_memory, share_components)
+        self._pipes = LoadedPipelines(self.source, self.options, self.placements.mode, self.residency)
         self._settings = generation.Settings(self.device, cfg_batch, vae_tiling)
         self._lock = threading.Lock()
         # The sequence-parallel group this engine is a rank of, during a group's job (pipelines/group.py)
@@ -113,8 +118,12 @@ class Engine:
         return self.placements.mode(name)
 
     def memory_plan(self, r: ResolvedRequest) -> memory.Footprint | None:
-        """The plan for this request under its variant's placement (None: it does not fit)."""
-        return self.placements.plan(r)
+        """The plan for this request under its variant's placement, beside what other variants keep
+        resident now (None: it does not fit)."""
+        if self.capacity is None:
+            return self.placements.plan(r)
+        resident = self.residency.device_bytes(self._pipes.ids(r.variant.name).items())
+        return self.placements.plan(r, resident)
 
     def memory_in_use(self) -> int | None:
         """Device memory this process holds, in bytes: torch's reserved counter on CUDA (cached
@@ -124,9 +133,33 @@ class Engine:
 
     # ---- pipelines -------------------------------------------------------------------------
 
-    def pipeline(self, name: str):
-        """The loaded pipeline for variant `name` (loads it on first use)."""
+    def pipeline(self, name: str, r: ResolvedRequest | None = None):
+        """The loaded pipeline for variant `name` (loads it on first use), with room made for it:
+        other variants' models leave the device (residency.py) until `r`'s plan fits beside what
+        stays (without `r`: the variant at its default size, one frame)."""
+        self._make_room(name, r)
         return self._pipes.get(name)
+
+    def _make_room(self, name: str, r: ResolvedRequest | None) -> None:
+        if self.capacity is None:
+            return  # no budget (CPU without --device-memory): nothing is ever evicted
+        if r is not None:
+            size = (r.width, r.height, r.num_frames)
+        else:
+            w, h = VARIANTS[name].default_size
+            size = (w, h, 1)
+
+        def shape(fp: memory.Footprint | None) -> tuple | None:
+            return None if fp is None else (fp.mode, fp.cfg_batch, fp.vae_tiling)
+
+        best = shape(self.placements.plan_size(name, *size))  # on a device holding nothing else
+
+        def fits(resident: int) -> bool:
+            # what stays must leave room for the very plan an empty device allows, not a slower one
+            fp = shape(self.placements.plan_size(name, *size, resident))
+            return fp is not None and (best is None or fp == best)
+
+        self._pipes.make_room(name, fits)
 
     def loaded(self) -> list[str]:
         """Names of the variants whose pipelines are loaded."""
@@ -134,7 +167,13 @@ class Engine:
 
     def describe(self) -> dict:
         """What this engine holds now (server/engine_protocol.py `describe`)."""
-        return {"variants": self.loaded(), "resident": [], "counters": {}, "memory_in_use": self.memory_in_use()}
+        return {
+            "variants": self.loaded(),
+            "resident": self.residency.resident(),
+            "host": self.residency.host(),
+            "counters": dict(self.residency.counters),
+            "memory_in_use": self.memory_in_use(),
+        }
 
     def warmup(self) -> None:
         """Load what will be served (the tiny models in demo mode, else --models) and, with
@@ -221,14 +260,14 @@ class Engine:
         clock = StageClock(self.device)
         with self._lock, dev.device_errors(self.device, r.width, r.height, r.num_frames):
             with clock.stage("load"):
-                pipe = self.pipeline(r.variant.name)
+                pipe = self.pipeline(r.variant.name, r)
             cancel.raise_if_cancelled()
             # 2. encode prompt, 3. denoise, 4. decode
             return generation.run(
                 pipe,
                 r,
                 settings=self._settings,
-                plan=self.placements.plan(r),
+                plan=self.memory_plan(r),
                 negatives=self.negatives,
                 clock=clock,
                 cancel=cancel,

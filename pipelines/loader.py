@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: every call below is local_files_only
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -94,8 +95,9 @@ def dtype_for(device: str):
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
-def load_pipeline(variant: Variant, folder: Path, options: LoadOptions):
-    """Build the variant's diffusers pipeline from `folder`, placed per `options`."""
+def load_pipeline(variant: Variant, folder: Path, options: LoadOptions, shared: Mapping[str, Any] | None = None):
+    """Build the variant's diffusers pipeline from `folder`, placed per `options`. `shared`: components
+    already loaded (byte-identical ones of another variant, residency.py), used instead of reading them."""
     folder = Path(folder)
     missing = missing_parts(folder)
     if missing:
@@ -109,36 +111,40 @@ def load_pipeline(variant: Variant, folder: Path, options: LoadOptions):
 
     dtype = dtype_for(options.device)
     local = {"local_files_only": True}
-    transformer = diffusers.Kandinsky5Transformer3DModel.from_pretrained(
-        folder, subfolder="transformer", dtype=dtype, **local
-    )
-    vae = diffusers.AutoencoderKLHunyuanVideo.from_pretrained(folder, subfolder="vae", dtype=dtype, **local)
-    text_encoder = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        folder / "text_encoder", dtype=dtype, **local
-    )
-    text_encoder_2 = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder_2", dtype=dtype, **local)
-    tokenizer = transformers.Qwen2Tokenizer.from_pretrained(folder / "tokenizer", **local)
-    tokenizer_2 = transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer_2", **local)
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler", **local)
+    readers = {
+        "transformer": lambda: diffusers.Kandinsky5Transformer3DModel.from_pretrained(
+            folder, subfolder="transformer", dtype=dtype, **local
+        ),
+        "vae": lambda: diffusers.AutoencoderKLHunyuanVideo.from_pretrained(
+            folder, subfolder="vae", dtype=dtype, **local
+        ),
+        "text_encoder": lambda: transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            folder / "text_encoder", dtype=dtype, **local
+        ),
+        "text_encoder_2": lambda: transformers.CLIPTextModel.from_pretrained(
+            folder / "text_encoder_2", dtype=dtype, **local
+        ),
+        "tokenizer": lambda: transformers.Qwen2Tokenizer.from_pretrained(folder / "tokenizer", **local),
+        "tokenizer_2": lambda: transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer_2", **local),
+        # never shared: a scheduler keeps its step state
+        "scheduler": lambda: diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(
+            folder, subfolder="scheduler", **local
+        ),
+    }
+    shared = dict(shared or {})
+    components = {name: shared[name] if name in shared else read() for name, read in readers.items()}
 
     cls = getattr(diffusers, variant.pipeline_class)
-    pipe = cls(
-        transformer=transformer,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2,
-        scheduler=scheduler,
-    )
+    pipe = cls(**components)
     configure_pipeline(pipe, variant, options)
     log.info(
-        "loaded %s from %s on %s (%s, %s)",
+        "loaded %s from %s on %s (%s, %s%s)",
         variant.name,
         folder,
         options.device,
         str(dtype).replace("torch.", ""),
         options.placement,
+        f"; shared: {', '.join(sorted(shared))}" if shared else "",
     )
     return pipe
 

@@ -227,6 +227,7 @@ def plan(
     cfg_batch: bool = True,
     vae_tiling: bool | None = None,
     host_capacity: int | None = None,
+    resident: int = 0,
 ) -> Footprint | None:
     """The fastest plan that fits, or None if none does.
 
@@ -234,8 +235,12 @@ def plan(
     batching before sequential CFG, untiled VAE decode before tiled (`vae_tiling` True/False forces
     it), the whole FFN before FFN chunking. A plan fits when its peak fits the device and its host
     copies fit `host_capacity` (None: host RAM not checked). No capacity (CPU): the fastest plan.
+    `resident`: bytes that stay on the device beside this request (other variants' models,
+    pipelines/residency.py).
     """
     limit = usable(capacity)
+    if limit is not None:
+        limit -= resident
     host = host_limit(host_capacity)
     modes = MODES if mode == "auto" else (mode,)
     batches = (True, False) if cfg_batch else (False,)

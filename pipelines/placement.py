@@ -62,12 +62,17 @@ class Placement:
                 return fp.mode
         return memory.frugal(v, *largest[1], v.max_frames, host_capacity=self.host_capacity).mode
 
-    def plan(self, r: ResolvedRequest) -> memory.Footprint | None:
-        """The plan for this request under its variant's mode (None: it does not fit)."""
+    def plan(self, r: ResolvedRequest, resident: int = 0) -> memory.Footprint | None:
+        """The plan for this request under its variant's mode (None: it does not fit). `resident`:
+        bytes other variants keep on the device meanwhile (pipelines/residency.py)."""
+        return self.plan_size(r.variant.name, r.width, r.height, r.num_frames, resident)
+
+    def plan_size(self, name: str, width: int, height: int, frames: int, resident: int = 0) -> memory.Footprint | None:
+        """`plan` for variant `name` at a size rather than for a request."""
         tiling = True if self.vae_tiling else None
-        mode = self.mode(r.variant.name)
+        v, mode = VARIANTS[name], self.mode(name)
         return memory.plan(
-            r.variant, r.width, r.height, r.num_frames, self.capacity, mode, self.cfg_batch, tiling, self.host_capacity
+            v, width, height, frames, self.capacity, mode, self.cfg_batch, tiling, self.host_capacity, resident=resident
         )
 
     def check_fits(self, r: ResolvedRequest) -> None:

@@ -365,3 +365,33 @@ def ensure_tiny(weights_dir: Path, name: str) -> Path:
     if dest.exists():
         shutil.rmtree(dest)
     return build_tiny(dest, variant.task)
+
+
+def ensure_tiny_family(weights_dir: Path, names: list[str], source: Path) -> list[Path]:
+    """Folders for real variant `names` holding the tiny checkpoint at `source`: text encoders,
+    tokenizers and VAE hardlinked (copied across filesystems) from one set of files, as the Lite
+    and Pro variants share Qwen, CLIP and the VAE, and a transformer of each variant's own (the tiny
+    one shifted by 0.01 x its position in `names`). For tests and bench/residency.py."""
+    from safetensors.torch import load_file, save_file
+
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    folders = []
+    for k, name in enumerate(names):
+        dest = Path(weights_dir) / name
+        folders.append(dest)
+        if is_complete(dest):
+            continue
+        for path in sorted(Path(source).rglob("*")):
+            rel = path.relative_to(source)
+            if not path.is_file() or any(part.startswith(".") for part in rel.parts):
+                continue
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            if rel.as_posix() == weights:
+                state = {key: t + 0.01 * (k + 1) for key, t in load_file(path).items()}
+                save_file(state, dest / rel, metadata={"format": "pt"})
+            else:
+                try:
+                    os.link(path, dest / rel)
+                except OSError:
+                    shutil.copy2(path, dest / rel)
+    return folders

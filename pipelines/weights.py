@@ -44,8 +44,9 @@ APPROX_GB = {"lite": 4.0 + 16.6 + 0.25 + 0.5, "pro": 38.6 + 16.6 + 0.25 + 0.5}
 _AUX_PATTERNS = ("*.json", "*.txt", "*.jinja", "*.model")
 # Hidden files and folders (e.g. a stray transformer/.ipynb_checkpoints/) are never fetched.
 IGNORE_PATTERNS = [".*", "*/.*"]
-# hf_hub keeps its resume metadata in <local_dir>/.cache/huggingface: never ours to check or copy.
-_SKIP_DIRS = {".cache", ".git"}
+# hf_hub keeps its resume metadata in <local_dir>/.cache/huggingface: never ours to check or copy;
+# .k5serve holds the content ids k5serve records (content.py).
+_SKIP_DIRS = {".cache", ".git", ".k5serve"}
 
 # safetensors dtype -> bytes per element (F4/F6 etc. are packed: skipped in the size check).
 _DTYPE_BYTES = {
@@ -286,7 +287,17 @@ def report_verify(variant: Variant, folder: Path) -> int:
         print(f"{variant.name}: {len(problems)} problem(s); {fix}")
         return EXIT_FAILURE
     print(f"{variant.name}: complete ({len(ok)} checks passed, {human_size(folder_size(folder))})")
+    record_content_ids(folder)
     return EXIT_OK
+
+
+def record_content_ids(folder: Path) -> None:
+    """Hash each component once now (content.py), so a server sharing identical components between
+    variants finds the ids beside the weights instead of hashing gigabytes at its first load."""
+    from .content import content_ids
+
+    for component, cid in content_ids(folder).items():
+        print(f"  id       {component}: {cid}")
 
 
 # ---------------------------------------------------------------------------------------------

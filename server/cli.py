@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="scaled fp8 transformer weights (approximate, labelled)",
     )
     serve.add_argument(
+        "--device-memory",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="device memory budget in GiB (default: what the GPU reports); models are evicted to stay under it",
+    )
+    serve.add_argument(
         "--compile", default=None, choices=["auto", "on", "off"], help="compile the transformer blocks (auto: on CUDA)"
     )
     serve.add_argument(

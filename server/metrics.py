@@ -12,6 +12,7 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter
@@ -41,6 +42,10 @@ class Metrics:
         self.registry.register(_JobsByStatus(manager))
         if pool is not None:
             self.registry.register(_Workers(pool))
+        if pool is not None:
+            self.registry.register(_Residency(lambda: [(w.name, w.engine) for w in pool.workers]))
+        else:
+            self.registry.register(_Residency(lambda: [("0", engine)]))
         self.finished = Counter(
             "k5serve_jobs_finished", "Jobs that ended, by status and contract", ["status", "contract"],
             registry=self.registry,
@@ -163,6 +168,53 @@ class _DeviceMemory:
         if value is not None:
             family.add_metric([], float(value))
         yield family
+
+
+class _Residency:
+    """Per worker (label worker=id): model loads, evictions and swap time, and the bytes resident per
+    component, from each engine's describe() at scrape time (pipelines/residency.py; a worker process
+    reports its engine's after each job); a counter an engine does not report has no sample."""
+
+    COUNTERS = (
+        ("loads", "k5serve_component_loads", "Models (transformer, text encoders, VAE) read from disk onto the device"),
+        (
+            "evictions",
+            "k5serve_component_evictions",
+            "Models moved off the device to make room (to host RAM or dropped)",
+        ),
+        ("swap_seconds", "k5serve_component_swap_seconds", "Seconds spent bringing evicted models back from host RAM"),
+    )
+
+    def __init__(self, engines: Callable[[], list[tuple[str, EngineLike]]]):
+        self.engines = engines  # () -> [(worker id, engine)]
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):
+        families = {key: CounterMetricFamily(name, text, labels=["worker"]) for key, name, text in self.COUNTERS}
+        resident = GaugeMetricFamily(
+            "k5serve_resident_bytes",
+            "Bytes of models resident on each worker's device, by component",
+            labels=["worker", "component"],
+        )
+        for worker, engine in self.engines():
+            try:
+                held = engine.describe()
+            except Exception:  # a scrape must not fail because an engine is busy or gone
+                log.warning("could not read what worker %s holds", worker, exc_info=True)
+                held = {}
+            counters = held.get("counters") or {}
+            for key, family in families.items():
+                if key in counters:
+                    family.add_metric([worker], float(counters[key]))
+            by_component: collections.Counter = collections.Counter()
+            for entry in held.get("resident") or []:
+                by_component[entry["component"]] += entry["bytes"]
+            for component, nbytes in sorted(by_component.items()):
+                resident.add_metric([worker, component], float(nbytes))
+        yield from families.values()
+        yield resident
 
 
 def metrics_router(metrics: Metrics) -> APIRouter:

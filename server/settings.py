@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     fp8_weights: bool = False
     # GiB of host RAM the memory plan may fill with offloaded/streamed weights (default: detected on CUDA).
     host_memory: float | None = Field(None, gt=0)
+    # GiB of device memory the engine may use (default: what the GPU reports; none on the CPU): less
+    # leaves room for other processes; on the CPU it sets a budget, so eviction can be exercised there.
+    device_memory: float | None = Field(None, gt=0)
     # torch.compile of the repeated transformer blocks: auto = on for CUDA (warmed at start-up), off on the CPU.
     compile: Literal["auto", "on", "off"] = "auto"
     # Rewrite each prompt with Qwen2.5-VL before encoding, as the official pipelines do by default
@@ -165,6 +168,7 @@ class Settings(BaseSettings):
             "require_weights": self.require_weights,
             "memory_mode": self.memory_mode,
             "host_memory": int(self.host_memory * 2**30) if self.host_memory else None,
+            "device_memory": int(self.device_memory * 2**30) if self.device_memory else None,
             "text_encoder_int8": self.text_encoder_int8,
             "fp8_weights": self.fp8_weights,
             "compile": {"auto": None, "on": True, "off": False}[self.compile],

@@ -130,3 +130,49 @@ def test_deleting_a_running_job_leaves_no_step_timings_behind(tmp_path):
         run_fal_job(client)  # the worker goes on
         assert metrics._steps == {} and metrics._last_step == {}
     assert engine.steps_run[0] < 50
+
+
+# what a real engine holds after two variants shared their text encoder (tests/pipelines/test_residency.py)
+HELD = {
+    "variants": ["kandinsky5-lite-t2v-distilled-5s", "kandinsky5-lite-t2v-sft-5s"],
+    "resident": [
+        {"component": "transformer", "id": "sha256:aa", "bytes": 4000, "variants": ["kandinsky5-lite-t2v-sft-5s"]},
+        {
+            "component": "text_encoder",
+            "id": "sha256:bb",
+            "bytes": 16000,
+            "variants": ["kandinsky5-lite-t2v-distilled-5s", "kandinsky5-lite-t2v-sft-5s"],
+        },
+    ],
+    "counters": {"loads": 5, "evictions": 1, "drops": 0, "swaps": 1, "swap_seconds": 0.25},
+    "memory_in_use": None,
+}
+
+
+class HoldingEngine(FakeEngine):
+    """A fake that reports HELD as what it holds."""
+
+    def describe(self) -> dict:
+        return HELD
+
+
+def test_metrics_and_readyz_show_what_the_engine_holds(tmp_path):
+    with app_client(HoldingEngine(), tmp_path) as client:
+        found = samples(client)
+        wait_until(lambda: client.get("/readyz").status_code == 200, what="ready")
+        ready = client.get("/readyz").json()
+    (worker,) = ready["workers"]  # per worker: what its engine holds
+    assert worker["resident"] == HELD["resident"]
+    w = ("worker", worker["id"])
+    assert found[("k5serve_component_loads_total", w)] == 5
+    assert found[("k5serve_component_evictions_total", w)] == 1
+    assert found[("k5serve_component_swap_seconds_total", w)] == 0.25
+    assert found[("k5serve_resident_bytes", ("component", "transformer"), w)] == 4000
+    assert found[("k5serve_resident_bytes", ("component", "text_encoder"), w)] == 16000
+
+
+def test_an_engine_that_counts_nothing_has_no_residency_samples(tmp_path):
+    with app_client(FakeEngine(), tmp_path) as client:
+        found = samples(client)
+        assert [w["resident"] for w in client.get("/readyz").json()["workers"]] == [[]]
+    assert not any(key[0].startswith(("k5serve_component_", "k5serve_resident_")) for key in found)

@@ -137,11 +137,12 @@ def make_checkpoint(root: Path, junk: bool = True) -> Path:
 
 
 def files_under(folder: Path) -> set[str]:
-    """Checkpoint files, without huggingface_hub's resume metadata under .cache/."""
+    """Checkpoint files, without huggingface_hub's resume metadata under .cache/ and the content ids
+    verify records under .k5serve/ (pipelines/content.py)."""
     return {
         p.relative_to(folder).as_posix()
         for p in folder.rglob("*")
-        if p.is_file() and ".cache" not in p.relative_to(folder).parts
+        if p.is_file() and not {".cache", ".k5serve"} & set(p.relative_to(folder).parts)
     }
 
 

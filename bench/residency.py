@@ -11,7 +11,7 @@ transformer of their own) and, per run, with fresh engines, times (median of --r
   second_separate_s   the same with `share_components=False`: every model read again
   swap_back_s         the first variant again after a small --device-memory budget evicted its
                       transformer to host RAM (on the CPU host RAM is the device: accounting only)
-  reload_dropped_s    the same with no host RAM allowed (`host_memory=0`): the transformer is
+  reload_dropped_s    the same with no host RAM allowed (`host_cache=0`): the transformer is
                       read from disk again
 Counters (loads, evictions, swaps, drops) come from `Engine.describe()`. Emits one JSON object
 (stdout, and --out). Not a test: nothing is asserted.
@@ -65,8 +65,8 @@ def one_run(weights: Path, device: str) -> dict:
     probe.pipeline(LITES[0])
     transformer = probe.describe()["resident"][0]["bytes"]
     capacity = memory.CONTEXT_RESERVE + max(probe.memory_plan(x).peak for x in r.values()) + transformer // 2
-    for key, host_memory in (("swap_back_s", None), ("reload_dropped_s", 0)):
-        engine = Engine(weights, device_memory=capacity, host_memory=host_memory, **opts)
+    for key, host_cache in (("swap_back_s", None), ("reload_dropped_s", 0)):
+        engine = Engine(weights, device_memory=capacity, host_cache=host_cache, **opts)
         engine.pipeline(LITES[0], r[LITES[0]])
         engine.pipeline(LITES[1], r[LITES[1]])  # evicts LITES[0]'s transformer
         out[key] = timed(lambda e=engine: e.pipeline(LITES[0], r[LITES[0]]))

@@ -26,6 +26,7 @@ from .preparer import Preparer
 from .request import GenerationRequest, GenerationResult, ResolvedRequest
 from .residency import Residency
 from .sources import LoadedPipelines, PipelineSource, WeightsFolder
+from .variants import VARIANTS
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class Engine:
         text_encoder_int8: bool = False,
         fp8_weights: bool = False,
         share_components: bool = True,
+        host_cache: int | None = None,
     ):
         """`weights_dir`: the checkpoints folder (pipelines/layout.py). `memory_mode`: auto (decided
         per variant from the device memory, pipelines/memory.py) or gpu / offload_text /
@@ -64,9 +66,10 @@ class Engine:
         `source`: where the pipelines come from instead of `weights_dir`, e.g.
         `sources.InMemoryPipelines` for pipelines built in this process (bench/generate.py --full).
         `text_encoder_int8` / `fp8_weights`: opt-in approximate weight storage (pipelines/quant.py),
-        labelled in every result made with it. `host_memory` also bounds the host RAM evicted models
-        may take (residency.py; None: what is available then). `share_components`: load byte-identical
-        text encoders, tokenizers and VAE once (residency.py; off only to compare and measure)."""
+        labelled in every result made with it. `host_cache`: bytes of host RAM evicted models may take
+        (residency.py; None: what the host has available then; 0: evicted models are dropped).
+        `share_components`: load byte-identical text encoders, tokenizers and VAE once (residency.py;
+        off only to compare and measure)."""
         self.weights_dir = Path(weights_dir)
         self.device = pick_device(device)
         if memory_mode not in MEMORY_MODES:
@@ -86,7 +89,7 @@ class Engine:
         self.placements = Placement(self.capacity, self.memory_mode, cfg_batch, vae_tiling, self.host_capacity)
         self.negatives = NegativePromptCache(enabled=negative_cache)
         self.source = source if source is not None else WeightsFolder(self.weights_dir)
-        self.residency = Residency(self.device, host_memory, share_components)
+        self.residency = Residency(self.device, host_cache, share_components)
         self._pipes = LoadedPipelines(self.source, self.options, self.placements.mode, self.residency)
         self._settings = generation.Settings(self.device, cfg_batch, vae_tiling)
         self._lock = threading.Lock()

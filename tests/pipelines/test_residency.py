@@ -141,7 +141,7 @@ def test_jobs_over_several_variants_stay_under_budget_and_swap_back_from_host(li
 
 def test_without_host_room_an_evicted_transformer_is_dropped_and_read_again(lite_weights):
     capacity, _ = budget_for(lite_weights)
-    engine = Engine(lite_weights, device_memory=capacity, host_memory=0, **OPTS)
+    engine = Engine(lite_weights, device_memory=capacity, host_cache=0, **OPTS)
     first = engine.pipeline(LITES[0], engine.prepare(lite(LITES[0])))
     engine.pipeline(LITES[1], engine.prepare(lite(LITES[1])))
     assert engine.loaded() == [LITES[1]] and engine.describe()["host"] == []

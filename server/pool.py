@@ -257,7 +257,8 @@ def local_workers(settings, gpus: Gpus | None = None) -> Workers:
     gpus = gpus if gpus is not None else (probe() if needs_probe else Gpus())
     specs = parse_devices(text, settings.sp_degree, gpus)
     host = int(settings.host_memory * 2**30) if settings.host_memory else None
-    placements = Placement(capacity(specs, gpus), settings.memory_mode, host_capacity=host)
+    budget = int(settings.device_memory * 2**30) if settings.device_memory else capacity(specs, gpus)
+    placements = Placement(budget, settings.memory_mode, host_capacity=host)
     preparer = Preparer(
         WeightsFolder(settings.weights_dir), placements, settings.models, settings.require_weights,
         str(settings.weights_dir),

@@ -142,11 +142,11 @@ def test_modulation_table_is_per_call(streamed):
 
 
 def test_the_settings_reach_the_engine(tiny_weights_dir):
-    """--memory-mode / --host-memory / --fp8-weights (server/settings.py) -> app._build_engine."""
-    from server.app import _build_engine
+    """--memory-mode / --host-memory / --fp8-weights (server/settings.py) -> the engine a worker builds."""
     from server.settings import Settings
+    from server.worker_main import build_engine
 
     s = Settings(weights_dir=tiny_weights_dir, device="cpu", memory_mode="stream", host_memory=8, fp8_weights=True)
-    engine = _build_engine(s)
+    engine = build_engine(["cpu"], **s.engine_options())
     assert engine.memory_mode == "stream" and engine.host_capacity == 8 * 2**30
     assert engine.options.fp8_weights and not engine.options.text_int8

@@ -166,7 +166,8 @@ def test_prompt_expansion_is_off_by_default_and_set_by_flag_or_environment(monke
 
 def test_device_memory_flag_and_environment_reach_the_engine_in_bytes(monkeypatch, tmp_path):
     """--device-memory GIB (K5SERVE_DEVICE_MEMORY) overrides the detected budget; the flag wins."""
-    from server.app import _build_engine
+    from server.pool import local_workers
+    from server.worker_main import build_engine
 
     seen = {}
     monkeypatch.setattr("server.app.run", lambda settings: seen.setdefault("s", settings) and 0)
@@ -174,8 +175,10 @@ def test_device_memory_flag_and_environment_reach_the_engine_in_bytes(monkeypatc
     assert cli.main(["serve", "--weights-dir", str(tmp_path), "--device", "cpu"]) == 0
     assert seen.pop("s").device_memory == 12
     assert cli.main(["serve", "--device-memory", "1.5", "--weights-dir", str(tmp_path), "--device", "cpu"]) == 0
-    engine = _build_engine(seen["s"])
+    engine = build_engine(["cpu"], **seen["s"].engine_options())  # what a worker process builds
     assert engine.capacity == 3 * 2**29 and engine.placements.capacity == engine.capacity
+    front = local_workers(seen["s"]).front  # and admission's fit check counts the same budget
+    assert front.preparer.placements.capacity == engine.capacity
     monkeypatch.delenv("K5SERVE_DEVICE_MEMORY")
     with pytest.raises(ValidationError, match="device_memory"):
         Settings(device_memory=0)

@@ -18,7 +18,7 @@ from . import device as dev
 from . import generation, memory
 from .cancel import Cancellation, CancelToken
 from .clock import StageClock
-from .generation import WRITING, Frames, PhaseCallback, StepCallback
+from .generation import LOADING, WRITING, Frames, PhaseCallback, StepCallback
 from .loader import LoadOptions, pick_device
 from .negatives import NegativePromptCache
 from .placement import MEMORY_MODES, Placement
@@ -199,9 +199,10 @@ class Engine:
         """Generate and write the mp4 at `output` (atomically). Nothing is written on failure.
 
         A ResolvedRequest (from `prepare`) runs exactly as it is; a GenerationRequest is prepared
-        first. `on_step(i, n)` follows the denoising steps, `on_phase(phase, i, n)` what comes after
-        them: ("decoding", i, n) as the decode starts (i=0) and after each of its n temporal windows,
-        then ("writing", 0, 1). Raises Cancelled (checked before loading, after every step, between
+        first. `on_step(i, n)` follows the denoising steps, `on_phase(phase, i, n)` what comes around
+        them: ("loading", 0, 1) before the variant is loaded, ("encoding", 0, 1) before the prompt is
+        encoded, then ("decoding", i, n) as the decode starts (i=0) and after each of its n temporal
+        windows, then ("writing", 0, 1). Raises Cancelled (checked before loading, after every step, between
         the decode's windows and before writing), OutOfMemory or DeviceFailure (device.py).
         """
         from .video import write_mp4
@@ -260,6 +261,8 @@ class Engine:
         # 1. resolve (only a raw request: an admitted one is never re-resolved) and load
         r = self._resolved(req)
         cancel.raise_if_cancelled()
+        if on_phase is not None:
+            on_phase(LOADING, 0, 1)
         clock = StageClock(self.device)
         with self._lock, dev.device_errors(self.device, r.width, r.height, r.num_frames):
             with clock.stage("load"):

@@ -25,7 +25,7 @@ import numpy as np
 from .cancel import Cancellation
 from .clips import read_frames
 from .clock import StageClock
-from .generation import WRITING, PhaseCallback, StepCallback
+from .generation import DECODING, ENCODING, LOADING, WRITING, PhaseCallback, StepCallback
 from .request import GenerationResult, ResolvedRequest
 from .variants import VARIANTS
 from .video import Mp4Writer, to_uint8
@@ -93,6 +93,19 @@ def run_passes(
     def stepper(start: int) -> Callable[[int, int], None] | None:
         return None if on_step is None else (lambda i, _n: on_step(start + i, total))
 
+    def phases(first: bool, final: bool) -> PhaseCallback | None:
+        """The first pass's load and encode, the final pass's decode: one run's phases in order
+        (the other passes' stay inside the steps' band)."""
+        if on_phase is None:
+            return None
+        shown = ({LOADING, ENCODING} if first else set()) | ({DECODING} if final else set())
+
+        def relay(phase: str, i: int, n: int) -> None:
+            if phase in shown:
+                on_phase(phase, i, n)
+
+        return relay
+
     def add(part, frames: np.ndarray) -> None:
         for name, seconds in part.timings.items():
             done.timings[name] = done.timings.get(name, 0.0) + seconds
@@ -116,7 +129,7 @@ def run_passes(
             raise ValueError(f"the source video has {done.frames} frames, {r.source_frames} were planned")
     else:
         first = dataclasses.replace(r, num_frames=passes[0], continuation=None)
-        part = engine.generate_frames(first, on_step=stepper(0), cancel=cancel)
+        part = engine.generate_frames(first, on_step=stepper(0), on_phase=phases(True, False), cancel=cancel)
         frames = to_uint8(np.asarray(part.frames))
         add(part, frames)
         last, offset = frames[-1], first.steps
@@ -133,7 +146,7 @@ def run_passes(
             step,
             image=Image.fromarray(last),
             on_step=stepper(offset),
-            on_phase=on_phase if final else None,  # earlier decodes stay inside the steps' band
+            on_phase=phases(k == 1 and bool(r.extend), final),
             cancel=cancel,
         )
         frames = to_uint8(np.asarray(part.frames))[1:]  # its first frame is the conditioning frame

@@ -30,10 +30,12 @@ from .request import ResolvedRequest
 from .variants import HD_SIZES
 
 StepCallback = Callable[[int, int], None]
-# (phase, done, total) after the denoising steps: ("decoding", i, n) from i=0 as the decode starts
-# and after each of its n temporal windows (decode.py); ("writing", 0, 1) from Engine.generate
+# (phase, done, total) around the denoising steps: ("loading", 0, 1) as Engine.generate_frames starts
+# loading the variant, ("encoding", 0, 1) as stage 2 starts (so a watcher tells a slow load from a
+# slow encode), then ("decoding", i, n) from i=0 as the decode starts and after each of its n temporal
+# windows (decode.py); ("writing", 0, 1) from Engine.generate
 PhaseCallback = Callable[[str, int, int], None]
-DECODING, WRITING = "decoding", "writing"
+LOADING, ENCODING, DECODING, WRITING = "loading", "encoding", "decoding", "writing"
 MAX_SEQUENCE_LENGTH = 256  # Qwen tokens per prompt, as the official pipelines (diffusers defaults to 512)
 
 
@@ -97,6 +99,8 @@ def run(
     try:
         with torch.no_grad():
             # 2. encode prompt (the negative one comes from the cache after its first job)
+            if on_phase is not None:
+                on_phase(ENCODING, 0, 1)
             with clock.stage("encode_prompt"):
                 encoded = None
                 if group is None or group.leader:

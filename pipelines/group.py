@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .cancel import Cancellation, CancelToken
 from .errors import Cancelled, InvalidRequest
+from .generation import LOADING
 from .request import GenerationRequest, GenerationResult, ResolvedRequest
 from .variants import sp_degree_problem
 
@@ -154,6 +155,8 @@ class GroupEngine:
         cancel = cancel if cancel is not None else CancelToken()
         r = req if isinstance(req, ResolvedRequest) else self.prepare(req)
         cancel.raise_if_cancelled()
+        if on_phase is not None:
+            on_phase(LOADING, 0, 1)  # every rank loads its share first; the leader's engine says it again
         with self._lock:
             self._start()
             self._load(r, cancel)

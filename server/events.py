@@ -21,8 +21,8 @@ class RunJob:
 
 @dataclass(frozen=True)
 class Progress:
-    """Worker -> manager: `step` of `total` done in `phase` (jobs.PHASES: a denoising step, a
-    decode chunk, or the start of the write)."""
+    """Worker -> manager: `step` of `total` done in `phase` (jobs.PHASES: the start of the load or
+    of the prompt's encoding, a denoising step, a decode chunk, or the start of the write)."""
 
     job_id: str
     step: int

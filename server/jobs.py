@@ -15,7 +15,9 @@ contracts keep their own extras in the opaque `meta` dict.
     >>> job = Job.new(contract="fal", model="fal-ai/kandinsky5/text-to-video", request=req)
     >>> job.start(); job.record_progress(1, 30); job.succeed(output)
 
-A running job moves through phases (`Job.phase`): "denoising" (`progress`: steps done / steps),
+A running job moves through phases (`Job.phase`): "loading" (the variant's weights) and "encoding"
+(the prompt) before its first step (no log line and no percent: the contracts render them as they
+rendered a run that had not reached its first step), "denoising" (`progress`: steps done / steps),
 "decoding" (`phase_progress`: the VAE's temporal chunks decoded / chunks, from 0/n as the decode
 starts) and "writing" (the mp4). `Job.percent` maps them onto one 0-100 scale for the contracts
 that have one.
@@ -56,8 +58,12 @@ _ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
 }
 
 
+LOADING, ENCODING = "loading", "encoding"
 DENOISING, DECODING, WRITING = "denoising", "decoding", "writing"
-PHASES = (DENOISING, DECODING, WRITING)
+PHASES = (LOADING, ENCODING, DENOISING, DECODING, WRITING)
+# What a run reports before its first step. A contract whose wire predates them (AI/ML API's `phase`)
+# shows them as it showed a run with no phase yet: the wire does not change.
+BEFORE_STEPS = frozenset({LOADING, ENCODING})
 # Job.percent: denoising fills 0..DENOISE_END, decoding DENOISE_END..DECODE_END, writing sits at
 # DECODE_END; 100 only once the video is written. On a 2-core CPU the decode and the write of the demo
 # video take longer than its steps, on a GPU a large share of a distilled run: they get their own band.
@@ -231,12 +237,16 @@ class Job:
         self.progress = self.phase = self.phase_progress = None
 
     def record_progress(self, step: int, total: int, now: float | None = None, phase: str = DENOISING) -> None:
-        """`step` of `total` done in `phase`; logged as "step i/n", "decoding i/n" or "writing"."""
+        """`step` of `total` done in `phase`; logged as "step i/n", "decoding i/n" or "writing"
+        (loading and encoding only move `phase`)."""
         if self.status is not JobStatus.RUNNING:
             raise InvalidTransition(self.id, self.status, "progress")
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
         self.phase = phase
+        if phase in BEFORE_STEPS:  # seen by watchers (the studio), not logged: fal's logs stay as they were
+            self.version += 1
+            return
         if phase == DENOISING:
             self.progress = (step, total)
         else:

@@ -218,7 +218,7 @@ class GpuWorker:
         def on_step(step: int, total: int) -> None:
             self.manager.handle(Progress(job.id, step, total))
 
-        def on_phase(phase: str, done: int, total: int) -> None:  # decoding i/n, writing
+        def on_phase(phase: str, done: int, total: int) -> None:  # loading, encoding, decoding i/n, writing
             self.manager.handle(Progress(job.id, done, total, phase))
 
         if not self.engine.alive:  # it died while idle: the job goes back, uncounted; the loop restarts it

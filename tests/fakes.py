@@ -26,7 +26,7 @@ from pathlib import Path
 from pipelines.errors import DeviceFailure, OutOfMemory
 from pipelines.request import CancelToken, GenerationRequest, GenerationResult, ResolvedRequest, resolve
 
-PAUSE_POINTS = ("step", "write")
+PAUSE_POINTS = ("load", "encode", "step", "write")
 
 
 def expanded(prompt: str) -> str:
@@ -41,16 +41,20 @@ class FakeEngine:
     """Every behaviour is a keyword argument (all off by default: a fast engine that always works).
 
     Timing: `step_time` seconds per denoising step, `warmup_time` seconds of warm-up.
-    Decode phase: with `decode_chunks` > 0, after the steps it reports ("decoding", i, n) for i in
-    0..n (sleeping `decode_time` per chunk and honouring the cancel token between chunks, like the
-    real engine's chunked decode) and then ("writing", 0, 1) through `on_phase`; 0: no phase reports.
+    Phases: like the real engine, every run reports ("loading", 0, 1) and then ("encoding", 0, 1)
+    through `on_phase` before its first step. With `decode_chunks` > 0, after the steps it reports
+    ("decoding", i, n) for i in 0..n (sleeping `decode_time` per chunk and honouring the cancel token
+    between chunks, like the real engine's chunked decode) and then ("writing", 0, 1); 0: no reports
+    after the steps.
     Failures: `warmup_error` is raised by warmup(); `fail` is raised by a run once `fail_at_step`
-    steps are done (0: before the first step, nothing reported); `write_error` is raised with half
+    steps are done (0: before the first step, once loading and encoding are reported); `write_error` is raised with half
     the video written to its `.part` file (disk full, EIO, ...). `fail_times`: only the first N calls
     fail (None: every call); it applies to `fail` and `write_error` alike.
     Size: `big_bytes` pads the video of each call in `big_calls` (None: every call) to that size.
     Kill points: each call in `pause_calls` (None: every call) stops at each point of `pause_at`
-    ("step", "write" or both) until `release` appears in `pause_dir` (see `pause`).
+    ("load" and "encode": just after reporting that phase; "step": before the second step; "write":
+    with half the video on disk) until `release` (or a one-shot `release-<point>`) appears in
+    `pause_dir` (see `pause`).
     Identity: `demo` and `device` as the real engine reports them (None: the class default, so a
     subclass may set them as class attributes); `memory_bytes` is what memory_in_use() reports
     (None: not measured, like the real engine on the CPU).
@@ -164,7 +168,14 @@ class FakeEngine:
         failing = self.fail_times is None or n <= self.fail_times
         pausing = self.pause_at if _chosen(self.pause_calls, n) else frozenset()
         done = 0
+        report = on_phase or (lambda *_: None)
         try:
+            for phase, point in (("loading", "load"), ("encoding", "encode")):
+                if cancel is not None:
+                    cancel.raise_if_cancelled()
+                report(phase, 0, 1)
+                if point in pausing:
+                    self._pause(point, cancel)
             for step in range(1, r.steps + 1):
                 if cancel is not None:
                     cancel.raise_if_cancelled()
@@ -259,10 +270,17 @@ def _chosen(calls: Collection[int] | None, n: int) -> bool:
 def pause(folder: Path, point: str, cancel: CancelToken | None = None, timeout: float = 120.0) -> None:
     """Tell the test we reached `point`, then wait for `release` (or a cancel) in `folder`.
 
+    `release` lets every pause through from then on; `release-<point>` lets one through (the pause
+    that sees it deletes it, and `paused-<point>`, so the test can wait for the next one).
     A pause nobody releases fails after `timeout` seconds rather than hanging the suite."""
     (folder / f"paused-{point}").touch()
     deadline = time.monotonic() + timeout
+    once = folder / f"release-{point}"
     while not (folder / "release").exists():
+        if once.exists():
+            (folder / f"paused-{point}").unlink(missing_ok=True)
+            once.unlink()
+            return
         if cancel is not None:
             cancel.raise_if_cancelled()
         if time.monotonic() > deadline:
@@ -290,7 +308,7 @@ def engine_from_env(env: Mapping[str, str] | None = None) -> FakeEngine:
     STEP_TIME     seconds per step (default 0.05)
     BIG_BYTES     pad videos to this size; BIG_CALLS: which calls, e.g. "1,3" (unset: every call)
     PAUSE_DIR     the pause folder (kill points, and "arm-submit" for the submit path)
-    PAUSE_AT      "step", "write" or "step,write"; PAUSE_CALLS: which calls (unset: every call)
+    PAUSE_AT      points among "load,encode,step,write"; PAUSE_CALLS: which calls (unset: every call)
     MEMORY_BYTES  what memory_in_use() reports (unset: not measured)
     DECODE_CHUNKS, DECODE_TIME  a decode phase of that many chunks of that many seconds (unset: none)
     FSIZE_LIMIT   bytes: RLIMIT_FSIZE with SIGXFSZ ignored, so large writes fail with EFBIG

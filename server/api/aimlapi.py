@@ -24,7 +24,7 @@ from pipelines.variants import VARIANTS, size_for_aspect
 from ..admission import Draft
 from ..contracts import Contract, lookup
 from ..errors import BadInput, ModelUnavailable, QueueFull, Refused, TooLarge, Unauthorized, Unavailable
-from ..jobs import ErrorKind, Job, JobStatus
+from ..jobs import BEFORE_STEPS, ErrorKind, Job, JobStatus
 from ..services import Services
 from ..storage import file_url
 from ..web import ResponseError, require_key
@@ -200,10 +200,18 @@ def wire_id(job: Job) -> str:
     return f"{job.id}:{job.model}"
 
 
+def wire_phase(job: Job) -> str | None:
+    """k5serve's `phase` while generating: denoising, decoding, writing. Loading and encoding are
+    null, as a run before its first step always was here (the wire keeps its three values)."""
+    if job.status is not JobStatus.RUNNING or job.phase in BEFORE_STEPS:
+        return None
+    return job.phase
+
+
 def poll_body(job: Job, base: str) -> dict:
     body: dict = {"id": wire_id(job), "status": AIML_STATUS[job.status], "model": job.model, "video": None}
     body["error"] = None
-    body["phase"] = job.phase if job.status is JobStatus.RUNNING else None  # k5serve: denoising, decoding, writing
+    body["phase"] = wire_phase(job)
     if job.status is JobStatus.SUCCEEDED and job.output is not None:
         out = job.output
         body["video"] = {

@@ -80,7 +80,7 @@ def job_summary(job: Job, base: str, position: int | None) -> dict:
         "completed_at": job.completed_at,
         "queue_position": position,
         "progress": list(job.progress) if job.progress else None,  # (step, total)
-        # denoising, decoding, writing (the last one reached, once finished); the decode's chunks
+        # loading, encoding, denoising, decoding, writing (the last one reached, once finished); the decode's chunks
         "phase": job.phase,
         "phase_progress": list(job.phase_progress) if job.phase_progress else None,
         "percent": job.percent,

@@ -5,6 +5,7 @@ import { $, call, explain, seconds } from "./api.js";
 
 let current = null;  // the job id being watched
 const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
+const BEFORE_STEPS = new Set(["loading", "encoding"]);
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 // What the job is doing now, in words: queued (position), loading/encoding, step i/N, decoding, writing.
@@ -17,7 +18,9 @@ export function phaseText(job) {
   if (job.phase === "decoding" && job.phase_progress) return `decoding ${job.phase_progress.join("/")}`;
   if (job.phase === "writing") return "writing the mp4";
   if (job.progress) return `step ${job.progress.join("/")}`;
-  return "loading the model and encoding the prompt";
+  if (job.phase === "loading") return "loading model";
+  if (job.phase === "encoding") return "encoding prompt";
+  return "starting";  // started, the engine has not said more yet
 }
 
 // Seconds left: the steps' own pace (from their log times), then the decode's chunks at theirs.
@@ -44,7 +47,8 @@ function show(job) {
   $("detail").textContent = detail;
   $("detail").className = job.status === "failed" ? "error" : "";
   const p = $("progress");
-  if (job.status === "queued" || (job.status === "running" && !job.phase)) p.removeAttribute("value");
+  const early = !job.phase || BEFORE_STEPS.has(job.phase);  // nothing to measure yet: indeterminate
+  if (job.status === "queued" || (job.status === "running" && early)) p.removeAttribute("value");
   else p.value = job.percent;
   const now = Date.now() / 1000, start = job.started_at || job.created_at;
   const end = job.completed_at || now;

@@ -135,7 +135,8 @@ def test_actor_runs_the_engine_and_the_mp4_comes_back(engines, tmp_path):
     run.join()
     assert run.error is None
     assert run.steps == [(i, 4) for i in range(1, 5)]
-    assert run.phases == [("decoding", 0, 2), ("decoding", 1, 2), ("decoding", 2, 2), ("writing", 0, 1)]
+    before = [("loading", 0, 1), ("encoding", 0, 1)]
+    assert run.phases == [*before, ("decoding", 0, 2), ("decoding", 1, 2), ("decoding", 2, 2), ("writing", 0, 1)]
     data = (tmp_path / "out.mp4").read_bytes()
     assert data.startswith(b"\x00\x00\x00\x18ftyp") and run.result.file_size == len(data)
     assert run.result.path == tmp_path / "out.mp4" and not (tmp_path / "out.mp4.part").exists()

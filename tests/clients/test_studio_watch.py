@@ -1,6 +1,7 @@
 """Watching and stopping jobs in the studio, in a real headless Chromium against ONE `k5serve serve`
-whose engine is the fake (tests/fakes.py) with a slow decode phase: queue position, step i/N then
-decoding before the end, Cancel (queued and running, from the job panel and from the history), the
+whose engine is the fake (tests/fakes.py) with a slow decode phase: queue position, "loading model"
+and "encoding prompt" (the page's first job stops at the fake's load and encode pause points), step
+i/N then decoding before the end, Cancel (queued and running, from the job panel and from the history), the
 table's failure reasons, a phone-width layout and a label on every control; and "copy as code": the
 curl and OpenAI SDK snippets, run as the page shows them, each get their video."""
 
@@ -22,12 +23,35 @@ TINY = "k5serve/kandinsky5-tiny-t2v"
 JS_MODULES = Path(__file__).resolve().parent.parent / "js" / "node_modules"
 
 
+WATCH_TEST = "test_queue_position_then_loading_encoding_steps_then_decoding"
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[ServerProcess]:
-    proc = server_process(tmp_path_factory.mktemp("studio-watch"), fake=True, run_port=False, env=FAKE)
+def pauses(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("pauses")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, pauses) -> Iterator[ServerProcess]:
+    # the server's 2nd run (the page's job in WATCH_TEST, the module's first test) stops at load and encode
+    stops = {
+        "K5SERVE_FAKE_PAUSE_DIR": str(pauses),
+        "K5SERVE_FAKE_PAUSE_AT": "load,encode",
+        "K5SERVE_FAKE_PAUSE_CALLS": "2",
+    }
+    proc = server_process(tmp_path_factory.mktemp("studio-watch"), fake=True, run_port=False, env={**FAKE, **stops})
     proc.start()
     yield proc
     proc.stop()
+
+
+@pytest.fixture(autouse=True)
+def _pauses_only_in_the_watch_test(request, pauses):
+    """Every other test (also one run alone with -k) finds the pause points open."""
+    if request.node.name != WATCH_TEST:
+        (pauses / "release").touch()
+    yield
+    (pauses / "release").touch()
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +72,7 @@ def state(server: ServerProcess, job_id: str) -> dict:
         return client.get(f"/api/jobs/{job_id}").json()
 
 
-def test_queue_position_then_steps_then_decoding(server, browser):
+def test_queue_position_then_loading_encoding_steps_then_decoding(server, browser, pauses):
     from selenium.webdriver.common.by import By
 
     open_studio(browser, server.url)
@@ -60,6 +84,11 @@ def test_queue_position_then_steps_then_decoding(server, browser):
 
     wait_until(lambda: text(browser, "status") == "queued", timeout=10, interval=0.05, what="queued")
     assert text(browser, "detail") == "next in the queue" and text(browser, "elapsed").startswith("waiting")
+    indeterminate = "return !document.getElementById('progress').hasAttribute('value')"
+    for words, point in (("loading model", "load"), ("encoding prompt", "encode")):  # the job stops in each
+        wait_until(lambda w=words: text(browser, "detail") == w, timeout=20, interval=0.05, what=words)
+        assert text(browser, "status") == "running" and browser.execute_script(indeterminate)
+        (pauses / f"release-{point}").touch()
     wait_until(lambda: text(browser, "detail").startswith("step "), timeout=20, interval=0.05, what="steps")
     assert text(browser, "status") == "running" and text(browser, "detail").endswith("/6")
     wait_until(lambda: "left" in text(browser, "eta"), timeout=10, interval=0.05, what="an estimate of the time left")

@@ -59,11 +59,18 @@ def test_chunked_decode_is_exact_with_spatial_tiles_too(pipe, monkeypatch):
     assert np.array_equal(decode_in_chunks(pipe, z, CancelToken()), decode_latents(pipe, z))
 
 
-def test_engine_reports_decode_chunks_then_the_write(engine, tmp_path):
-    phases = []
-    engine.generate(t2v(num_frames=25), tmp_path / "v.mp4", on_phase=lambda *p: phases.append(p))
+def test_engine_reports_its_phases_in_order_around_the_steps(engine, tmp_path):
+    """Loading, encoding (before the first step: issue 17's "loading model", "encoding prompt"), the
+    steps, then each decode chunk and the write, in one ordered stream as a watcher sees them."""
+    seen = []
+    engine.generate(
+        t2v(num_frames=25, steps=2),
+        tmp_path / "v.mp4",
+        on_step=lambda i, n: seen.append(("step", i, n)),
+        on_phase=lambda *p: seen.append(p),
+    )
     decoding = [("decoding", i, 3) for i in range(4)]
-    assert phases == [*decoding, ("writing", 0, 1)]
+    assert seen == [("loading", 0, 1), ("encoding", 0, 1), ("step", 1, 2), ("step", 2, 2), *decoding, ("writing", 0, 1)]
 
 
 def test_cancel_during_decode_stops_before_its_end_and_writes_nothing(engine, tmp_path):
@@ -87,5 +94,5 @@ def test_cancel_during_decode_stops_before_its_end_and_writes_nothing(engine, tm
     finally:
         del pipe.vae.decode
     assert calls == [5, 4]  # two windows of the three (latent frames 0-4, 3-6), then it stopped
-    assert phases == [("decoding", 0, 3), ("decoding", 1, 3), ("decoding", 2, 3)]
+    assert phases[2:] == [("decoding", 0, 3), ("decoding", 1, 3), ("decoding", 2, 3)]  # after loading, encoding
     assert not out.exists() and not list(tmp_path.iterdir())

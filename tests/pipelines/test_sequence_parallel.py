@@ -122,6 +122,7 @@ def test_progress_from_rank0_and_a_cancel_stops_every_rank_at_the_same_step(grou
     phases = []
     result = group.generate(group.prepare(i2v(test_image)), tmp_path / "y.mp4", on_phase=lambda *p: phases.append(p))
     assert read_mp4(result.path)[0].shape[0] == 17 and phases[-1] == ("writing", 0, 1)
+    assert phases[0] == ("loading", 0, 1) and ("encoding", 0, 1) in phases  # before the group loads its ranks
 
 
 def test_a_clip_made_in_passes_is_refused_on_a_group_not_run_on_rank0_alone(group):

@@ -122,7 +122,9 @@ def test_a_clip_longer_than_one_pass_is_chained_in_one_run(engine, tmp_path):
         r, tmp_path / "long.mp4", on_step=lambda i, n: seen.append((i, n)), on_phase=lambda p, i, n: phases.append(p)
     )
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]  # one progress scale across both passes
-    assert phases[0] == "decoding" and phases[-1] == "writing"  # only the last pass's decode is a phase
+    # the first pass's load and encode, the last pass's decode: one run's phases, in order, once each
+    assert phases[:3] == ["loading", "encoding", "decoding"] and phases[-1] == "writing"
+    assert set(phases[3:-1]) == {"decoding"}
     frames, _meta = read_mp4(result.path)
     assert result.num_frames == len(frames) == 41 and frames.shape[1:3] == (48, 64)
     assert probe(str(result.path)).frames == 41

@@ -263,6 +263,26 @@ def test_worker_events_drive_the_job(manager):
     manager.handle(Succeeded(job.id, OUT))
     assert manager.get(job.id).status is JobStatus.SUCCEEDED
 
+
+def test_loading_and_encoding_are_recorded_for_watchers_but_not_logged(manager):
+    """Issue 17: the engine's phases before the first step move `phase` (a watcher waiting on the
+    version wakes) without a log line or a percent: fal's logs and OpenAI's progress stay as they were."""
+    job = manager.submit(contract="fal", model="m", request=REQ)
+    manager.next_job(threading.Event())
+    started = manager.get(job.id)
+    seen = []
+    for phase in ("loading", "encoding"):
+        before = manager.get(job.id).version
+        manager.handle(Progress(job.id, 0, 1, phase))
+        now = manager.get(job.id)
+        assert now.version > before
+        seen.append((now.phase, now.progress, now.phase_progress, now.percent, len(now.logs)))
+    assert seen == [(p, None, None, 0, len(started.logs)) for p in ("loading", "encoding")]
+    manager.handle(Progress(job.id, 1, 2))
+    now = manager.get(job.id)
+    assert (now.phase, now.progress, now.phase_progress) == ("denoising", (1, 2), None)
+    assert [line.message for line in now.logs][len(started.logs) :] == ["step 1/2"]
+
     other = manager.submit(contract="fal", model="m", request=REQ)
     manager.next_job(threading.Event())
     manager.handle(Failed(other.id, OOM))

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from pipelines.fp8_compute import Fp8Linear, unsupported
+from pipelines.device import fp8_unsupported as unsupported
+from pipelines.fp8_compute import Fp8Linear
 from pipelines.memory import DITS
 
 TOKENS_768x512x61 = 16 * 32 * 48  # latent frames x (512/16) x (768/16): the patched sequence

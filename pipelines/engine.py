@@ -78,11 +78,8 @@ class Engine:
         if memory_mode not in MEMORY_MODES:
             raise ValueError(f"memory mode must be one of {', '.join(MEMORY_MODES)}, got {memory_mode!r}")
         self.memory_mode = "offload_model" if offload else memory_mode
-        if fp8_compute:
-            from .fp8_compute import unsupported
-
-            if reason := unsupported(self.device):
-                raise ValueError(reason)
+        if fp8_compute and (reason := dev.fp8_unsupported(self.device)):
+            raise ValueError(reason)
         self.capacity = device_memory if device_memory is not None else dev.capacity(self.device)
         self.host_capacity = host_memory if host_memory is not None else dev.host_capacity(self.device)
         compile = dev.is_cuda(self.device) if compile is None else compile

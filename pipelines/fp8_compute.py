@@ -16,7 +16,8 @@ them: the FFN output sees GELU's long-tailed activations, which per-token e4m3 h
 embeddings and the final out layer are outside the blocks and also stay.
 
 Approximate, never on by default, labelled (FP8_COMPUTE) on every result made with it. Refused at
-start-up (`unsupported`) on a device without fp8 matmuls.
+start-up (`device.fp8_unsupported`) on a device without fp8 matmuls: the front end refuses CPU
+workers before starting them (server/pool.py), the engine any device (an older CUDA card).
 """
 
 from __future__ import annotations
@@ -26,28 +27,9 @@ import torch
 from .quant import FP8, FP8_MAX
 
 FP8_COMPUTE = "transformer fp8 e4m3 compute (attention and FFN-in projections; per-token x per-row scales)"
-MIN_CAPABILITY = (8, 9)
 # _scaled_mm's fp8 kernels take inner and output sizes in multiples of 16.
 ALIGN = 16
 _TINY = torch.finfo(torch.float32).tiny
-
-
-def unsupported(device: str) -> str | None:
-    """Why `device` cannot run fp8 compute, as a message for the user; None when it can."""
-    if not device.startswith("cuda"):
-        return (
-            f"fp8 compute (--fp8-compute) needs a CUDA GPU with compute capability 8.9 or newer "
-            f"(Ada, Hopper, Blackwell); this worker's device is {device!r}. Leave it off, or use "
-            "--fp8-weights (fp8 storage, bf16 compute), which runs anywhere"
-        )
-    major, minor = torch.cuda.get_device_capability(torch.device(device))
-    if (major, minor) < MIN_CAPABILITY:
-        name = torch.cuda.get_device_name(torch.device(device))
-        return (
-            f"fp8 compute (--fp8-compute) needs CUDA compute capability 8.9 or newer; {device} ({name}) "
-            f"is {major}.{minor}. Leave it off, or use --fp8-weights (fp8 storage, bf16 compute)"
-        )
-    return None
 
 
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

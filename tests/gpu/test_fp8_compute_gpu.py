@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.device import FP8_MIN_CAPABILITY as MIN_CAPABILITY
 from pipelines.engine import Engine
-from pipelines.fp8_compute import FP8_COMPUTE, MIN_CAPABILITY, Fp8Linear
+from pipelines.fp8_compute import FP8_COMPUTE, Fp8Linear
 from pipelines.request import GenerationRequest
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

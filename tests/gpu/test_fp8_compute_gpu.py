@@ -1,7 +1,8 @@
 """fp8 compute on the GPU (pipelines/fp8_compute.py): the tiny model's frames drift against bf16,
-its latents too, and the per-step time of each, through the engine as a user starts it (compile on,
-CUDA's default). Needs compute capability 8.9+ (Ada, Hopper, Blackwell); an older card is skipped,
-and must refuse the mode at start-up (last test).
+its latents too, and the per-step time of each (both eager, so the times compare the matmuls); then
+fp8 with compile on (CUDA's default: what a user starts) against fp8 eager. Needs compute
+capability 8.9+ (Ada, Hopper, Blackwell); an older card skips these and must refuse the mode at
+start-up (last test).
 
 Bounds, as tests/pipelines/test_fp8_compute.py on the CPU: the frames move by less than 10 % of
 what changing the seed moves them (the same request on the CPU, fp32 against fp8 compute: 5.2 %);
@@ -33,11 +34,11 @@ fp8_card = pytest.mark.skipif(
 def runs(tiny_weights_dir):
     """bf16 and fp8-compute engines, each run twice on the same request (the second run's step
     times are the warm ones), and bf16 on a second seed (the seed gap)."""
-    bf16 = Engine(tiny_weights_dir, device="cuda")
-    fp8 = Engine(tiny_weights_dir, device="cuda", fp8_compute=True)
+    bf16 = Engine(tiny_weights_dir, device="cuda", compile=False)
+    fp8 = Engine(tiny_weights_dir, device="cuda", compile=False, fp8_compute=True)
     out = {}
     for name, engine in (("bf16", bf16), ("fp8", fp8)):
-        engine.generate_frames(GenerationRequest(**REQ))  # warm-up: compile
+        engine.generate_frames(GenerationRequest(**REQ))  # warm-up: CUDA context, kernel selection
         out[name] = engine.generate_frames(GenerationRequest(**REQ))
         out[name + "_latents"] = engine.generate_frames(GenerationRequest(**REQ), decode=False)
     out["seed"] = bf16.generate_frames(GenerationRequest(**{**REQ, "seed": 2}))
@@ -67,6 +68,15 @@ def test_per_step_time_is_reported(runs):
     per_step = {k: float(np.median(runs[k].step_times)) for k in ("bf16", "fp8")}
     print(f"tiny per step: bf16 {per_step['bf16'] * 1e3:.2f} ms, fp8 compute {per_step['fp8'] * 1e3:.2f} ms")
     assert all(t > 0 for t in per_step.values()) and len(runs["fp8"].step_times) == REQ["steps"]
+
+
+@fp8_card
+def test_compiled_blocks_match_eager_fp8(tiny_weights_dir, runs):
+    """Regional compile (fullgraph) over the Fp8Linear layers: _scaled_mm through inductor."""
+    compiled = Engine(tiny_weights_dir, device="cuda", fp8_compute=True)  # compile: CUDA's default
+    done = compiled.generate_frames(GenerationRequest(**REQ))
+    assert done.approximations == [FP8_COMPUTE]
+    assert np.abs(done.frames - runs["fp8"].frames).max() < 2e-2  # bf16 kernel fusion, as test_gpu.py
 
 
 @pytest.mark.skipif(

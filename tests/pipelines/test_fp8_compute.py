@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from approx_fixtures import APPROX_REQ
 
 from pipelines import fp8_compute, quant
 from pipelines.engine import Engine
@@ -30,7 +31,7 @@ from pipelines.fp8_compute import FP8_COMPUTE, Fp8Linear
 from pipelines.loader import LoadOptions, quantize
 from pipelines.request import GenerationRequest
 
-REQ = dict(variant="kandinsky5-tiny-t2v", prompt="a red fox", width=96, height=64, num_frames=9, steps=3, seed=3)
+REQ = APPROX_REQ  # exact_and_seed_gap (tests/approx_fixtures.py) is this request
 
 
 @pytest.fixture(scope="module")
@@ -128,12 +129,10 @@ def test_the_name_rule():
     assert not fp8_compute.converted("visual_modulation.out_layer")
 
 
-def test_frames_drift_is_bounded_and_labelled(engine, converted):
-    exact = engine.generate_frames(GenerationRequest(**REQ))
-    other_seed = engine.generate_frames(GenerationRequest(**{**REQ, "seed": 4}))
-    seed_gap = float(np.abs(exact.frames - other_seed.frames).mean())
+def test_frames_drift_is_bounded_and_labelled(exact_and_seed_gap, converted):
+    exact, seed_gap = exact_and_seed_gap
     done = converted[0].generate_frames(GenerationRequest(**REQ))
     assert done.approximations == [FP8_COMPUTE]
-    drift = float(np.abs(done.frames - exact.frames).mean())
+    drift = float(np.abs(done.frames - exact).mean())
     print(f"fp8 compute drift {drift:.4f} = {drift / seed_gap:.1%} of the seed gap {seed_gap:.4f}")
     assert 0 < drift < 0.10 * seed_gap

@@ -11,7 +11,8 @@
 # weights at 768x512x61 with reduced steps, per step and end to end: Lite distilled (75), Lite sft
 # with the CFG-batching / compile / negative-cache / attention ablations (150); Pro sft per step
 # and measured peak memory in memory mode gpu (90) and stream (90), each next to the plan's
-# estimate. 525 s of parts + ~15 s of wheel installs.
+# estimate; fp8 compute against bf16, one Lite and one Pro layer of each converted kind (20). 545 s
+# of parts + ~15 s of wheel installs.
 # Output: DIR/<part>.json (bench/generate.py reports), DIR/<part>.log, DIR/gpu_check.json (parts:
 # rc, seconds, budget) and DIR/RESULTS_rows.md (bench/gpu_rows.py: rows for bench/RESULTS.md).
 set -uo pipefail
@@ -86,6 +87,7 @@ if [ "$CPU" = 1 ]; then
     part lite_sft "$B" "${GEN[@]}" "${TINY[@]}" --ablate --out "$OUT/lite_sft.json"
     part pro_gpu "$B" "${GEN[@]}" "${TINY[@]}" --memory-mode gpu --skip-stock --out "$OUT/pro_gpu.json"
     part pro_stream "$B" "${GEN[@]}" "${TINY[@]}" --memory-mode stream --skip-stock --out "$OUT/pro_stream.json"
+    part fp8_compute "$B" "$PY" bench/fp8_compute.py --cpu --out "$OUT/fp8_compute.json"
 else
     FULL=(--full --frames-full 61 --runs 1)
     part pytest 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/gpu
@@ -98,6 +100,8 @@ else
         --memory-mode gpu --out "$OUT/pro_gpu.json"
     part pro_stream 90 "${GEN[@]}" "${FULL[@]}" --variants pro-sft --steps-full 2 --skip-stock --no-compile \
         --memory-mode stream --out "$OUT/pro_stream.json"
+    # fp8 compute (sm_89+; an older card writes why it skipped): layer times and error vs bf16
+    part fp8_compute 20 "$PY" bench/fp8_compute.py --out "$OUT/fp8_compute.json"
 fi
 
 "$PY" - "$OUT" <<'EOF'

@@ -49,6 +49,23 @@ def generation_rows(report: dict, part: str) -> list[str]:
     return out
 
 
+def fp8_rows(report: dict) -> list[str]:
+    """bench/fp8_compute.py's layers: fp8 compute against the base dtype, one layer at a time."""
+    machine = report.get("gpu") or report.get("cpu") or "?"
+    if "skipped" in report:
+        return [f"| fp8_compute | | | | | | {machine} | skipped: {report['skipped']} |"]
+    return [
+        f"| fp8_compute | {r['layer']} | {r['tokens']} x {r['in']} -> {r['out']} | {r['base_dtype']} | "
+        f"{r['base_ms']} | {r['fp8_ms']} | {machine}; torch {report.get('versions', {}).get('torch')} | "
+        f"x{r['speedup']}, rel. error {r['rel_err']} |"
+        for r in report.get("layers", [])
+    ]
+
+
+FP8_HEADER = (
+    "| part | layer | tokens x in -> out | base dtype | base ms | fp8 ms | machine | status |\n" + "|---" * 8 + "|"
+)
+
 HEADER = (
     "| part | variant | request | stock s | k5serve s | stock s/step | k5serve s/step | memory mode | "
     "peak GiB, plan | peak GiB, measured (reserved) | machine | status |\n" + "|---" * 12 + "|"
@@ -60,6 +77,8 @@ def rows(folder: Path) -> str:
     summary = json.loads((folder / "gpu_check.json").read_text()) if (folder / "gpu_check.json").exists() else {}
     for part in summary.get("parts", []):
         path = folder / f"{part['name']}.json"
+        if part["name"] == "fp8_compute":  # its own table, below
+            continue
         if path.exists():
             lines += generation_rows(json.loads(path.read_text()), part["name"])
         elif part["name"] != "pytest":
@@ -70,6 +89,12 @@ def rows(folder: Path) -> str:
                 f"| pytest -m gpu | | | | | | | | | | | rc {part['rc']} in {part['seconds']} s: "
                 f"{part.get('tail', '').strip()} |"
             )
+    for part in summary.get("parts", []):
+        if part["name"] == "fp8_compute":
+            path = folder / "fp8_compute.json"
+            found = fp8_rows(json.loads(path.read_text())) if path.exists() else []
+            status = f"| fp8_compute | | | | | | | rc {part['rc']} after {part['seconds']} s, no JSON |"
+            lines += ["", FP8_HEADER, *(found or [status])]
     return "\n".join(lines) + "\n"
 
 

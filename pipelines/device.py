@@ -32,6 +32,30 @@ def host_capacity(device: str) -> int | None:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+FP8_MIN_CAPABILITY = (8, 9)  # fp8 tensor-core matmuls: Ada, Hopper, Blackwell
+
+
+def fp8_unsupported(device: str) -> str | None:
+    """Why `device` cannot run fp8 compute (pipelines/fp8_compute.py), worded for the user; None when
+    it can. Torch-free for the CPU, so the front end refuses a CPU worker before starting it."""
+    if not is_cuda(device):
+        return (
+            f"fp8 compute (--fp8-compute) needs a CUDA GPU with compute capability 8.9 or newer "
+            f"(Ada, Hopper, Blackwell); this worker's device is {device!r}. Leave it off, or use "
+            "--fp8-weights (fp8 storage, bf16 compute), which runs anywhere"
+        )
+    import torch
+
+    capability = torch.cuda.get_device_capability(torch.device(device))
+    if capability < FP8_MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(torch.device(device))
+        return (
+            f"fp8 compute (--fp8-compute) needs CUDA compute capability 8.9 or newer; {device} ({name}) "
+            f"is {capability[0]}.{capability[1]}. Leave it off, or use --fp8-weights (fp8 storage, bf16 compute)"
+        )
+    return None
+
+
 def memory_in_use(device: str) -> int | None:
     """Bytes of device memory this process holds on `device`: torch's *reserved* counter.
 

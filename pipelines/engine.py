@@ -51,6 +51,7 @@ class Engine:
         source: PipelineSource | None = None,
         text_encoder_int8: bool = False,
         fp8_weights: bool = False,
+        fp8_compute: bool = False,
         share_components: bool = True,
         host_cache: int | None = None,
     ):
@@ -66,7 +67,9 @@ class Engine:
         `source`: where the pipelines come from instead of `weights_dir`, e.g.
         `sources.InMemoryPipelines` for pipelines built in this process (bench/generate.py --full).
         `text_encoder_int8` / `fp8_weights`: opt-in approximate weight storage (pipelines/quant.py),
-        labelled in every result made with it. `host_cache`: bytes of host RAM evicted models may take
+        labelled in every result made with it. `fp8_compute`: opt-in fp8 matmuls in the transformer
+        blocks (pipelines/fp8_compute.py; approximate, labelled); ValueError on a device without them
+        (CPU, CUDA before compute capability 8.9). `host_cache`: bytes of host RAM evicted models may take
         (residency.py; None: what the host has available then; 0: evicted models are dropped).
         `share_components`: load byte-identical text encoders, tokenizers and VAE once (residency.py;
         off only to compare and measure)."""
@@ -75,6 +78,8 @@ class Engine:
         if memory_mode not in MEMORY_MODES:
             raise ValueError(f"memory mode must be one of {', '.join(MEMORY_MODES)}, got {memory_mode!r}")
         self.memory_mode = "offload_model" if offload else memory_mode
+        if fp8_compute and (reason := dev.fp8_unsupported(self.device)):
+            raise ValueError(reason)
         self.capacity = device_memory if device_memory is not None else dev.capacity(self.device)
         self.host_capacity = host_memory if host_memory is not None else dev.host_capacity(self.device)
         compile = dev.is_cuda(self.device) if compile is None else compile
@@ -85,6 +90,7 @@ class Engine:
             compile=compile,
             text_int8=text_encoder_int8,
             fp8_weights=fp8_weights,
+            fp8_compute=fp8_compute,
         )
         self.placements = Placement(self.capacity, self.memory_mode, cfg_batch, vae_tiling, self.host_capacity)
         self.negatives = NegativePromptCache(enabled=negative_cache)

@@ -38,6 +38,8 @@ class LoadOptions:
     # Opt-in approximate weight storage (quant.py): int8 Qwen, scaled fp8 transformer blocks.
     text_int8: bool = False
     fp8_weights: bool = False
+    # Opt-in fp8 matmuls in the transformer blocks (fp8_compute.py; the Engine refuses it without sm_89+).
+    fp8_compute: bool = False
 
     @property
     def placement(self) -> str:
@@ -194,10 +196,15 @@ def configure_pipeline(pipe, variant: Variant, options: LoadOptions) -> None:
 
 
 def quantize(pipe, options: LoadOptions) -> None:
-    """The opt-in approximate weight storage (quant.py); labels it on the pipeline for every result."""
-    from . import quant
+    """The opt-in approximate weight storage (quant.py) and fp8 compute (fp8_compute.py); labels each
+    on the pipeline for every result."""
+    from . import fp8_compute, quant
 
     labels = list(getattr(pipe, "_k5_approximations", ()))
+    # fp8 compute first: it takes the attention and FFN-in Linears, fp8 storage then the rest (FFN out)
+    if options.fp8_compute and fp8_compute.FP8_COMPUTE not in labels:
+        fp8_compute.convert_transformer(pipe.transformer)
+        labels.append(fp8_compute.FP8_COMPUTE)
     if options.text_int8 and quant.TEXT_INT8 not in labels:
         quant.quantize_text_encoder_int8(pipe.text_encoder)
         labels.append(quant.TEXT_INT8)

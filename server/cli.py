@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="scaled fp8 transformer weights (approximate, labelled)",
     )
     serve.add_argument(
+        "--fp8-compute",
+        action="store_true",
+        default=None,
+        help="fp8 matmuls for the transformer's attention and FFN-in projections; CUDA sm_89+ only "
+        "(approximate, labelled)",
+    )
+    serve.add_argument(
         "--device-memory",
         type=float,
         default=None,

@@ -256,6 +256,12 @@ def local_workers(settings, gpus: Gpus | None = None) -> Workers:
     needs_probe = any(part.strip().startswith("cuda") or part.strip() in ("auto", "all") for part in text.split(","))
     gpus = gpus if gpus is not None else (probe() if needs_probe else Gpus())
     specs = parse_devices(text, settings.sp_degree, gpus)
+    # fp8 compute: a CPU worker would only fail its set-up, so refuse here; a card's capability is
+    # the engine's own check (it needs torch)
+    if settings.fp8_compute and any(d == "cpu" for spec in specs for d in spec.devices):
+        from pipelines.device import fp8_unsupported
+
+        raise ValueError(fp8_unsupported("cpu"))
     host = int(settings.host_memory * 2**30) if settings.host_memory else None
     budget = int(settings.device_memory * 2**30) if settings.device_memory else capacity(specs, gpus)
     placements = Placement(budget, settings.memory_mode, host_capacity=host)

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     # Opt-in approximate weight storage (pipelines/quant.py; labelled in every job made with it).
     text_encoder_int8: bool = False
     fp8_weights: bool = False
+    # Opt-in fp8 matmuls in the transformer blocks (pipelines/fp8_compute.py): CUDA sm_89+ only, the
+    # worker refuses to start without it. Approximate and labelled, like the storage modes above.
+    fp8_compute: bool = False
     # GiB of host RAM the memory plan may fill with offloaded/streamed weights (default: detected on CUDA).
     host_memory: float | None = Field(None, gt=0)
     # GiB of device memory the engine may use (default: what the GPU reports; none on the CPU): less
@@ -171,6 +174,7 @@ class Settings(BaseSettings):
             "device_memory": int(self.device_memory * 2**30) if self.device_memory else None,
             "text_encoder_int8": self.text_encoder_int8,
             "fp8_weights": self.fp8_weights,
+            "fp8_compute": self.fp8_compute,
             "compile": {"auto": None, "on": True, "off": False}[self.compile],
         }
 

@@ -134,4 +134,6 @@ def test_image(tmp_path_factory) -> Path:
 
 
 # ---- server fixtures (server engineer): live servers, TLS, in-process apps; see server_fixtures.py ----
+# ---- and the approximate modes' yardstick (approx_fixtures.py) ----
+from approx_fixtures import exact_and_seed_gap  # noqa: E402,F401
 from server_fixtures import live_server, loopback, tls_files  # noqa: E402,F401

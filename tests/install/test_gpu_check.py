@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PARTS = ["pytest", "lite_distilled", "lite_sft", "pro_gpu", "pro_stream"]
+PARTS = ["pytest", "lite_distilled", "lite_sft", "pro_gpu", "pro_stream", "fp8_compute"]
 
 
 @pytest.mark.slow
@@ -37,6 +37,7 @@ def test_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     assert "stock_s" in sft and "k5serve_s" in sft
     rows = (out / "RESULTS_rows.md").read_text()
     assert rows.count("| kandinsky5-tiny-t2v |") >= 4 and "(estimate)" in rows and "pytest -m gpu" in rows
+    assert rows.count("| fp8_compute | small ") == 2  # bench/fp8_compute.py's layers, their own table
 
 
 def test_gpu_check_refuses_unknown_arguments():

@@ -15,12 +15,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from approx_fixtures import APPROX_REQ
 
 from pipelines import quant
 from pipelines.engine import Engine
 from pipelines.request import GenerationRequest
 
-REQ = dict(variant="kandinsky5-tiny-t2v", prompt="a red fox", width=96, height=64, num_frames=9, steps=3, seed=3)
+REQ = APPROX_REQ  # exact_and_seed_gap (tests/approx_fixtures.py) is this request
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +46,6 @@ def test_one_layer_error_within_the_formats_rounding(pro_layer, kind, bound):
         err = float((q(x) - exact).norm() / exact.norm())
     assert 0 < err < bound
     assert q.qweight.element_size() == 1  # stored in one byte per weight
-
-
-@pytest.fixture(scope="module")
-def exact_and_seed_gap(engine):
-    a = engine.generate_frames(GenerationRequest(**REQ))
-    b = engine.generate_frames(GenerationRequest(**{**REQ, "seed": 4}))
-    assert a.approximations == []  # exact results say nothing
-    return a.frames, float(np.abs(a.frames - b.frames).mean())
 
 
 @pytest.mark.parametrize(

@@ -104,3 +104,14 @@ def test_start_up_refuses_a_degree_the_served_variants_heads_cannot_split(tmp_pa
         local_workers(settings)
     ok = local_workers(settings.model_copy(update={"devices": "cpu,cpu", "sp_degree": 2}))
     assert [spec.devices for spec in ok.specs] == [("cpu", "cpu")]
+
+
+def test_start_up_refuses_fp8_compute_on_a_cpu_worker(tmp_path, monkeypatch, capsys):
+    """Refused before any worker starts (the exit status and message of `k5serve serve`)."""
+    from server import cli
+
+    monkeypatch.setattr("server.app.use_json_logs", lambda: None)
+    code = cli.main(["serve", "--devices", "cpu", "--fp8-compute", "--data-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "fp8 compute (--fp8-compute) needs a CUDA GPU with compute capability 8.9" in err
+    assert "device is 'cpu'" in err

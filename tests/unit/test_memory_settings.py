@@ -37,3 +37,11 @@ def test_unknown_mode_is_refused(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         cli.main(["serve", "--memory-mode", "everything"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_fp8_compute_flag_and_environment_reach_the_engine_options(monkeypatch):
+    """Off by default; --fp8-compute or K5SERVE_FP8_COMPUTE turns it on, as the Engine's keyword."""
+    assert _serve(monkeypatch, []).engine_options()["fp8_compute"] is False
+    assert _serve(monkeypatch, ["--fp8-compute"]).engine_options()["fp8_compute"] is True
+    monkeypatch.setenv("K5SERVE_FP8_COMPUTE", "1")
+    assert Settings().engine_options()["fp8_compute"] is True

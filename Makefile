@@ -39,7 +39,7 @@ $(VENV)/aimlapi-sdk/.installed: $(BIN)/.installed
 	(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null
 
 test: $(BIN)/.installed tests/js/node_modules/.installed /usr/bin/chromedriver $(VENV)/aimlapi-sdk/.installed
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadfile $(ARGS)
 
 # The prepared GPU check (bench/gpu_check.sh): on a GPU machine, after `bench/gpu_check.sh --fetch-wheels`
 # here (wheels the GPU image lacks, carried as .whl/). ARGS="--cpu" runs it on the tiny models instead.

@@ -1,7 +1,7 @@
 """What the server needs from an engine: pipelines.engine.Engine, and the fakes in tests.
 
 Every method the server calls is here; nothing reaches past it (no getattr probing). The server
-never imports torch: the real engine is built in app.py's `_build_engine` and only the worker
+never imports torch: the real engine is built in worker processes (server/worker_main.py) and only the worker
 thread calls `generate` and `warmup`.
 """
 

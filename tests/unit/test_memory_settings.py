@@ -1,5 +1,5 @@
 """The memory flags (issue 14) reach the engine: --memory-mode's new choices, --host-memory and the
-opt-in approximate weights, from the CLI and from K5SERVE_* (server/settings.py -> app._build_engine)."""
+opt-in approximate weights, from the CLI and from K5SERVE_* (server/settings.py -> the engine a worker builds)."""
 
 from __future__ import annotations
 

@@ -7,11 +7,11 @@
 #   bench/gpu_check.sh [--out DIR]           # on the GPU machine (carry .whl): the check itself
 #   bench/gpu_check.sh --cpu [--out DIR]     # the same script end to end on the tiny models, < 2 min
 #
-# Parts (GPU budget, seconds): pytest -m gpu (120); stock diffusers vs k5serve, full-size random
+# Parts (GPU budget, seconds): pytest -m gpu (95); stock diffusers vs k5serve, full-size random
 # weights at 768x512x61 with reduced steps, per step and end to end: Lite distilled (75), Lite sft
 # with the CFG-batching / compile / negative-cache / attention ablations (150); Pro sft per step
 # and measured peak memory in memory mode gpu (90) and stream (90), each next to the plan's
-# estimate; fp8 compute against bf16, one Lite and one Pro layer of each converted kind (20). 545 s
+# estimate; fp8 compute against bf16, one Lite and one Pro layer of each converted kind (20). 520 s
 # of parts + ~15 s of wheel installs.
 # Output: DIR/<part>.json (bench/generate.py reports), DIR/<part>.log, DIR/gpu_check.json (parts:
 # rc, seconds, budget) and DIR/RESULTS_rows.md (bench/gpu_rows.py: rows for bench/RESULTS.md).
@@ -90,7 +90,7 @@ if [ "$CPU" = 1 ]; then
     part fp8_compute "$B" "$PY" bench/fp8_compute.py --cpu --out "$OUT/fp8_compute.json"
 else
     FULL=(--full --frames-full 61 --runs 1)
-    part pytest 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/gpu
+    part pytest 95 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/gpu
     part lite_distilled 75 "${GEN[@]}" "${FULL[@]}" --variants lite-distilled --steps-full 4 \
         --out "$OUT/lite_distilled.json"
     part lite_sft 150 "${GEN[@]}" "${FULL[@]}" --variants lite-sft --steps-full 4 --ablate --out "$OUT/lite_sft.json"

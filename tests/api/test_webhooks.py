@@ -42,6 +42,8 @@ def test_failed_deliveries_are_retried_with_backoff(tmp_path, loopback):
         rid = client.post(f"/{T2V}", params={"fal_webhook": f"{loopback.url}/hook"}, json=FAST).json()["request_id"]
         wait_until(lambda: loopback.ok_deliveries(), timeout=10, what="a successful delivery")
         services = client.app.state.services
+        # the receiver answers 200 before the dispatcher records it: a loaded machine once read "pending" here
+        wait_until(lambda: services.store.webhook(rid).state == "delivered", timeout=10, what="delivery recorded")
         delivery = services.store.webhook(rid)
     assert [d["answered"] for d in loopback.deliveries] == [500, 500, 500, 200]
     assert delivery.state == "delivered" and delivery.attempts == 4

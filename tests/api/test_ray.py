@@ -401,7 +401,7 @@ def test_k5serve_serve_ray_address_serves_through_the_cluster(ray_cluster, tmp_p
         extra=["--ray-address", ray_cluster.address],
         env={"K5SERVE_ENGINE_FACTORY": FACTORY},  # the actors build a fake (they import ray_fakes)
     )
-    server.start(timeout=90)
+    server.start(timeout=180)  # actors start slowly on a loaded 2-core box (90 s once ran out under -n 2)
     try:
         with server.client() as client:
             rows = client.get("/readyz").json()["workers"]

@@ -100,7 +100,10 @@ def reference_flex_calls(monkeypatch) -> list[int]:
 
     from diffusers.models import attention_dispatch
 
-    monkeypatch.setattr(attention_dispatch, "flex_attention", attention_dispatch.flex_attention)
+    # start from stock diffusers' flex module: a CPU pipeline loaded earlier in this process (another
+    # test module, in any order under pytest-xdist) installed the dense-on-CPU wrapper (pipelines/flex_cpu.py)
+    current = attention_dispatch.flex_attention
+    monkeypatch.setattr(attention_dispatch, "flex_attention", getattr(current, "_k5_original", current))
     hop = importlib.import_module("torch._higher_order_ops.flex_attention")
     calls = [0]
     original = hop.math_attention

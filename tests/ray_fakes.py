@@ -8,8 +8,12 @@ from pathlib import Path
 
 from fakes import FakeEngine
 
-# what `k5serve serve` passes every engine (Settings.engine_options): a fake has no use for them
-ENGINE_OPTIONS = ("weights_dir", "models", "require_weights", "memory_mode", "compile")
+from server.settings import Settings
+
+# what `k5serve serve` passes every engine (Settings.engine_options): a fake has no use for them.
+# Read from Settings itself: a hand-kept list missed the options added later (host_memory, fp8_...)
+# and every actor failed to build its fake.
+ENGINE_OPTIONS = tuple(Settings.model_construct().engine_options())
 
 
 def fake_engine(

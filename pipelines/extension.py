@@ -46,6 +46,7 @@ class PassesDone:
     cached_steps: int = 0
     memory_plan: dict = dataclasses.field(default_factory=dict)
     revised_prompt: str | None = None
+    approximations: list[str] = dataclasses.field(default_factory=list)  # any pass's (quant.py labels)
 
 
 def total_steps(r: ResolvedRequest) -> int:
@@ -113,6 +114,7 @@ def run_passes(
         done.cached_steps += part.cached_steps
         done.acceleration = part.acceleration if part.acceleration != "none" else done.acceleration
         done.memory_plan = done.memory_plan or part.memory_plan
+        done.approximations += [a for a in part.approximations if a not in done.approximations]
         with StageClock(engine.device, done.timings).stage("write"):
             sink.send(frames)
         done.frames += len(frames)
@@ -196,4 +198,5 @@ def generate(
         cached_steps=done.cached_steps,
         memory_plan=done.memory_plan,
         revised_prompt=done.revised_prompt,
+        approximations=done.approximations,
     )

@@ -64,3 +64,12 @@ def test_frames_drift_is_bounded_and_labelled(tiny_weights_dir, exact_and_seed_g
     assert any(isinstance(m, quant.RowQuantLinear) for m in target.modules())
     blocks = pipe.transformer.visual_transformer_blocks
     assert not any(isinstance(b.visual_modulation.out_layer, quant.RowQuantLinear) for b in blocks)  # fp32 kept
+
+
+def test_a_clip_made_in_passes_keeps_the_label(tiny_weights_dir, tmp_path):
+    # extension.py builds its own result from the passes: it once dropped `approximations`
+    engine = Engine(tiny_weights_dir, device="cpu", fp8_weights=True)
+    r = engine.prepare(GenerationRequest(**{**REQ, "num_frames": 41}))  # tiny: 25 frames a pass
+    assert len(r.passes) == 2
+    result = engine.generate(r, tmp_path / "long.mp4")
+    assert result.approximations == [quant.TRANSFORMER_FP8]
